@@ -1,0 +1,52 @@
+"""Run one multi-process case as its own subprocess.
+
+Lightning's subprocess launcher re-runs the *whole command line* as the other ranks, so a distributed Trainer
+must never be started inside the pytest process (rank 1 would re-run pytest). Every multi-process case is a
+script under ``tests/distributed/scripts`` that pytest starts with :func:`run_script`; the script writes its
+results (tensors, JSON) into a directory the test then compares against a single-process reference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).parent / "scripts"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_script(name: str, *args: str, timeout: float = 300.0, env: dict | None = None, torchrun: int = 0):
+    """Run ``scripts/<name>`` with ``args``; raise with both output streams if it fails.
+
+    Args:
+        name: file name under ``tests/distributed/scripts``.
+        args: command-line arguments passed to the script.
+        timeout: seconds; generous because the suite shares 2 cores (>= 120 s per CPU_DISTRIBUTED.md).
+        env: extra environment variables.
+        torchrun: when > 0, launch with ``torchrun --nproc_per_node=<torchrun>`` instead of plain python
+            (for scripts that use torch.distributed directly, without Lightning's launcher).
+    """
+    full_env = dict(os.environ)
+    full_env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
+    # Lightning's launcher picks a free port from this range per job; tests run serially so no clash.
+    full_env.pop("MASTER_PORT", None)
+    full_env.pop("LOCAL_RANK", None)
+    full_env.pop("WORLD_SIZE", None)
+    if env:
+        full_env.update(env)
+    script = str(SCRIPTS / name)
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", script]
+    else:
+        cmd = [sys.executable, script]
+    proc = subprocess.run(
+        [*cmd, *map(str, args)], env=full_env, cwd=str(REPO), capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{name} {' '.join(map(str, args))} exited with {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+        )
+    return proc
