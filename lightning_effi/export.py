@@ -1,0 +1,55 @@
+"""Write a single-file, world-size-independent ``state_dict`` from any checkpoint this package produces.
+
+``effi export CKPT OUT.pt`` calls :func:`export_checkpoint`. Formats, detected from what is on disk:
+
+- a Lightning ``.ckpt`` file (single device, DDP, or a full-state-dict save): its ``state_dict`` as is;
+- a torch.distributed.checkpoint directory (EffiFSDPStrategy's sharded save): see ``_export_dcp``;
+- a DeepSpeed checkpoint directory (EffiDeepSpeedStrategy): see ``_export_deepspeed``.
+
+Keys are the LightningModule's parameter names (``model.`` prefix kept) unless ``strip_prefix`` is given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _export_file(path: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict' key); pass a .ckpt file "
+                         "or a sharded checkpoint directory")
+    return ckpt["state_dict"]
+
+
+def export_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
+    """Return the full, unsharded model ``state_dict`` (CPU tensors) stored in ``ckpt_path``."""
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_file():
+        return _export_file(path)
+    raise ValueError(f"{str(path)!r} is a directory but not a checkpoint format this version can export")
+
+
+def export_checkpoint(ckpt_path: str | Path, out_path: str | Path, strip_prefix: str | None = None) -> Path:
+    """Export ``ckpt_path`` to a single ``torch.save`` file at ``out_path`` and return that path.
+
+    Args:
+        ckpt_path: a Lightning checkpoint file or a sharded checkpoint directory.
+        out_path: destination ``.pt`` file; written to a temporary name first, then renamed, so a crash never
+            leaves a truncated file behind.
+        strip_prefix: remove this prefix from every key (e.g. ``"model."`` to load into the bare ``GPT``).
+    """
+    sd = export_state_dict(ckpt_path)
+    if strip_prefix:
+        sd = {k[len(strip_prefix):] if k.startswith(strip_prefix) else k: v for k, v in sd.items()}
+    sd = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(sd, tmp)
+    tmp.replace(out)
+    return out
