@@ -1,0 +1,251 @@
+"""DynamicLossScaler alone: the update rule against an independent reference, unscaling, skipping, state, errors."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from lightning_effi.plugins import DynamicLossScaler
+
+
+# ----------------------------------------------------------------------------------------------- reference rule
+def reference_scales(pattern, *, init, growth, backoff, interval, hysteresis, lo, hi, consecutive):
+    """Scale after each step, written from the rule's prose (DeepSpeed/Megatron hysteresis), counting *up*:
+
+    every overflow skips; the scale backs off once ``hysteresis`` overflows have been counted since the tolerance was
+    last refilled, and again on every overflow after that; the tolerance is refilled when the scale grows, and (in the
+    consecutive variant) by any clean step. The scale grows after ``interval`` clean steps since the last overflow or
+    growth. Floors and ceilings clamp.
+    """
+    scale, counted, clean_run, out = float(init), 0, 0, []
+    for overflow in pattern:
+        if overflow:
+            counted += 1
+            clean_run = 0
+            if counted >= hysteresis:
+                scale = max(scale * backoff, lo)
+        else:
+            clean_run += 1
+            if consecutive:
+                counted = 0
+            if clean_run == interval:
+                scale = min(scale * growth, hi)
+                clean_run = 0
+                counted = 0
+        out.append(scale)
+    return out
+
+
+def run_scaler(scaler, pattern):
+    """Drive ``scaler`` through real unscale/step/update calls with an inf injected on overflow steps."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.0)
+    scales, skipped = [], []
+    for overflow in pattern:
+        p.grad = torch.full((3,), scaler.get_scale())
+        if overflow:
+            p.grad[1] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        scales.append(scaler.get_scale())
+        skipped.append(scaler.last_step_skipped)
+    return scales, skipped
+
+
+PATTERNS = {
+    # O = overflow, . = clean
+    "isolated": "..O..O....O.......",
+    "pairs": "..OO...OO..........",
+    "burst": "OOOOO.........",
+    "alternating": "O.O.O.O.O.O.",
+    "growth_then_overflow": "........O.O......",
+}
+KNOBS = {
+    "h1": dict(hysteresis=1),
+    "h2": dict(hysteresis=2),
+    "h3": dict(hysteresis=3),
+}
+
+
+@pytest.mark.parametrize("consecutive", [False, True], ids=["nonconsecutive", "consecutive"])
+@pytest.mark.parametrize("knobs", KNOBS.values(), ids=KNOBS.keys())
+@pytest.mark.parametrize("pattern", PATTERNS.values(), ids=PATTERNS.keys())
+def test_scale_sequence_matches_reference(pattern, knobs, consecutive):
+    cfg = dict(init=2.0**8, growth=2.0, backoff=0.5, interval=4, lo=8.0, hi=2.0**10, consecutive=consecutive)
+    flags = [c == "O" for c in pattern]
+    expected = reference_scales(flags, hysteresis=knobs["hysteresis"], **cfg)
+    scaler = DynamicLossScaler(
+        init_scale=cfg["init"],
+        growth_factor=cfg["growth"],
+        backoff_factor=cfg["backoff"],
+        growth_interval=cfg["interval"],
+        min_scale=cfg["lo"],
+        max_scale=cfg["hi"],
+        consecutive_hysteresis=consecutive,
+        **knobs,
+    )
+    scales, skipped = run_scaler(scaler, flags)
+    assert scales == expected
+    assert skipped == flags
+    assert scaler.skipped_steps == sum(flags)
+    assert scaler.num_updates == len(flags)
+
+
+def test_hysteresis_rules_differ_by_hand():
+    """Hand-computed: hysteresis=2 with one clean step between two overflows backs off only when not consecutive."""
+    flags = [True, False, True, False]
+    nonconsec = DynamicLossScaler(init_scale=64.0, hysteresis=2, growth_interval=100)
+    consec = DynamicLossScaler(init_scale=64.0, hysteresis=2, growth_interval=100, consecutive_hysteresis=True)
+    assert run_scaler(nonconsec, flags)[0] == [64.0, 64.0, 32.0, 32.0]
+    assert run_scaler(consec, flags)[0] == [64.0, 64.0, 64.0, 64.0]
+    # once spent, each further overflow backs off (until refilled by growth)
+    assert run_scaler(nonconsec, [True, True])[0] == [16.0, 8.0]
+
+
+def test_floor_and_ceiling_and_at_min_flag():
+    s = DynamicLossScaler(init_scale=4.0, min_scale=2.0, max_scale=8.0, hysteresis=1, growth_interval=1)
+    assert run_scaler(s, [False, False])[0] == [8.0, 8.0]  # ceiling
+    scales = []
+    flags = []
+    for _ in range(4):
+        scales += run_scaler(s, [True])[0]
+        flags.append(s.overflow_at_min_scale)
+    assert scales == [4.0, 2.0, 2.0, 2.0]
+    assert flags == [False, False, True, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_unscale_divides_exactly_and_flags(dtype):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, dtype=dtype)) for _ in range(3)]
+    ps.append(torch.nn.Parameter(torch.randn(2)))  # mixed dtypes in one optimizer
+    opt = torch.optim.SGD(ps, lr=0.1)
+    s = DynamicLossScaler(init_scale=2.0**10)
+    grads = [torch.randn_like(p) for p in ps]
+    for p, g in zip(ps, grads):
+        p.grad = g * 2.0**10  # exact: power-of-two scale
+    flag = s.unscale_(opt)
+    assert flag.item() == 0.0 and flag.dtype == torch.float32
+    for p, g in zip(ps, grads):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="already called"):
+        s.unscale_(opt)
+    s.step(opt)
+    s.update()
+    assert not s.last_step_skipped
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    ps[2].grad[3] = float("nan")
+    before = [p.detach().clone() for p in ps]
+    assert s.unscale_(opt).item() == 1.0
+    assert s.step(opt) is None
+    s.update()
+    assert s.last_step_skipped
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+
+
+def test_skipped_step_leaves_weights_and_state_bit_identical():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    s = DynamicLossScaler(init_scale=2.0**4)
+    x = torch.randn(8, 4)
+    for step in range(5):
+        opt.zero_grad()
+        s.scale(model(x).square().mean()).backward()
+        if step in (2, 3):
+            model.bias.grad[0] = float("inf") if step == 2 else float("nan")
+        before_w = copy.deepcopy(model.state_dict())
+        before_o = copy.deepcopy(opt.state_dict())
+        out = s.step(opt)
+        s.update()
+        if step in (2, 3):
+            assert out is None and s.last_step_skipped
+            for k, v in model.state_dict().items():
+                assert torch.equal(v, before_w[k])
+            after_o = opt.state_dict()
+            for pid, st in before_o["state"].items():
+                for k, v in st.items():
+                    assert torch.equal(after_o["state"][pid][k], v)
+        else:
+            assert not s.last_step_skipped
+    assert s.skipped_steps == 2
+    assert opt.state_dict()["state"][0]["step"].item() == 3
+
+
+def test_state_dict_round_trip_continues_identically():
+    flags = [c == "O" for c in "..O.O...OO......O..."]
+    a = DynamicLossScaler(init_scale=2.0**8, growth_interval=3, hysteresis=2)
+    run_scaler(a, flags[:9])
+    b = DynamicLossScaler(init_scale=1.0, min_scale=1.0, growth_interval=3, hysteresis=2)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert b.state_dict() == a.state_dict()
+    assert run_scaler(a, flags[9:]) == run_scaler(b, flags[9:])
+    assert (a.skipped_steps, a.growth_tracker, a.hysteresis_tracker) == (b.skipped_steps, b.growth_tracker,
+                                                                         b.hysteresis_tracker)
+    with pytest.raises(KeyError, match="missing"):
+        b.load_state_dict({"scale": 1.0, "_growth_tracker": 0})
+
+
+def test_scale_keeps_graph_and_multiplies():
+    x = torch.tensor(3.0, requires_grad=True)
+    s = DynamicLossScaler(init_scale=8.0)
+    y = s.scale(x * 2)
+    y.backward()
+    assert y.item() == 48.0 and x.grad.item() == 16.0
+    with pytest.raises(TypeError, match="Tensor"):
+        s.scale(3.0)
+
+
+def test_update_without_step_and_closure_errors():
+    s = DynamicLossScaler()
+    with pytest.raises(RuntimeError, match="no step"):
+        s.update()
+    p = torch.nn.Parameter(torch.ones(1))
+    p.grad = torch.ones(1)
+    with pytest.raises(RuntimeError, match="closures"):
+        s.step(torch.optim.SGD([p], lr=1.0), closure=lambda: 0.0)
+
+
+ERRORS = [
+    (dict(init_scale=0.0), ValueError, "Invalid init_scale 0.0"),
+    (dict(init_scale=float("inf")), ValueError, "Invalid init_scale inf"),
+    (dict(growth_factor=1.0), ValueError, "Invalid growth_factor 1.0: must be > 1"),
+    (dict(backoff_factor=1.0), ValueError, r"Invalid backoff_factor 1.0: must be in \(0, 1\)"),
+    (dict(backoff_factor=0.0), ValueError, "Invalid backoff_factor 0.0"),
+    (dict(growth_interval=0), ValueError, "Invalid growth_interval 0: must be an int >= 1"),
+    (dict(growth_interval=2.5), ValueError, "Invalid growth_interval 2.5"),
+    (dict(hysteresis=0), ValueError, "Invalid hysteresis 0"),
+    (dict(hysteresis=True), ValueError, "Invalid hysteresis True"),
+    (dict(min_scale=-1.0), ValueError, "Invalid min_scale -1.0"),
+    (dict(min_scale=4.0, max_scale=2.0, init_scale=2.0), ValueError, "Invalid max_scale 2.0: must be >= min_scale"),
+    (dict(init_scale=2.0**30), ValueError, r"Invalid init_scale 1073741824.0: must lie in \[min_scale, max_scale\]"),
+    (dict(consecutive_hysteresis="yes"), TypeError, "Invalid consecutive_hysteresis 'yes'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", ERRORS, ids=[next(iter(k)) + str(i) for i, (k, _, _) in enumerate(ERRORS)])
+def test_validation_errors(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        DynamicLossScaler(**kwargs)
+
+
+def test_no_grads_is_a_clean_step():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    s = DynamicLossScaler()
+    s.step(opt)
+    s.update()
+    assert not s.last_step_skipped and s.num_updates == 1
+
+
+def test_all_patterns_of_length_six_against_reference():
+    """Exhaustive over all 64 overflow patterns of length 6, both hysteresis rules, hysteresis 1..3."""
+    for bits, h, consecutive in itertools.product(itertools.product([False, True], repeat=6), (1, 2, 3), (False, True)):
+        cfg = dict(init=64.0, growth=2.0, backoff=0.5, interval=2, lo=4.0, hi=256.0, consecutive=consecutive)
+        s = DynamicLossScaler(init_scale=64.0, growth_interval=2, min_scale=4.0, max_scale=256.0, hysteresis=h,
+                              consecutive_hysteresis=consecutive)
+        assert run_scaler(s, list(bits))[0] == reference_scales(list(bits), hysteresis=h, **cfg), (bits, h, consecutive)
