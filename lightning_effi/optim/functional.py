@@ -1,0 +1,491 @@
+"""LAMB's math, free of Lightning: the keyword-only functional core :func:`lamb` and its implementation paths.
+
+The algorithm (You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes",
+arXiv:1904.00962, Algorithm 2), per parameter ``x`` with gradient ``g`` at step ``t``::
+
+    g  <- g * min(1, max_grad_norm / ‖all gradients‖)            (only when max_grad_norm is set)
+    m  <- b1 m + (1 - b1) g ;   v <- b2 v + (1 - b2) g²
+    m̂  = m / (1 - b1^t) ;       v̂ = v / (1 - b2^t)               (m̂ = m, v̂ = v without bias_correction)
+    u  = m̂ / (√v̂ + eps) + weight_decay · x
+    ratio = φ(‖x‖) / ‖u‖  if adapt and ‖x‖ > 0 and ‖u‖ > 0, else 1
+            φ = identity, or clamp(·, lo, hi) with weight_norm_clip=(lo, hi);
+            with trust_clip=(lo, hi) a computed ratio is clamped to [lo, hi] (the fallback 1 is not)
+    x  <- x - lr · ratio · u
+
+Every norm is the norm of the whole logical tensor, also when it is sharded (see :mod:`.norms`).
+
+A step is three phases so that sharded norms cost the fewest collectives: (1) only with ``max_grad_norm``: the
+global gradient norm (one all_reduce); (2) moments, ``u`` and the per-parameter sums of squares of ``x`` and ``u``
+(one all_reduce for all parameters); (3) the update. Exact clipping needs two rounds of communication because ``u``
+depends on the clipping coefficient, which depends on every shard's gradients; without ``max_grad_norm`` a step
+issues exactly one all_reduce per process group.
+
+Skipped steps: a non-finite global gradient norm (with ``max_grad_norm``) or ``found_inf != 0`` (AMP) skips the
+step entirely: weights, moments and step counts stay as they were, and the returned trust ratios are NaN. The
+single-tensor and foreach paths read that decision on the host (one scalar sync, only when ``max_grad_norm``,
+``found_inf`` or ``grad_scale`` is given); the fused path decides on the device without a host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_effi.optim.norms import (
+    FlatLayout,
+    all_reduce_parts,
+    dtensor_reduce_group,
+    is_dtensor,
+    resolve_flat_group,
+    to_local,
+)
+
+__all__ = ["lamb", "resolve_path"]
+
+# Elements per unit on the CPU foreach path: a tensor is cut into views of this size and the whole step runs one
+# batch of views at a time, so the intermediate passes hit the cache instead of DRAM (the CPU foreach path is
+# memory bound; without this it makes ~11 passes over DRAM per step instead of ~2).
+_CPU_CHUNK = 1 << 16
+_CPU_BATCH = 1 << 18
+
+
+def _per_param(name: str, value, n: int, *, pair: bool = False) -> list:
+    """Broadcast a hyperparameter to one value per parameter (a list of length n is taken as per-parameter)."""
+    if pair:
+        is_single = value is None or (
+            isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+        )
+        if is_single:
+            return [None if value is None else (float(value[0]), float(value[1]))] * n
+    elif not isinstance(value, (list, tuple)):
+        if isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a Python number, got a Tensor; pass float({name})")
+        return [value] * n
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise ValueError(f"Invalid {name} {value!r}: give one value or a list with one value per parameter ({n})")
+    if pair:
+        return [None if v is None else (float(v[0]), float(v[1])) for v in value]
+    return list(value)
+
+
+def resolve_path(tensors: Sequence[Tensor], foreach: bool | None, fused: bool | None) -> str:
+    """Pick ``"fused"``, ``"foreach"`` or ``"single"``; raise if an explicitly requested path cannot run."""
+    if foreach and fused:
+        raise ValueError("foreach=True and fused=True are exclusive: pick one implementation path")
+    locals_ = [to_local(t) for t in tensors]
+    on_cuda = bool(locals_) and all(t.is_cuda for t in locals_)
+    if fused:
+        from lightning_effi.optim.fused import fused_unavailable_reason
+
+        reason = fused_unavailable_reason(locals_)
+        if reason is not None:
+            raise RuntimeError(f"Lamb(fused=True) cannot run: {reason}. Use foreach=True (or leave fused=None)")
+        return "fused"
+    if fused is None and foreach is None and on_cuda:
+        from lightning_effi.optim.fused import fused_unavailable_reason
+
+        if fused_unavailable_reason(locals_) is None:
+            return "fused"
+    if foreach is False:
+        return "single"
+    return "foreach"
+
+
+@dataclass
+class _Plan:
+    """Units (local pieces) of the step, with the logical parameter each belongs to."""
+
+    p: list[Tensor] = field(default_factory=list)
+    g: list[Tensor] = field(default_factory=list)
+    m: list[Tensor] = field(default_factory=list)
+    v: list[Tensor] = field(default_factory=list)
+    lid: list[int] = field(default_factory=list)
+    param: list[int] = field(default_factory=list)  # index into the params list, for hyperparameters
+    num_lids: int = 0
+    lid_group: list = field(default_factory=list)  # per lid: process group to sum over, or None
+    lid_param: list[int] = field(default_factory=list)  # per lid: a param index (-1: not held on this rank)
+    flat_group: object = None
+
+
+def _build_plan(params, grads, exp_avgs, exp_avg_sqs, flat_layouts, norm_process_group) -> _Plan:
+    plan = _Plan()
+    if flat_layouts is not None:
+        if len(flat_layouts) != len(params):
+            raise RuntimeError(f"flat_layouts has {len(flat_layouts)} entries for {len(params)} flat partitions")
+        nl = {lay.num_logical for lay in flat_layouts}
+        if len(nl) > 1:
+            raise RuntimeError(f"FlatLayouts disagree on num_logical: {sorted(nl)}; it must count all groups")
+        plan.num_lids = nl.pop() if nl else 0
+        plan.flat_group = resolve_flat_group(norm_process_group)
+        plan.lid_group = [plan.flat_group] * plan.num_lids
+        plan.lid_param = [-1] * plan.num_lids
+        for i, (x, g, m, v, lay) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, flat_layouts)):
+            if not isinstance(lay, FlatLayout):
+                raise TypeError(f"flat_layouts entries must be FlatLayout, got {type(lay).__name__}")
+            lay.check(x)
+            for lid, off, n in lay.segments:
+                sl = slice(off, off + n)
+                plan.p.append(x[sl])
+                plan.g.append(g[sl])
+                plan.m.append(m[sl])
+                plan.v.append(v[sl])
+                plan.lid.append(lid)
+                plan.param.append(i)
+                plan.lid_param[lid] = i
+        return plan
+    plan.num_lids = len(params)
+    for i, (x, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        if is_dtensor(x):
+            if not is_dtensor(g):
+                raise RuntimeError("Lamb got a DTensor parameter whose gradient is a plain tensor")
+            plan.lid_group.append(dtensor_reduce_group(x))
+            x, g, m, v = x.to_local(), g.to_local(), to_local(m), to_local(v)
+        else:
+            plan.lid_group.append(None)
+        plan.p.append(x)
+        plan.g.append(g)
+        plan.m.append(m)
+        plan.v.append(v)
+        plan.lid.append(i)
+        plan.param.append(i)
+        plan.lid_param.append(i)
+    return plan
+
+
+def _distinct_groups(lid_group) -> list:
+    seen, out = set(), []
+    for grp in lid_group:
+        if grp is not None and id(grp) not in seen:
+            seen.add(id(grp))
+            out.append(grp)
+    return out
+
+
+def _reduce_lid_vectors(vecs: list[Tensor], plan: _Plan) -> None:
+    """Sum per-lid vectors across ranks: one all_reduce per distinct group, all vectors in it."""
+    groups = _distinct_groups(plan.lid_group)
+    if not groups:
+        return
+    device = vecs[0].device
+    if len(groups) == 1 and all(grp is not None for grp in plan.lid_group):
+        flat = torch.cat(vecs)
+        all_reduce_parts([(groups[0], flat)])
+        for k, v in enumerate(vecs):
+            v.copy_(flat[k * v.numel() : (k + 1) * v.numel()])
+        return
+    parts, idxs = [], []
+    for grp in groups:
+        idx = torch.tensor([j for j, gg in enumerate(plan.lid_group) if gg is grp], device=device)
+        idxs.append(idx)
+        parts.append((grp, torch.cat([v[idx] for v in vecs])))
+    all_reduce_parts(parts)
+    for (_, flat), idx in zip(parts, idxs):
+        for k, v in enumerate(vecs):
+            v[idx] = flat[k * idx.numel() : (k + 1) * idx.numel()]
+
+
+def _grad_total_sumsq(plan: _Plan, acc: torch.dtype, device) -> Tensor:
+    """Global sum of squares of all gradients (first collective, only with max_grad_norm)."""
+    if not plan.g:
+        return torch.zeros((), dtype=acc, device=device)
+    norms = torch.stack(torch._foreach_norm(plan.g, 2, dtype=acc)) if plan.g else torch.zeros(0, dtype=acc)
+    sq = norms * norms
+    groups = _distinct_groups(plan.lid_group)
+    if not groups:
+        return sq.sum()
+    unit_group = [plan.lid_group[lid] for lid in plan.lid]
+    local = sum((sq[k] for k, grp in enumerate(unit_group) if grp is None), torch.zeros((), dtype=acc, device=device))
+    parts = []
+    for grp in groups:
+        ks = [k for k, gg in enumerate(unit_group) if gg is grp]
+        part = sq[ks].sum().reshape(1) if ks else torch.zeros(1, dtype=acc, device=device)
+        parts.append((grp, part))
+    all_reduce_parts(parts)
+    return local + sum(p[0] for _, p in parts)
+
+
+def _trust_ratio(xsq: Tensor, usq: Tensor, adapt: Tensor, wclip: Tensor, tclip: Tensor) -> Tensor:
+    xn, un = xsq.sqrt(), usq.sqrt()
+    phi = torch.minimum(torch.maximum(xn, wclip[:, 0]), wclip[:, 1])
+    r = torch.minimum(torch.maximum(phi / un, tclip[:, 0]), tclip[:, 1])
+    ok = adapt & (xn > 0) & (un > 0)
+    return torch.where(ok, r, torch.ones_like(r))
+
+
+def _lid_hyper(plan, adapt, weight_norm_clip, trust_clip, acc, device, lid_param: Tensor | None = None):
+    """Per-lid adapt flag and clip bounds, as device tensors (no host sync: the lid -> param map may be a device
+    tensor decoded from the all_reduce in flat mode)."""
+    inf = math.inf
+    rows = [(0.0, 0.0, inf, 0.0, inf)]  # row 0: a lid held by no rank
+    for a, w, t in zip(adapt, weight_norm_clip, trust_clip):
+        w, t = w or (0.0, inf), t or (0.0, inf)
+        rows.append((1.0 if a else 0.0, w[0], w[1], t[0], t[1]))
+    table = torch.tensor(rows, dtype=acc).to(device, non_blocking=True)
+    if lid_param is None:
+        lid_param = torch.tensor(plan.lid_param, dtype=torch.long).to(device, non_blocking=True)
+    sel = table[lid_param + 1]
+    return sel[:, 0] > 0, sel[:, 1:3], sel[:, 3:5]
+
+
+def _bias_corrections(step: float, beta1: float, beta2: float, on: bool) -> tuple[float, float]:
+    if not on:
+        return 1.0, 1.0
+    return 1.0 - beta1**step, 1.0 - beta2**step
+
+
+def lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float | Sequence[float],
+    beta1: float | Sequence[float],
+    beta2: float | Sequence[float],
+    eps: float | Sequence[float],
+    weight_decay: float | Sequence[float],
+    adapt: bool | Sequence[bool] = True,
+    bias_correction: bool | Sequence[bool] = True,
+    trust_clip=None,
+    weight_norm_clip=None,
+    max_grad_norm: float | None = None,
+    flat_layouts: Sequence[FlatLayout] | None = None,
+    norm_process_group=None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> Tensor | None:
+    """One LAMB step over all given parameters (see the module docstring for the algorithm).
+
+    Hyperparameters take one value for all parameters, or a list with one value per parameter (how
+    :class:`~lightning_effi.optim.Lamb` passes its param groups). ``trust_clip`` / ``weight_norm_clip`` are ``None``
+    or ``(lo, hi)``. ``state_steps`` are float32 0-d tensors, incremented here (not on a skipped step); on the fused
+    path they must live on the parameters' device.
+
+    Args:
+        flat_layouts: flat-partition mode (DeepSpeed ZeRO): one :class:`FlatLayout` per (flat) param.
+        norm_process_group: process group summing flat-mode norms; None = the default group when initialised.
+        grad_scale: gradients are scaled by this (AMP); the step divides it out (never touching ``grads``).
+        found_inf: nonzero means skip the step (AMP overflow).
+        foreach / fused: implementation path; see :func:`resolve_path`.
+
+    Returns:
+        The trust ratios used, one float32 entry per logical parameter (NaN on a skipped step); None if there
+        were no parameters.
+    """
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == n):
+        raise ValueError("params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length")
+    if n == 0:
+        return None
+    path = resolve_path(params, foreach, fused)
+    hp = dict(
+        lr=_per_param("lr", lr, n),
+        beta1=_per_param("beta1", beta1, n),
+        beta2=_per_param("beta2", beta2, n),
+        eps=_per_param("eps", eps, n),
+        weight_decay=_per_param("weight_decay", weight_decay, n),
+        adapt=_per_param("adapt", adapt, n),
+        bias_correction=_per_param("bias_correction", bias_correction, n),
+        trust_clip=_per_param("trust_clip", trust_clip, n, pair=True),
+        weight_norm_clip=_per_param("weight_norm_clip", weight_norm_clip, n, pair=True),
+    )
+    plan = _build_plan(params, grads, exp_avgs, exp_avg_sqs, flat_layouts, norm_process_group)
+    local_p = [to_local(p) for p in params]
+    device = local_p[0].device
+    if any(t.device != device for t in local_p):
+        raise RuntimeError(f"Lamb needs all parameters on one device, got {sorted({str(t.device) for t in local_p})}")
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in local_p) else torch.float32
+    if path == "fused":
+        from lightning_effi.optim.fused import fused_step
+
+        return fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, _ctx())
+    return _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, path)
+
+
+def _ctx():
+    """Helpers the fused path shares with this module (passed explicitly to avoid an import cycle)."""
+    return dict(
+        grad_total_sumsq=_grad_total_sumsq,
+        reduce_lid_vectors=_reduce_lid_vectors,
+        lid_hyper=_lid_hyper,
+        trust_ratio=_trust_ratio,
+        encode_lid_params=_encode_lid_params,
+        decode_lid_params=_decode_lid_params,
+    )
+
+
+def _encode_lid_params(plan: _Plan, acc, device) -> list[Tensor]:
+    """Flat mode: which param (group) owns each lid is only known where a segment lives; share it in the norms'
+    all_reduce (sum of index+1 and a presence count per lid) so every rank computes every lid's ratio right."""
+    if plan.flat_group is None:
+        return []
+    idx = torch.tensor([i + 1 if i >= 0 else 0 for i in plan.lid_param], dtype=acc, device=device)
+    cnt = torch.tensor([1 if i >= 0 else 0 for i in plan.lid_param], dtype=acc, device=device)
+    return [idx, cnt]
+
+
+def _decode_lid_params(plan: _Plan, enc: list[Tensor]) -> Tensor | None:
+    """Device tensor lid -> param index (-1: held by no rank), or None outside flat mode."""
+    if not enc:
+        return None
+    idx, cnt = enc
+    return (torch.where(cnt > 0, idx / cnt.clamp_min(1), torch.zeros_like(idx)).round() - 1).long()
+
+
+def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, path) -> Tensor:
+    num = plan.num_lids
+    # --- phase 1: skip decision and clipping coefficient (host scalars on these paths) ---
+    inv_scale = 1.0
+    if grad_scale is not None:
+        inv_scale = 1.0 / float(grad_scale)
+    skip = found_inf is not None and float(found_inf) != 0.0
+    coef = inv_scale
+    if max_grad_norm is not None:
+        total = float(_grad_total_sumsq(plan, acc, device))
+        norm = math.sqrt(total) * inv_scale if math.isfinite(total) else math.inf
+        if not math.isfinite(norm):
+            skip = True
+        else:
+            coef = inv_scale * min(1.0, max_grad_norm / norm) if norm > 0 else inv_scale
+    if skip:
+        return torch.full((num,), math.nan, dtype=torch.float32, device=device)
+    for i, s in enumerate(state_steps):
+        if s.device.type != "cpu":
+            raise RuntimeError("the single-tensor/foreach paths keep 'step' on the CPU; got one on " + str(s.device))
+        s += 1
+    steps = [float(s) for s in state_steps]
+
+    def unit_key(k: int):
+        i = plan.param[k]
+        bc1, bc2 = _bias_corrections(steps[i], hp["beta1"][i], hp["beta2"][i], hp["bias_correction"][i])
+        t = plan.p[k]
+        return (t.dtype, hp["beta1"][i], hp["beta2"][i], hp["eps"][i], hp["weight_decay"][i], bc1, bc2)
+
+    chunked = path == "foreach" and device.type == "cpu"
+    units = list(range(len(plan.p)))
+    views = _chunk_views(plan, units) if chunked else [(k, plan.p[k], plan.g[k], plan.m[k], plan.v[k]) for k in units]
+    # Batches of views sharing hyperparameters; on the chunked CPU path each batch is cache-sized.
+    batches: dict[tuple, list] = {}
+    for item in views:
+        batches.setdefault(unit_key(item[0]), []).append(item)
+    batch_list = []
+    for key, items in batches.items():
+        if chunked:
+            cur, size = [], 0
+            for it in items:
+                cur.append(it)
+                size += it[1].numel()
+                if size >= _CPU_BATCH:
+                    batch_list.append((key, cur))
+                    cur, size = [], 0
+            if cur:
+                batch_list.append((key, cur))
+        else:
+            batch_list.append((key, items))
+
+    # --- phase 2: moments, update direction, sums of squares per view ---
+    view_units, xsq_parts, usq_parts = [], [], []
+    kept_u: list[list[Tensor]] = []
+    for key, items in batch_list:
+        _, b1, b2, eps, wd, bc1, bc2 = key
+        ps, gs, ms, vs = ([it[j] for it in items] for j in (1, 2, 3, 4))
+        if path == "single":
+            us = [_single_moments_and_u(p, g, m, v, coef, b1, b2, eps, wd, bc1, bc2) for p, g, m, v in zip(ps, gs, ms, vs)]
+        else:
+            us = _foreach_moments_and_u(ps, gs, ms, vs, coef, b1, b2, eps, wd, bc1, bc2)
+        xsq_parts.append(torch.stack(torch._foreach_norm(ps, 2, dtype=acc)))
+        usq_parts.append(torch.stack(torch._foreach_norm(us, 2, dtype=acc)))
+        view_units.extend(it[0] for it in items)
+        # On the chunked CPU path u is recomputed in phase 3 from cached m, v (cheaper than keeping it in DRAM).
+        kept_u.append(None if chunked else us)
+    lids = torch.tensor([plan.lid[k] for k in view_units], dtype=torch.long, device=device)
+    xsq = torch.zeros(num, dtype=acc, device=device)
+    usq = torch.zeros(num, dtype=acc, device=device)
+    if view_units:
+        xn, un = torch.cat(xsq_parts), torch.cat(usq_parts)
+        xsq.index_add_(0, lids, xn * xn)
+        usq.index_add_(0, lids, un * un)
+    enc = _encode_lid_params(plan, acc, device)
+    _reduce_lid_vectors([xsq, usq, *enc], plan)
+    lid_param = _decode_lid_params(plan, enc)
+    adapt_t, wclip, tclip = _lid_hyper(
+        plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"], acc, device, lid_param
+    )
+    ratio = _trust_ratio(xsq, usq, adapt_t, wclip, tclip)
+
+    # --- phase 3: x <- x - lr * ratio * u ---
+    ratio_host = ratio.tolist() if device.type == "cpu" or path == "single" else None
+    for (key, items), us in zip(batch_list, kept_u):
+        _, b1, b2, eps, wd, bc1, bc2 = key
+        ps = [it[1] for it in items]
+        if us is None:
+            ms, vs = [it[3] for it in items], [it[4] for it in items]
+            us = _foreach_u(ps, ms, vs, eps, wd, bc1, bc2)
+        if ratio_host is not None:
+            for it, p, u in zip(items, ps, us):
+                k = it[0]
+                p.add_(u, alpha=-hp["lr"][plan.param[k]] * ratio_host[plan.lid[k]])
+        else:
+            idx = torch.tensor([plan.lid[it[0]] for it in items], device=device)
+            lr_t = torch.tensor([hp["lr"][plan.param[it[0]]] for it in items], dtype=acc, device=device)
+            scale = (-(lr_t * ratio[idx])).to(torch.float32)
+            torch._foreach_mul_(us, list(scale.unbind(0)))
+            torch._foreach_add_(ps, us)
+    return ratio.to(torch.float32)
+
+
+def _chunk_views(plan: _Plan, units: list[int]):
+    out = []
+    for k in units:
+        p, g, m, v = plan.p[k], plan.g[k], plan.m[k], plan.v[k]
+        n = p.numel()
+        if n <= _CPU_CHUNK or not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+            out.append((k, p, g, m, v))
+            continue
+        fp, fg, fm, fv = p.view(-1), g.view(-1), m.view(-1), v.view(-1)
+        for s in range(0, n, _CPU_CHUNK):
+            sl = slice(s, min(n, s + _CPU_CHUNK))
+            out.append((k, fp[sl], fg[sl], fm[sl], fv[sl]))
+    return out
+
+
+def _single_moments_and_u(p, g, m, v, coef, b1, b2, eps, wd, bc1, bc2) -> Tensor:
+    if coef != 1.0:
+        g = g * coef
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    denom = (v / bc2).sqrt_().add_(eps)
+    u = (m / bc1).div_(denom)
+    if wd != 0:
+        u.add_(p, alpha=wd)
+    return u
+
+
+def _foreach_moments_and_u(ps, gs, ms, vs, coef, b1, b2, eps, wd, bc1, bc2) -> list[Tensor]:
+    if coef != 1.0:
+        gs = torch._foreach_mul(gs, coef)
+    torch._foreach_lerp_(ms, gs, 1 - b1)
+    torch._foreach_mul_(vs, b2)
+    torch._foreach_addcmul_(vs, gs, gs, 1 - b2)
+    return _foreach_u(ps, ms, vs, eps, wd, bc1, bc2)
+
+
+def _foreach_u(ps, ms, vs, eps, wd, bc1, bc2) -> list[Tensor]:
+    # m̂ / (√v̂ + eps) = (√bc2 / bc1) · m / (√v + eps·√bc2): one sqrt pass and one fused addcdiv.
+    sbc2 = math.sqrt(bc2)
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_add_(denom, eps * sbc2)
+    if wd != 0:
+        u = torch._foreach_mul(ps, wd)
+        torch._foreach_addcdiv_(u, ms, denom, sbc2 / bc1)
+    else:
+        u = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(u, sbc2 / bc1)
+    return u

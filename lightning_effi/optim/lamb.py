@@ -1,0 +1,271 @@
+"""The :class:`Lamb` optimizer: gathers tensors from its param groups and calls :func:`~.functional.lamb`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_effi.optim.functional import lamb, resolve_path
+from lightning_effi.optim.norms import to_local
+
+__all__ = ["Lamb"]
+
+_GROUP_DEFAULTS = dict(
+    bias_correction=True, trust_clip=None, weight_norm_clip=None, max_grad_norm=None, adapt=True, foreach=None, fused=None
+)
+
+
+def _check_pair(name: str, value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"Invalid {name} {value!r}: must be None or a pair (lo, hi)")
+    lo, hi = value
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"Invalid {name} {value!r}: lo and hi must be numbers")
+    if not (0.0 <= lo <= hi) or math.isnan(hi):
+        raise ValueError(f"Invalid {name} {value!r}: must satisfy 0 <= lo <= hi")
+
+
+def _validate(group: dict) -> None:
+    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if isinstance(lr, Tensor):
+        raise TypeError("Invalid lr: a Tensor lr is not supported; pass a float (schedulers set floats)")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
+        raise ValueError(f"Invalid learning rate {lr!r}: must be a float >= 0")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas {betas!r}: must be a pair (beta1, beta2)")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta1 {betas[0]!r}: must be in [0, 1)")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta2 {betas[1]!r}: must be in [0, 1)")
+    if not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise ValueError(f"Invalid eps {eps!r}: must be >= 0 (1e-6 is the paper's choice)")
+    if not isinstance(wd, (int, float)) or not wd >= 0.0:
+        raise ValueError(f"Invalid weight_decay {wd!r}: must be >= 0")
+    _check_pair("trust_clip", group["trust_clip"])
+    _check_pair("weight_norm_clip", group["weight_norm_clip"])
+    mgn = group["max_grad_norm"]
+    if mgn is not None and (not isinstance(mgn, (int, float)) or isinstance(mgn, bool) or not mgn > 0.0):
+        raise ValueError(f"Invalid max_grad_norm {mgn!r}: must be None (no clipping) or a float > 0")
+    for key in ("bias_correction", "adapt"):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"Invalid {key} {group[key]!r}: must be True or False")
+    if group["foreach"] and group["fused"]:
+        raise ValueError("foreach=True and fused=True are exclusive: pick one implementation path")
+    if group["fused"]:
+        from lightning_effi.optim.fused import fused_unavailable_reason
+
+        reason = fused_unavailable_reason(None)
+        if reason is not None:
+            raise RuntimeError(f"Lamb(fused=True) cannot run: {reason}. Use foreach=True (or leave fused=None)")
+
+
+class Lamb(Optimizer):
+    r"""LAMB: layer-wise adaptive moments (You et al., arXiv:1904.00962, Algorithm 2), correct under sharding.
+
+    Per parameter ``x`` with gradient ``g`` at step ``t``:
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1) g, \quad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        \hat m &= m / (1-\beta_1^t), \quad \hat v = v / (1-\beta_2^t) \quad \text{(when bias\_correction)} \\
+        u &= \hat m / (\sqrt{\hat v} + \epsilon) + \lambda x \\
+        r &= \phi(\lVert x\rVert) / \lVert u\rVert \ \text{if adapt and both norms} > 0 \text{, else } 1 \\
+        x &\leftarrow x - \eta\, r\, u
+
+    ``φ`` is the identity, or ``clamp(·, lo, hi)`` with ``weight_norm_clip=(lo, hi)``; ``trust_clip=(lo, hi)``
+    clamps a computed ratio (not the fallback 1). Weight decay sits inside the normalised direction, bias correction
+    acts on the moments (not as a learning-rate factor), and there is no hidden gradient clipping.
+
+    Args:
+        params: parameters or param groups. Groups may override every option below and set ``adapt`` (default
+            True; False fixes the ratio to 1, i.e. Adam with decoupled-in-direction decay for that group).
+            Build groups with :func:`~lightning_effi.optim.param_groups`.
+        lr: learning rate. Default ``1e-3``.
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``. Default ``(0.9, 0.999)``.
+        eps: added to ``√v̂``. Default ``1e-6``.
+        weight_decay: λ, inside the update direction. Default ``0.01``.
+        bias_correction: divide the moments by ``1 - β^t``. Default True.
+        trust_clip: ``(lo, hi)`` bounds on the trust ratio, or None. Default None.
+        weight_norm_clip: ``(lo, hi)`` bounds on ``‖x‖`` in the ratio's numerator, or None. Default None.
+        max_grad_norm: if set, gradients are scaled by ``min(1, max_grad_norm / global_norm)`` inside the step, the
+            norm taken over all parameters of all groups and all shards; ``p.grad`` is never modified. A non-finite
+            global norm skips the step (weights, moments and step counts unchanged; ``trust_ratios`` NaN). One value
+            for the whole optimizer. Default None.
+        foreach: use the multi-tensor path. Default None (foreach unless fused applies).
+        fused: use the Triton kernel (CUDA only). Default None: fused when every parameter is on a CUDA device and
+            Triton is importable, foreach otherwise. Asking for True where it cannot run raises with the reason.
+
+    Sharding is detected, not configured: DTensor parameters (FSDP2, TP) get the norms of their full logical tensor
+    with one all_reduce per step; flat ZeRO partitions are handled when a strategy sets ``group["flat_layouts"]``
+    (:class:`~lightning_effi.optim.norms.FlatLayout`) and ``norm_process_group``. With ``max_grad_norm`` a sharded
+    step needs a second all_reduce (the clip coefficient must be known before ``u``).
+
+    Attributes:
+        trust_ratios: after a step, a float32 tensor on the parameters' device, one entry per parameter updated in
+            that step in param-group order (per logical parameter in flat mode); None before the first step. Not
+            part of ``state_dict``; producing it needs no host sync.
+        norm_process_group: flat mode only: the group over which flat partitions are sharded (None: the default
+            group when torch.distributed is initialised).
+
+    With ``fused`` the optimizer accepts ``grad_scale``/``found_inf`` from ``torch.amp.GradScaler`` (it sets
+    ``_step_supports_amp_scaling``): unscaling and the overflow skip happen inside the step without a host sync.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        *,
+        bias_correction: bool = True,
+        trust_clip: tuple[float, float] | None = None,
+        weight_norm_clip: tuple[float, float] | None = None,
+        max_grad_norm: float | None = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            trust_clip=None if trust_clip is None else tuple(trust_clip),
+            weight_norm_clip=None if weight_norm_clip is None else tuple(weight_norm_clip),
+            max_grad_norm=max_grad_norm,
+            adapt=True,
+            foreach=foreach,
+            fused=fused,
+        )
+        _validate(defaults)
+        super().__init__(params, defaults)
+        self.trust_ratios: Tensor | None = None
+        self.norm_process_group = None
+        if fused:
+            # torch.amp.GradScaler hands grad_scale/found_inf to optimizers that set this (see torch.optim.Adam).
+            self._step_supports_amp_scaling = True
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for key in ("trust_clip", "weight_norm_clip", "betas"):
+            if isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
+        _validate(group)
+        if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
+            raise ValueError(
+                f"Invalid max_grad_norm {group['max_grad_norm']!r} in a param group: the clipping norm is global over "
+                f"all groups, so it can only be set on the optimizer (got {self.defaults['max_grad_norm']!r} there)"
+            )
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
+        for s in self.state.values():
+            # States written by older versions stored the step as a Python number.
+            if "step" in s and not torch.is_tensor(s["step"]):
+                s["step"] = torch.tensor(float(s["step"]), dtype=torch.float32)
+        self.__dict__.setdefault("trust_ratios", None)
+        self.__dict__.setdefault("norm_process_group", None)
+
+    def state_dict(self):
+        # flat_layouts are strategy wiring, rebuilt by the strategy; they are not optimizer state.
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            g.pop("flat_layouts", None)
+        return sd
+
+    def _init_group(self, group: dict, path: str, lists: dict) -> None:
+        layouts = group.get("flat_layouts")
+        for j, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("Lamb does not support sparse gradients")
+            if torch.is_complex(p):
+                raise RuntimeError("Lamb does not support complex parameters (the trust ratio needs real norms)")
+            state = self.state[p]
+            step_device = to_local(p).device if path == "fused" else torch.device("cpu")
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif state["step"].device != step_device:
+                # A checkpoint written on another path (or loaded by torch's policy) keeps 'step' elsewhere.
+                state["step"] = state["step"].to(step_device, torch.float32)
+            lists["params"].append(p)
+            lists["grads"].append(p.grad)
+            lists["exp_avgs"].append(state["exp_avg"])
+            lists["exp_avg_sqs"].append(state["exp_avg_sq"])
+            lists["state_steps"].append(state["step"])
+            for key in ("lr", "eps", "weight_decay", "adapt", "bias_correction", "trust_clip", "weight_norm_clip"):
+                lists[key].append(group[key])
+            lists["beta1"].append(group["betas"][0])
+            lists["beta2"].append(group["betas"][1])
+            if layouts is not None:
+                lists["flat_layouts"].append(layouts[j])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """Perform one optimization step; returns the closure's loss if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        flat = [("flat_layouts" in g) for g in self.param_groups]
+        if any(flat) and not all(flat):
+            raise RuntimeError(
+                "Lamb: some param groups have flat_layouts and others do not; a ZeRO strategy must describe every "
+                "flat partition (set group['flat_layouts'] on all groups)"
+            )
+        for g in self.param_groups:
+            if "flat_layouts" in g and len(g["flat_layouts"]) != len(g["params"]):
+                raise RuntimeError(
+                    f"group['flat_layouts'] has {len(g['flat_layouts'])} entries for {len(g['params'])} params"
+                )
+        keys = ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps", "lr", "beta1", "beta2", "eps",
+                "weight_decay", "adapt", "bias_correction", "trust_clip", "weight_norm_clip", "flat_layouts")
+        with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not with_grad:
+            return loss
+        g0 = self.param_groups[0]
+        path = resolve_path(with_grad, g0["foreach"], g0["fused"])
+        lists: dict[str, list] = {k: [] for k in keys}
+        for group in self.param_groups:
+            self._init_group(group, path, lists)
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        self.trust_ratios = lamb(
+            lists["params"],
+            lists["grads"],
+            lists["exp_avgs"],
+            lists["exp_avg_sqs"],
+            lists["state_steps"],
+            lr=lists["lr"],
+            beta1=lists["beta1"],
+            beta2=lists["beta2"],
+            eps=lists["eps"],
+            weight_decay=lists["weight_decay"],
+            adapt=lists["adapt"],
+            bias_correction=lists["bias_correction"],
+            trust_clip=lists["trust_clip"],
+            weight_norm_clip=lists["weight_norm_clip"],
+            max_grad_norm=self.defaults["max_grad_norm"],
+            flat_layouts=lists["flat_layouts"] if any(flat) else None,
+            norm_process_group=self.norm_process_group,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            foreach=path == "foreach",
+            fused=path == "fused",
+        )
+        return loss
+

@@ -1,0 +1,153 @@
+"""Shard-aware per-parameter norms for LAMB.
+
+LAMB needs, per logical parameter, the norm of the *whole* tensor (‖x‖ and ‖u‖), and for ``max_grad_norm`` one
+norm over all gradients. Under sharding each rank only holds a piece, so every rank sums squares over what it has
+("units": local shards or slices of a flat partition), the sums are scattered into one vector indexed by logical
+parameter, and that vector is summed across ranks with a single ``all_reduce`` per process group.
+
+Three layouts are recognised:
+
+- plain tensors: one unit per parameter, nothing to reduce;
+- DTensors (FSDP2 ``fully_shard``, tensor parallel): one unit per parameter (its local shard, possibly empty);
+  squares are summed over the mesh dimension that carries a ``Shard`` placement. ``.to_local().norm()`` alone would
+  be the shard's norm, which is wrong (CPU_DISTRIBUTED.md measured it);
+- flat partitions (DeepSpeed ZeRO): one tensor per param group holding slices of many parameters, described by a
+  :class:`FlatLayout`; one unit per segment, reduced over ``optimizer.norm_process_group``.
+
+This module imports no Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where logical parameters live inside one flat partition tensor.
+
+    Args:
+        segments: ``(logical_id, offset, numel)`` triples, one per piece of a logical parameter held in this flat
+            tensor. Elements not covered by any segment (padding) are ignored by LAMB and left unchanged.
+        num_logical: the total number of logical parameters across *all* groups of the optimizer; logical ids are
+            unique across groups and lie in ``[0, num_logical)``. A logical parameter may be split across ranks;
+            its pieces are summed by the all_reduce.
+    """
+
+    segments: tuple[tuple[int, int, int], ...]
+    num_logical: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_logical, int) or self.num_logical < 0:
+            raise ValueError(f"Invalid FlatLayout.num_logical {self.num_logical!r}: must be an int >= 0")
+        segs = tuple(tuple(int(v) for v in s) for s in self.segments)
+        for s in segs:
+            if len(s) != 3:
+                raise ValueError(f"Invalid FlatLayout segment {s!r}: must be (logical_id, offset, numel)")
+            lid, off, n = s
+            if not 0 <= lid < self.num_logical:
+                raise ValueError(f"Invalid FlatLayout logical_id {lid}: must be in [0, num_logical={self.num_logical})")
+            if off < 0 or n < 0:
+                raise ValueError(f"Invalid FlatLayout segment {s!r}: offset and numel must be >= 0")
+        ordered = sorted(segs, key=lambda s: s[1])
+        for a, b in zip(ordered, ordered[1:]):
+            if a[1] + a[2] > b[1]:
+                raise ValueError(f"Invalid FlatLayout: segments {a!r} and {b!r} overlap")
+        object.__setattr__(self, "segments", segs)
+
+    def check(self, flat: Tensor) -> None:
+        """Raise if this layout does not fit ``flat`` (a 1-D contiguous tensor)."""
+        if flat.dim() != 1 or not flat.is_contiguous():
+            raise RuntimeError(
+                f"flat_layouts need 1-D contiguous flat partitions, got shape {tuple(flat.shape)}; the strategy "
+                "must put the flat fp32 partition itself into group['params']"
+            )
+        end = max((off + n for _, off, n in self.segments), default=0)
+        if end > flat.numel():
+            raise RuntimeError(f"FlatLayout covers {end} elements but the flat partition has only {flat.numel()}")
+
+
+def _dtensor_type():
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 kept it private; we require >= 2.11, so this is only a non-distributed build
+        return None
+    return DTensor
+
+
+def is_dtensor(t: Tensor) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def to_local(t: Tensor) -> Tensor:
+    """The local piece of a DTensor, or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def dtensor_reduce_group(t: Tensor):
+    """The process group over which squares of this DTensor's local shard must be summed, or None (replicated).
+
+    Only one mesh dimension may be sharded: summing over two sharded dimensions (FSDP x TP on one parameter)
+    would need a group spanning both, which DeviceMesh does not hand out portably across torch versions.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    sharded = []
+    for dim, pl in enumerate(t.placements):
+        if isinstance(pl, Shard):
+            sharded.append(dim)
+        elif not isinstance(pl, Replicate):
+            raise RuntimeError(
+                f"Lamb got a parameter with placement {pl!r}; only Shard and Replicate placements are supported "
+                "(a Partial parameter has no well-defined norm before it is reduced)"
+            )
+    if not sharded:
+        return None
+    if len(sharded) > 1:
+        raise RuntimeError(
+            f"Lamb got a DTensor parameter sharded over {len(sharded)} mesh dimensions {t.placements!r}; per-parameter "
+            "norms support one sharded mesh dimension (FSDP2 or TP or HSDP), not FSDP x TP on the same parameter"
+        )
+    return t.device_mesh.get_group(sharded[0])
+
+
+def resolve_flat_group(group):
+    """``optimizer.norm_process_group``: None means the default group when torch.distributed is initialised."""
+    if group is not None:
+        return group
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.group.WORLD
+    return None
+
+
+def scatter_sumsq(sumsq: Tensor, lids: Tensor, size: int) -> Tensor:
+    """Sum per-unit squared norms into one entry per logical id."""
+    out = torch.zeros(size, dtype=sumsq.dtype, device=sumsq.device)
+    return out.index_add_(0, lids, sumsq)
+
+
+def all_reduce_parts(parts: Sequence[tuple[object, Tensor]]) -> None:
+    """One SUM all_reduce per distinct process group, in place, on the given 1-D tensors.
+
+    ``parts`` is a list of ``(group, tensor)``; tensors of the same group are concatenated so that the group sees a
+    single collective. Order is deterministic (first appearance), so all ranks issue the same collectives.
+    """
+    by_group: dict[int, tuple[object, list[Tensor]]] = {}
+    for group, t in parts:
+        if group is None:
+            continue
+        by_group.setdefault(id(group), (group, []))[1].append(t)
+    for group, ts in by_group.values():
+        flat = torch.cat(ts) if len(ts) > 1 else ts[0].clone()
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=group)
+        off = 0
+        for t in ts:
+            t.copy_(flat[off : off + t.numel()])
+            off += t.numel()
