@@ -41,11 +41,14 @@ def export_checkpoint(ckpt_path: str | Path, out_path: str | Path, strip_prefix:
         ckpt_path: a Lightning checkpoint file or a sharded checkpoint directory.
         out_path: destination ``.pt`` file; written to a temporary name first, then renamed, so a crash never
             leaves a truncated file behind.
-        strip_prefix: remove this prefix from every key (e.g. ``"model."`` to load into the bare ``GPT``).
+        strip_prefix: keep only the keys under this prefix, without it (e.g. ``"model."`` to load into the bare
+            ``GPT``; module-level buffers such as ``tokens_seen`` are dropped).
     """
     sd = export_state_dict(ckpt_path)
     if strip_prefix:
-        sd = {k[len(strip_prefix):] if k.startswith(strip_prefix) else k: v for k, v in sd.items()}
+        sd = {k[len(strip_prefix):]: v for k, v in sd.items() if k.startswith(strip_prefix)}
+        if not sd:
+            raise ValueError(f"no key of {str(ckpt_path)!r} starts with strip_prefix {strip_prefix!r}")
     sd = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,250 @@
+"""A decoder-only transformer (GPT) and its causal-LM LightningModule.
+
+The network is pre-LayerNorm (LN before attention and MLP, a final LN), uses
+``torch.nn.functional.scaled_dot_product_attention`` with ``is_causal=True`` (so the fastest available kernel runs on
+GPU) and ties the output projection to the token embedding. It has no data-dependent Python control flow, so it
+compiles with ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+from lightning_effi.models._common import OptimizerCallable, build_optimizers, check_positive
+
+IGNORE_INDEX = -100
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, dropout: float, causal: bool = True):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        self.resid_drop = nn.Dropout(dropout)
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal and attn_mask is None,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(d_model, 4 * d_model)
+        self.proj = nn.Linear(4 * d_model, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """One pre-LN transformer block; the unit that sharding strategies wrap (``wrap=["Block"]``)."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float = 0.0, causal: bool = True):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_head, dropout, causal)
+        self.ln_2 = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+def _check_shapes(vocab_size: int, block_size: int, n_layer: int, n_head: int, d_model: int, dropout: float):
+    for name, value in (("vocab_size", vocab_size), ("block_size", block_size), ("n_layer", n_layer),
+                        ("n_head", n_head), ("d_model", d_model)):
+        check_positive(name, value)
+    if d_model % n_head:
+        raise ValueError(f"Invalid d_model {d_model!r}: must be divisible by n_head={n_head!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"Invalid dropout {dropout!r}: must be in [0, 1)")
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer language model.
+
+    Args:
+        vocab_size: number of token ids (default 260: 256 bytes + 4 special ids of ``CorpusDataModule``).
+        block_size: maximum sequence length (learned positional embeddings). Default 128.
+        n_layer: number of :class:`Block`. Default 2.
+        n_head: attention heads; must divide ``d_model``. Default 2.
+        d_model: residual width. Default 64.
+        dropout: dropout on attention probabilities and residual branches. Default 0.0.
+    """
+
+    def __init__(self, vocab_size: int = 260, block_size: int = 128, n_layer: int = 2, n_head: int = 2,
+                 d_model: int = 64, dropout: float = 0.0):
+        super().__init__()
+        _check_shapes(vocab_size, block_size, n_layer, n_head, d_model, dropout)
+        self.vocab_size, self.block_size = vocab_size, block_size
+        self.wte = nn.Embedding(vocab_size, d_model)
+        self.wpe = nn.Embedding(block_size, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self.reset_parameters(n_layer)
+
+    def reset_parameters(self, n_layer: int | None = None) -> None:
+        n_layer = n_layer if n_layer is not None else len(self.blocks)
+        for name, p in self.named_parameters():
+            if p.ndim >= 2:
+                # GPT-2 init; residual projections scaled by 1/sqrt(2*n_layer) so the residual stream's variance
+                # does not grow with depth.
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.shape[1]
+        if T > self.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over valid tokens (labels != -100) and the number of valid tokens (a device tensor)."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # the softmax of half-precision logits loses the small probabilities
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+class _LMModule(pl.LightningModule):
+    """Shared training/validation logic of the example language models.
+
+    ``training_step`` returns ``{"loss": loss, "num_tokens": n}``: ``loss`` is the per-token mean when
+    ``loss_reduction="mean"`` and the per-token *sum* when ``loss_reduction="sum"``, the protocol that
+    ``AccumulationScheduler(normalize="tokens")`` uses to divide the whole accumulation window's summed loss by
+    the window's total valid tokens on all ranks.
+    """
+
+    model: nn.Module
+
+    def __init__(self, optimizer: OptimizerCallable | None, weight_decay: float, no_decay: Sequence[str],
+                 no_adapt: Sequence[str], warmup_steps: int, min_lr_ratio: float, max_steps: int | None,
+                 loss_reduction: str):
+        super().__init__()
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"Invalid loss_reduction {loss_reduction!r}: must be 'mean' or 'sum'")
+        if warmup_steps < 0:
+            raise ValueError(f"Invalid warmup_steps {warmup_steps!r}: must be >= 0")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"Invalid min_lr_ratio {min_lr_ratio!r}: must be in [0, 1]")
+        if max_steps is not None:
+            check_positive("max_steps", max_steps)
+        self.optimizer_factory = optimizer
+        self.loss_reduction = loss_reduction
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None):  # pragma: no cover - abstract
+        """Return ``(summed token loss, number of valid tokens)`` for ``batch``."""
+        raise NotImplementedError
+
+    def val_generator(self, batch: dict, batch_idx: int) -> torch.Generator | None:
+        """RNG for validation-time randomness (None: the model has none)."""
+        return None
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss_sum, n = self.compute_loss(batch)
+        self.tokens_seen += n
+        mean = loss_sum.detach() / n.clamp_min(1)
+        self.log("train/loss", mean, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["labels"].shape[0])
+        # Local counters summed over ranks: the global number of valid tokens trained on so far.
+        self.log("train/tokens", self.tokens_seen.float(), on_step=True, on_epoch=False, reduce_fx="sum",
+                 sync_dist=True)
+        loss = loss_sum if self.loss_reduction == "sum" else loss_sum / n.clamp_min(1)
+        return {"loss": loss, "num_tokens": n}
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        loss_sum, n = self.compute_loss(batch, generator=self.val_generator(batch, batch_idx))
+        # Token-weighted: the epoch value is sum(loss) / sum(tokens), not a mean of batch means.
+        self.log("val/loss_sum", loss_sum, on_epoch=True, reduce_fx="sum", sync_dist=True, logger=False)
+        self.log("val/tokens", n.float(), on_epoch=True, reduce_fx="sum", sync_dist=True, logger=False)
+
+    def on_validation_epoch_end(self) -> None:
+        m = self.trainer.callback_metrics
+        if "val/loss_sum" in m and float(m["val/tokens"]) > 0:
+            self.log("val/loss", m["val/loss_sum"] / m["val/tokens"], prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        total = h.max_steps or int(self.trainer.estimated_stepping_batches)
+        return build_optimizers(self.model, self.optimizer_factory, weight_decay=h.weight_decay,
+                                no_decay=h.no_decay, no_adapt=h.no_adapt, warmup_steps=h.warmup_steps,
+                                total_steps=total, min_lr_ratio=h.min_lr_ratio)
+
+
+class GPTLightningModule(_LMModule):
+    """Causal language modelling with :class:`GPT`.
+
+    Args:
+        vocab_size, block_size, n_layer, n_head, d_model, dropout: see :class:`GPT`.
+        optimizer: a callable taking parameter groups and returning an optimizer (LightningCLI:
+            ``class_path``/``init_args``). Default ``torch.optim.AdamW(lr=3e-4, betas=(0.9, 0.95))``.
+        weight_decay: decay of the decayed group (``param_groups``). Default 0.1.
+        no_decay: parameter categories/regexes without decay. Default ``["bias", "norm"]``.
+        no_adapt: parameter categories/regexes with LAMB trust ratio fixed to 1. Default ``[]``.
+        warmup_steps: linear LR warmup in optimizer steps. Default 100.
+        min_lr_ratio: the cosine decays to ``min_lr_ratio * lr``. Default 0.1.
+        max_steps: length of the cosine; default ``trainer.estimated_stepping_batches``.
+        loss_reduction: ``"mean"`` (default) or ``"sum"`` (token-sum protocol for token-normalised accumulation).
+        compile: wrap the network in ``torch.compile``. Default False.
+    """
+
+    def __init__(self, vocab_size: int = 260, block_size: int = 128, n_layer: int = 2, n_head: int = 2,
+                 d_model: int = 64, dropout: float = 0.0, optimizer: OptimizerCallable | None = None,
+                 weight_decay: float = 0.1, no_decay: list[str] = ["bias", "norm"],  # noqa: B006 (CLI default)
+                 no_adapt: list[str] = [],  # noqa: B006
+                 warmup_steps: int = 100, min_lr_ratio: float = 0.1, max_steps: int | None = None,
+                 loss_reduction: Literal["mean", "sum"] = "mean", compile: bool = False):
+        super().__init__(optimizer, weight_decay, no_decay, no_adapt, warmup_steps, min_lr_ratio, max_steps,
+                         loss_reduction)
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.model = GPT(vocab_size, block_size, n_layer, n_head, d_model, dropout)
+        self._forward = torch.compile(self.model) if compile else self.model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._forward(idx)
+
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None):
+        return token_loss(self(batch["input_ids"]), batch["labels"])
+
+    @rank_zero_only
+    def on_fit_start(self) -> None:
+        n = self.model.num_params()
+        self.print(f"GPT: {n / 1e6:.2f}M non-embedding parameters")
+

@@ -1,0 +1,72 @@
+"""The `effi` LightningCLI: every shipped YAML parses, the README's main job runs, and export round-trips."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_effi.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["fit", "--config", str(config), "--print_config"])
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: lightning_effi.models." in out
+    assert "block_size" in out
+
+
+def test_bad_config_value_is_reported_before_training(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["fit", "--config", str(REPO / "configs/gpt_tiny.yaml"), "--model.init_args.n_layer=zero"])
+    assert e.value.code != 0
+    assert "n_layer" in capsys.readouterr().err
+
+
+def _effi(args, cwd, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "lightning_effi.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_effi_fit_gpt_tiny_three_steps_then_export(tmp_path):
+    proc = _effi(["fit", "--config", str(REPO / "configs/gpt_tiny.yaml"), "--trainer.max_steps=3"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = proc.stdout
+    assert "effi: training finished" in out and "final val loss" in out and "unigram entropy" in out
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and (run / "metrics.csv").is_file()
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3
+
+    proc = _effi(["export", str(ckpt), str(tmp_path / "gpt.pt"), "--strip-prefix", "model."], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from lightning_effi.models import GPT
+
+    sd = torch.load(tmp_path / "gpt.pt", map_location="cpu")
+    model = GPT(block_size=128, n_layer=4, n_head=4, d_model=128)
+    model.load_state_dict(sd)
+    ref = GPT(block_size=128, n_layer=4, n_head=4, d_model=128)
+    ref.load_state_dict({k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")})
+    x = torch.randint(0, 256, (2, 32))
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    assert not torch.equal(model.wte.weight, GPT(block_size=128, n_layer=4, n_head=4, d_model=128).wte.weight)
+
+
+def test_export_rejects_missing_and_foreign_files(tmp_path):
+    from lightning_effi.export import export_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_checkpoint(tmp_path / "nope.ckpt", tmp_path / "o.pt")
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a Lightning checkpoint"):
+        export_checkpoint(tmp_path / "foreign.pt", tmp_path / "o.pt")
