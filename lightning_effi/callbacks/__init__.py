@@ -1,1 +1,4 @@
 """lightning_effi.callbacks."""
+
+from lightning_effi.callbacks.accumulation import AccumulationScheduler
+from lightning_effi.callbacks.microbatch import AutoMicroBatch

@@ -1,0 +1,464 @@
+"""``AccumulationScheduler``: step/sample/token-keyed gradient-accumulation schedules with exact windows.
+
+The schedule math lives in :mod:`lightning_effi.callbacks.schedule`; this module is the Lightning glue.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.data import extract_batch_size
+from typing_extensions import override
+
+from lightning_effi.callbacks.schedule import (
+    NORMALIZE,
+    UNITS,
+    factor_at,
+    factor_from_global_batch,
+    loop_accumulate_value,
+    parse_ramp,
+    parse_schedule,
+    window_size,
+)
+
+_WINDOW_KEY = "lightning_effi.accumulation.partial_window"
+
+
+class AccumulationScheduler(Callback):
+    r"""Gradient accumulation whose factor follows a schedule, with exact windows and exact loss normalisation.
+
+    A *window* is the run of micro-batches (per rank) whose gradients make one optimizer step. Its size, the
+    *factor*, is read from the schedule when the window opens and held until it closes, so a window never straddles
+    a schedule change: a change at a step threshold takes effect at exactly that step; a sample or token threshold
+    crossed inside a window takes effect at the next window. A window never crosses an epoch end either: the last one
+    of an epoch is cut short, stepped, and normalised by what it actually accumulated (Lightning's stock loop divides
+    it by the nominal factor, under-weighting it).
+
+    Example::
+
+        Trainer(callbacks=[AccumulationScheduler({0: 1, 1000: 4}, unit="step")])
+        Trainer(callbacks=[AccumulationScheduler(ramp=(1, 8, 2_000_000), unit="token", normalize="tokens")])
+        Trainer(callbacks=[AccumulationScheduler(global_batch_size=512)])
+
+    **Normalisation.** ``normalize="mean"`` makes the applied gradient the mean over the window's micro-batches (and,
+    through the data-parallel average, over ranks) of each micro-batch's gradient: what one big batch gives when the
+    module returns a per-sample or per-token mean and all micro-batches weigh the same. ``normalize="tokens"`` makes
+    it exactly ``grad(sum of token losses over the window on all ranks) / (valid tokens in the window on all ranks)``,
+    the big-batch per-token mean, however unevenly the valid tokens (padding, ``ignore_index``) are spread over
+    micro-batches and ranks. The mean of per-micro-batch means that ``normalize="mean"`` (and every stock
+    accumulation loop) computes differs from it whenever token counts differ (the 2024 "gradient accumulation bug").
+
+    **Token protocol.** With ``normalize="tokens"`` (or ``unit="token"``), ``training_step`` returns
+    ``{"loss": summed_token_loss, "num_tokens": n}``: the loss *summed* (not averaged) over the micro-batch's valid
+    tokens, and their number (int or integer tensor). The example models do this with ``loss_reduction="sum"``.
+    The token total is not known before the window's backward passes, so each micro-batch's summed loss is scaled
+    by a constant ``s`` identical on all ranks (``1 / tokens of the previous window``, so that gradient magnitudes stay
+    those of a per-token mean) and, before the optimizer step (before clipping and after fp16 unscaling), the
+    gradients are multiplied by ``1 / (s * window_tokens)`` once the window's token count has been summed over ranks
+    (one all-reduce of two integers per optimizer step). This is exact, not an approximation. The very first window
+    has no previous count (``s = 1``), so its fp16 scaled loss is a token *sum*; a dynamic loss scaler may skip a few
+    steps while it backs off.
+
+    **How the loop is driven.** Lightning decides boundaries with ``batch_idx % accumulate_grad_batches`` within an
+    epoch and divides each loss by that value. This callback sets ``trainer.accumulate_grad_batches`` before each
+    micro-batch to a value that lands the boundary where the window ends (see
+    :func:`~lightning_effi.callbacks.schedule.loop_accumulate_value`; it is the factor itself whenever windows are
+    aligned) and multiplies the loss returned by ``training_step`` so the division comes out right. To see that loss
+    before backward it wraps this module instance's ``training_step`` for the duration of ``fit`` (restored at
+    teardown): callbacks otherwise only see training-step outputs after the optimizer step. As a result
+    ``outputs["loss"]`` in ``on_train_batch_end`` is this micro-batch's contribution to the window objective.
+    ``trainer.global_step``, LR schedulers with ``interval="step"``, and logging advance once per optimizer step.
+
+    **Strategies.**
+
+    * Single device, DDP: non-boundary micro-batches run under DDP's ``no_sync`` (Lightning's loop does this when its
+      ``_should_accumulate()`` is right, which the value above guarantees), so gradients are all-reduced once per
+      window.
+    * FSDP2 (Lightning's ``ModelParallelStrategy`` or ``effi_fsdp``): gradients are reduce-scattered on *every*
+      micro-batch and accumulated in the sharded gradients. The alternative, deferring with
+      ``module.set_requires_gradient_sync(False)`` until the window's last micro-batch, saves ``factor - 1``
+      reduce-scatters per step but keeps an *unsharded* fp32 gradient for every parameter alive across the window:
+      the full model's gradient memory on every rank, which is what sharding was meant to remove. This callback does
+      not defer; a strategy that wants to may do it in ``effi_set_accumulation``.
+    * DeepSpeed: the engine owns accumulation. When the strategy has ``effi_set_accumulation(factor)`` (the
+      ``effi_deepspeed_*`` strategies), it is called at the first micro-batch of every window whose size differs from
+      the previous one; the strategy must make the engine treat the next ``factor`` micro-batches as one window and
+      divide each loss by ``factor`` (as ``engine.backward`` does). ``normalize="tokens"`` is refused there (ZeRO
+      keeps gradients in engine-private partitions, so the post-backward rescale is impossible), as are stock
+      strategies that handle accumulation themselves.
+
+    **Checkpoints.** The window position, counters and (when saved mid-window) the partial gradients are saved, so
+    resuming mid-window or mid-ramp reproduces the uninterrupted run. Under DDP the partial gradients are summed over
+    ranks at save time and restored on rank 0 (zero elsewhere), which gives the same averaged gradient at the step.
+    Lightning only restores the data position of a resumable (stateful) loader; with a plain ``DataLoader`` resuming
+    mid-epoch replays the epoch's first batches, with or without this callback.
+
+    Args:
+        schedule: ``{threshold: factor}``; factor 1 before the first threshold. Keys may be strings (YAML).
+            Default ``None``.
+        unit: what thresholds and ramp length count: ``"epoch"``, ``"step"`` (optimizer steps), ``"sample"`` or
+            ``"token"`` (valid tokens, all ranks). Default ``"step"``.
+        ramp: ``(start_factor, end_factor, length)``, a linear ramp over ``length`` units. Default ``None``.
+        global_batch_size: samples per optimizer step over all ranks; the factor is
+            ``global_batch_size / (micro_batch_size * data_parallel_size)``, and must divide. Default ``None``.
+        normalize: ``"mean"`` or ``"tokens"`` (see above). Default ``"mean"``.
+    """
+
+    def __init__(
+        self,
+        schedule: dict[int | str, int] | None = None,
+        *,
+        unit: Literal["epoch", "step", "sample", "token"] = "step",
+        ramp: tuple[int, int, int] | None = None,
+        global_batch_size: int | None = None,
+        normalize: Literal["mean", "tokens"] = "mean",
+    ) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"Invalid unit {unit!r}: must be one of {', '.join(map(repr, UNITS))}")
+        if normalize not in NORMALIZE:
+            raise ValueError(f"Invalid normalize {normalize!r}: must be one of {', '.join(map(repr, NORMALIZE))}")
+        self.schedule = parse_schedule(schedule)
+        self.ramp = parse_ramp(ramp)
+        if self.schedule and self.ramp is not None:
+            raise ValueError("Give either schedule or ramp, not both (a ramp followed by a schedule is ambiguous)")
+        if global_batch_size is not None:
+            if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
+                raise ValueError(f"Invalid global_batch_size {global_batch_size!r}: must be an integer >= 1")
+            if self.schedule or self.ramp is not None:
+                raise ValueError(
+                    f"global_batch_size={global_batch_size} fixes the factor; it cannot be combined with a schedule "
+                    "or ramp (give those in micro-batches per rank instead)"
+                )
+        self.unit = unit
+        self.global_batch_size = global_batch_size
+        self.normalize = normalize
+        self._needs_tokens = normalize == "tokens" or unit == "token"
+        self._reset_state()
+        self._original_training_step: Any = None
+        self._pending_window: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def _reset_state(self) -> None:
+        self._open = False  # a window is in progress
+        self._closed = False  # its counts were reduced and gradients fixed
+        self._pos = 0  # micro-batches whose training_step ran in the open window
+        self._size = 0  # micro-batches in the open window
+        self._opened_size = 0  # the size it opened with (an unsized loader may end it early)
+        self._accumulate = 1  # last value given to trainer.accumulate_grad_batches
+        self._multiplier = 1.0  # loss multiplier for the open window's micro-batches
+        self._scale = 1.0  # normalize="tokens": the provisional per-token scale s of the open window
+        self._prev_tokens = 0  # valid tokens (all ranks) of the last closed window
+        self._samples_seen = 0  # all ranks, closed windows
+        self._tokens_seen = 0
+        self._micro_batch_size = 0
+        self._engine_factor = 0  # last value passed to strategy.effi_set_accumulation
+        self._win_samples = 0  # this rank, open window
+        self._win_tokens: torch.Tensor | int = 0
+        self._last_window: tuple[int, int, int] | None = None  # (size, samples, tokens) for logging
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "open": self._open, "pos": self._pos, "size": self._size, "opened_size": self._opened_size,
+            "accumulate": self._accumulate, "multiplier": self._multiplier, "scale": self._scale,
+            "prev_tokens": self._prev_tokens, "samples_seen": self._samples_seen, "tokens_seen": self._tokens_seen,
+            "micro_batch_size": self._micro_batch_size,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._open = state_dict["open"]
+        self._pos = state_dict["pos"]
+        self._size = state_dict["size"]
+        self._opened_size = state_dict["opened_size"]
+        self._accumulate = state_dict["accumulate"]
+        self._multiplier = state_dict["multiplier"]
+        self._scale = state_dict["scale"]
+        self._prev_tokens = state_dict["prev_tokens"]
+        self._samples_seen = state_dict["samples_seen"]
+        self._tokens_seen = state_dict["tokens_seen"]
+        self._micro_batch_size = state_dict["micro_batch_size"]
+        self._closed = False
+        self._engine_factor = 0  # engines do not checkpoint a changed factor: set it again
+
+    # ------------------------------------------------------------------ setup
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "AccumulationScheduler drives Lightning's automatic optimization; this module sets "
+                "automatic_optimization=False. Accumulate inside training_step yourself, or remove the callback."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) conflicts with "
+                "AccumulationScheduler, which sets it per micro-batch; remove the Trainer argument and give the factor "
+                "to the callback (schedule={0: k})."
+            )
+        strategy = trainer.strategy
+        name = type(strategy).__name__
+        if strategy.handles_gradient_accumulation:
+            if not hasattr(strategy, "effi_set_accumulation"):
+                raise RuntimeError(
+                    f"{name} accumulates gradients inside its engine and cannot change the factor during training; "
+                    "use strategy='effi_deepspeed_stage_1' / '_2' / '_3', or Trainer(accumulate_grad_batches=k) "
+                    "without AccumulationScheduler."
+                )
+            if self.normalize == "tokens":
+                raise RuntimeError(
+                    f"AccumulationScheduler(normalize='tokens') with {name}: the engine keeps gradients in private "
+                    "partitions, so the exact per-token rescale cannot be applied. Use normalize='mean' with DeepSpeed, "
+                    "or strategy='effi_fsdp' / 'ddp' for token-exact normalisation."
+                )
+        self._install_training_step(pl_module)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self._original_training_step is not None:
+            # Remove the instance attribute so the class method is visible again.
+            if "training_step" in vars(pl_module):
+                del pl_module.training_step
+            self._original_training_step = None
+        trainer.accumulate_grad_batches = 1
+
+    def _install_training_step(self, pl_module: LightningModule) -> None:
+        if self._original_training_step is not None:
+            return
+        original = pl_module.training_step
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            return self._after_training_step(original(*args, **kwargs), args, kwargs)
+
+        self._original_training_step = original
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    def _data_parallel_size(self, trainer: Trainer) -> int:
+        mesh = getattr(trainer.strategy, "_device_mesh", None)
+        if mesh is not None and mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names:
+            tp = mesh["tensor_parallel"].size()
+            if tp > 1 and (self._needs_tokens or self.unit == "sample" or self.global_batch_size is not None):
+                raise RuntimeError(
+                    f"AccumulationScheduler counts samples/tokens over all ranks, which double-counts with "
+                    f"tensor_parallel_size={tp}; use unit='step'/'epoch' with normalize='mean' under tensor parallelism"
+                )
+            return mesh["data_parallel"].size()
+        return trainer.world_size
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._dp = self._data_parallel_size(trainer)
+        if trainer.strategy.handles_gradient_accumulation and math.isinf(trainer.num_training_batches):
+            raise RuntimeError(
+                f"AccumulationScheduler with {type(trainer.strategy).__name__} needs a sized train DataLoader: the "
+                "engine must know each window's size (the epoch's last one is partial) before it starts."
+            )
+        # Lightning's restart bookkeeping reads accumulate_grad_batches before the first resumed batch.
+        trainer.accumulate_grad_batches = self._accumulate
+        if self._pending_window is not None:
+            self._restore_window(trainer, pl_module)
+
+    # --------------------------------------------------------------- per batch
+
+    def _position(self, trainer: Trainer) -> int:
+        if self.unit == "epoch":
+            return trainer.current_epoch
+        if self.unit == "step":
+            return trainer.global_step
+        if self.unit == "sample":
+            return self._samples_seen
+        return self._tokens_seen
+
+    def _nominal_factor(self, trainer: Trainer, batch: Any) -> int:
+        if self.global_batch_size is not None:
+            if not self._micro_batch_size:
+                self._micro_batch_size = extract_batch_size(batch)
+            return factor_from_global_batch(
+                self.global_batch_size, micro_batch_size=self._micro_batch_size, data_parallel_size=self._dp
+            )
+        return factor_at(self._position(trainer), schedule=self.schedule, ramp=self.ramp)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        strategy = trainer.strategy
+        if not self._open:
+            factor = self._nominal_factor(trainer, batch)
+            size = window_size(factor, batch_idx=batch_idx, num_batches=trainer.num_training_batches)
+            self._open, self._closed, self._pos = True, False, 0
+            self._size = self._opened_size = size
+            self._win_samples, self._win_tokens = 0, 0
+            if self.normalize == "tokens":
+                self._scale = 1.0 / self._prev_tokens if self._prev_tokens > 0 else 1.0
+            if hasattr(strategy, "effi_set_accumulation") and size != self._engine_factor:
+                strategy.effi_set_accumulation(size)
+                self._engine_factor = size
+        if self._pos >= self._size:  # pragma: no cover - guarded by on_train_batch_end
+            raise RuntimeError(f"AccumulationScheduler: window overrun at batch {batch_idx} (position {self._pos})")
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and self._pos < self._size - 1:
+            # Unsized loader ended inside the window: close it here; _close_window rescales what it accumulated.
+            self._size = self._pos + 1
+        value = loop_accumulate_value(batch_idx=batch_idx, position=self._pos, window_size=self._size)
+        self._accumulate = trainer.accumulate_grad_batches = value.accumulate
+        if self._pos == 0 and not value.loop_zeroes and not strategy.handles_gradient_accumulation:
+            # The only window start Lightning's modulo rule cannot zero (batch 1 after a window of one): do it here.
+            pl_module.optimizer_zero_grad(trainer.current_epoch, batch_idx, trainer.optimizers[0])
+        # Lightning divides by `accumulate`; an engine that handles accumulation divides by the window size again.
+        engine_div = self._opened_size if strategy.handles_gradient_accumulation else 1
+        if self.normalize == "tokens":
+            wanted = self._dp * self._scale  # the data-parallel average divides by dp; the boundary fix does the rest
+        else:
+            wanted = 1.0 / self._opened_size
+        self._multiplier = value.accumulate * engine_div * wanted
+
+    def _after_training_step(self, output: Any, args: tuple, kwargs: dict) -> Any:
+        """Runs right after the wrapped ``training_step`` (before its backward): count and scale the loss."""
+        self._pos += 1
+        if output is None:
+            return None
+        batch = kwargs["batch"] if "batch" in kwargs else args[0]
+        self._win_samples += extract_batch_size(batch)
+        if isinstance(output, Mapping):
+            if "num_tokens" in output:
+                n = output["num_tokens"]
+                n = n.detach().long().reshape(()) if isinstance(n, torch.Tensor) else int(n)
+                self._win_tokens = self._win_tokens + n
+            elif self._needs_tokens:
+                raise RuntimeError(self._protocol_error(f"a dict without 'num_tokens' (keys: {sorted(output)})"))
+            return {**output, "loss": output["loss"] * self._multiplier}
+        if isinstance(output, torch.Tensor):
+            if self._needs_tokens:
+                raise RuntimeError(self._protocol_error("a bare loss tensor"))
+            return output * self._multiplier
+        return output  # Lightning raises its own error for other types
+
+    def _protocol_error(self, got: str) -> str:
+        what = "normalize='tokens'" if self.normalize == "tokens" else "unit='token'"
+        return (
+            f"AccumulationScheduler({what}) needs training_step to return {{'loss': summed_token_loss, "
+            f"'num_tokens': n}} (the loss summed over valid tokens, e.g. the example models with "
+            f"loss_reduction='sum'); it returned {got}."
+        )
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        # An engine that handles accumulation calls this on every micro-batch; its windows close in on_train_batch_end.
+        if self._open and self._pos >= self._size and not trainer.strategy.handles_gradient_accumulation:
+            self._close_window(trainer, pl_module, fix_grads=True)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not (self._open and self._pos >= self._size):
+            return
+        if not self._closed:
+            self._close_window(trainer, pl_module, fix_grads=False)
+        self._open = False
+        size, samples, tokens = self._last_window  # type: ignore[misc]
+        pl_module.log("accumulation/factor", float(size), on_step=True, on_epoch=False)
+        pl_module.log("accumulation/global_batch_samples", float(samples), on_step=True, on_epoch=False)
+        if tokens:
+            pl_module.log("accumulation/global_batch_tokens", float(tokens), on_step=True, on_epoch=False)
+
+    def _sum_over_ranks(self, trainer: Trainer, values: list[torch.Tensor | int]) -> list[int]:
+        device = trainer.strategy.root_device
+        t = torch.stack([torch.as_tensor(v, dtype=torch.int64, device=device) for v in values])
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return [int(v) for v in t.tolist()]  # one host sync per optimizer step
+
+    def _close_window(self, trainer: Trainer, pl_module: LightningModule, *, fix_grads: bool) -> None:
+        samples, tokens = self._sum_over_ranks(trainer, [self._win_samples, self._win_tokens])
+        fix = 1.0
+        if self.normalize == "tokens":
+            # Gradients hold s * grad(sum of token losses); divide by s * (valid tokens, all ranks).
+            fix = 1.0 / (self._scale * max(tokens, 1))
+        elif self._size != self._opened_size:
+            fix = self._opened_size / self._size  # each micro-batch was weighted 1/opened_size, not 1/size
+        if fix_grads and fix != 1.0:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            for g in grads:
+                g.mul_(fix)
+        self._samples_seen += samples
+        self._tokens_seen += tokens
+        self._prev_tokens = tokens
+        self._last_window = (self._size, samples, tokens)
+        self._closed = True
+
+    # ------------------------------------------------------------- checkpoint
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if not (self._open and 0 < self._pos < self._size):
+            return  # at a boundary the optimizer state already holds everything
+        if trainer.strategy.handles_gradient_accumulation:
+            raise RuntimeError(
+                f"Checkpoint requested in the middle of an accumulation window under {type(trainer.strategy).__name__}: "
+                "the engine's partial gradients cannot be saved. Checkpoint at optimizer steps "
+                "(ModelCheckpoint(every_n_train_steps=...) does)."
+            )
+        samples, tokens = self._sum_over_ranks(trainer, [self._win_samples, self._win_tokens])
+        checkpoint[_WINDOW_KEY] = {
+            "samples": samples, "tokens": tokens, "grads": self._gather_grads(trainer, pl_module)
+        }
+
+    def _gather_grads(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        for name, p in pl_module.named_parameters():
+            g = p.grad
+            if g is None:
+                continue
+            if _is_dtensor(g):
+                # FSDP2 reduces every micro-batch: the shards are already the rank average; save the full tensor.
+                out[name] = g.full_tensor().detach().cpu().clone()
+                continue
+            g = g.detach().clone()
+            if distributed:
+                # DDP under no_sync: each rank holds its own partial sum; their sum restored on one rank is exact.
+                dist.all_reduce(g, op=dist.ReduceOp.SUM)
+            out[name] = g.cpu()
+        return out
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._pending_window = checkpoint.get(_WINDOW_KEY)
+
+    def _restore_window(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        window, self._pending_window = self._pending_window, None
+        assert window is not None
+        # Counts and gradients were summed over ranks at save time: rank 0 carries them, the others start from zero,
+        # and the boundary all-reduce / DDP average add the rest exactly as without the interruption.
+        first = trainer.global_rank == 0
+        self._win_samples = window["samples"] if first else 0
+        self._win_tokens = window["tokens"] if first else 0
+        grads = window["grads"]
+        params = dict(pl_module.named_parameters())
+        missing = sorted(set(grads) - set(params))
+        if missing:
+            raise RuntimeError(f"Checkpoint holds partial gradients for unknown parameters {missing[:5]}")
+        for name, saved in grads.items():
+            p = params[name]
+            if _is_dtensor(p):
+                from torch.distributed.tensor import distribute_tensor
+
+                p.grad = distribute_tensor(saved.to(p.device, p.dtype), p.device_mesh, p.placements)
+            else:
+                g = saved.to(p.device, p.dtype)
+                p.grad = g if first else torch.zeros_like(g)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
