@@ -9,34 +9,7 @@ import pytest
 import torch
 
 from lightning_effi.plugins import DynamicLossScaler
-
-
-# ----------------------------------------------------------------------------------------------- reference rule
-def reference_scales(pattern, *, init, growth, backoff, interval, hysteresis, lo, hi, consecutive):
-    """Scale after each step, written from the rule's prose (DeepSpeed/Megatron hysteresis), counting *up*:
-
-    every overflow skips; the scale backs off once ``hysteresis`` overflows have been counted since the tolerance was
-    last refilled, and again on every overflow after that; the tolerance is refilled when the scale grows, and (in the
-    consecutive variant) by any clean step. The scale grows after ``interval`` clean steps since the last overflow or
-    growth. Floors and ceilings clamp.
-    """
-    scale, counted, clean_run, out = float(init), 0, 0, []
-    for overflow in pattern:
-        if overflow:
-            counted += 1
-            clean_run = 0
-            if counted >= hysteresis:
-                scale = max(scale * backoff, lo)
-        else:
-            clean_run += 1
-            if consecutive:
-                counted = 0
-            if clean_run == interval:
-                scale = min(scale * growth, hi)
-                clean_run = 0
-                counted = 0
-        out.append(scale)
-    return out
+from tests.plugins._toy import reference_scales
 
 
 def run_scaler(scaler, pattern):

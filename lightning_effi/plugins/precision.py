@@ -1,0 +1,526 @@
+"""Lightning precision plugins: loss-scaled fp16/bf16 autocast, and bf16 weights with fp32 master copies.
+
+Thin glue around :class:`~lightning_effi.plugins.scaler.DynamicLossScaler` (the math lives there). What these
+plugins change compared with Lightning's ``MixedPrecision`` / ``HalfPrecision``:
+
+* fp16 autocast on CPU really is fp16 (Lightning's ``precision="16-mixed"`` on CPU silently becomes bf16 without a
+  scaler), so the loss-scaling paths run in CPU CI;
+* a skipped step (non-finite gradients) does not advance the step-interval LR schedulers, so the schedule position
+  equals the number of applied optimizer steps and torch's "lr_scheduler.step() before optimizer.step()" warning is
+  never triggered by a skipped first step (Lightning issues 5558, 16228, 21339);
+* the scale has hysteresis, a floor (with a choice between stopping and skipping when it is reached) and a ceiling,
+  and is agreed on across ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+from lightning.pytorch.plugins.precision import HalfPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import LBFGS, Optimizer
+from typing_extensions import override
+
+from lightning_effi.plugins.scaler import DynamicLossScaler, validate_scaler_knobs
+
+__all__ = ["LossScalingPrecision", "MasterWeightsPrecision", "nonfinite_grad_names"]
+
+log = logging.getLogger(__name__)
+
+_PRECISIONS = ("16-mixed", "bf16-mixed")
+_ON_MIN_SCALE = ("raise", "skip")
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def _lightning_module(model: Any) -> Any:
+    """The LightningModule behind ``model`` (strategies may pass a DDP wrapper to ``connect``)."""
+    import lightning.pytorch as pl
+
+    seen = 0
+    while not isinstance(model, pl.LightningModule) and hasattr(model, "module") and seen < 4:
+        model = model.module
+        seen += 1
+    return model
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The torch optimizer behind a LightningOptimizer: the scaler keys its per-step flags by optimizer identity, and
+    users pass the wrapper (``self.optimizers()``) to ``clip_gradients`` while the strategy passes the inner one."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+def nonfinite_grad_names(
+    named_params: Iterator[tuple[str, Tensor]], *, limit: int = 5, grad_of: Callable[[Tensor], Optional[Tensor]] = None
+) -> list[str]:
+    """Names of the first ``limit`` parameters whose (local) gradient holds inf or nan.
+
+    One host sync per parameter checked: meant for the rare skipped step, never for every step.
+    """
+    names = []
+    for name, p in named_params:
+        g = grad_of(p) if grad_of is not None else p.grad
+        if g is None:
+            continue
+        g = g.to_local() if hasattr(g, "to_local") else g
+        if g.is_sparse:
+            g = g.coalesce()._values()
+        if not bool(torch.isfinite(g).all()):
+            names.append(name)
+            if len(names) >= limit:
+                break
+    return names
+
+
+class _SkipAwareScheduler:
+    """Mixin put in front of a step-interval LR scheduler's class while a :class:`LossScalingPrecision` trains.
+
+    Why a class swap instead of wrapping ``scheduler.step`` in the instance: schedulers' ``state_dict`` copies the
+    instance ``__dict__``, so an instance attribute would end up in every checkpoint (and unpicklable there). The
+    pending-skip counts live outside the instance for the same reason. The original class is restored at teardown.
+    """
+
+    _effi_pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        pending = _SkipAwareScheduler._effi_pending.get(self, 0)
+        if pending > 0:
+            # This call belongs to an optimizer step that was skipped: the schedule must not move.
+            _SkipAwareScheduler._effi_pending[self] = pending - 1
+            return None
+        return super().step(*args, **kwargs)  # type: ignore[misc]
+
+
+_SKIP_AWARE_CLASSES: dict[type, type] = {}
+
+
+def _skip_aware_class(cls: type) -> type:
+    if cls not in _SKIP_AWARE_CLASSES:
+        _SKIP_AWARE_CLASSES[cls] = type(
+            cls.__name__, (_SkipAwareScheduler, cls), {"__module__": cls.__module__, "_effi_original_class": cls}
+        )
+    return _SKIP_AWARE_CLASSES[cls]
+
+
+def _check_strategy_for_loss_scaling(trainer: Any) -> None:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    # Exactly Lightning's DeepSpeedStrategy: its engine runs its own fp16 scaler from the precision *string* and would
+    # ignore our knobs (and double-scale). EffiDeepSpeedStrategy (a subclass) maps our knobs onto DeepSpeed's config.
+    if type(trainer.strategy) is DeepSpeedStrategy:
+        raise RuntimeError(
+            "LossScalingPrecision with Lightning's DeepSpeedStrategy is not supported: DeepSpeed would run its own "
+            "loss scaler and ignore these settings. Use strategy='effi_deepspeed_stage_1|2|3' (EffiDeepSpeedStrategy), "
+            "which maps LossScalingPrecision's knobs onto DeepSpeed's fp16 config."
+        )
+
+
+# ------------------------------------------------------------------------------------------- LossScalingPrecision
+class LossScalingPrecision(Precision):
+    """Autocast mixed precision with a :class:`DynamicLossScaler` (hysteresis, floor, ceiling, cross-rank agreement).
+
+    Pass it as ``Trainer(plugins=[LossScalingPrecision("16-mixed")])`` (no ``precision=`` argument). Per optimizer
+    step, at the accumulation boundary: gradients are unscaled exactly once (before ``on_before_optimizer_step`` and
+    gradient clipping, so both see true gradients), the overflow flag is agreed on by all ranks, and the step is either
+    taken or skipped by every rank together. A skipped step leaves weights and optimizer state untouched and does not
+    advance the LR schedulers of interval ``"step"`` (automatic optimization; a scheduler with ``frequency > 1`` has its
+    next call cancelled). In manual optimization, read :attr:`last_step_skipped` after ``opt.step()`` to decide whether
+    to step your schedulers; calling ``self.clip_gradients`` before ``opt.step()`` unscales first (still once).
+
+    With ``"bf16-mixed"`` loss scaling is not needed for range but harmless (power-of-two scales are exact), and the
+    same non-finite check skips steps with inf/nan gradients by the same rule; use ``growth_interval`` large and
+    ``init_scale=1`` to keep the scale at 1.
+
+    Args:
+        precision: ``"16-mixed"`` (float16 autocast) or ``"bf16-mixed"`` (bfloat16 autocast).
+        init_scale, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale, max_scale,
+            consecutive_hysteresis: the scaler knobs, see :class:`DynamicLossScaler` (same defaults).
+        on_min_scale: what to do when a backoff is due while the scale is already at ``min_scale``: ``"raise"``
+            (default) stops with an error naming the step, the scale and the first parameters with non-finite
+            gradients; ``"skip"`` keeps skipping those steps and warns at most once every ``warn_every_n_steps``.
+        warn_every_n_steps: minimum number of optimizer steps between two ``on_min_scale="skip"`` warnings (default 100).
+        device: autocast device type (``"cpu"``/``"cuda"``); default None takes the Trainer's root device.
+    """
+
+    def __init__(
+        self,
+        precision: Literal["16-mixed", "bf16-mixed"] = "16-mixed",
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 1000,
+        hysteresis: int = 2,
+        min_scale: float = 1.0,
+        max_scale: float = 2.0**24,
+        consecutive_hysteresis: bool = False,
+        on_min_scale: Literal["raise", "skip"] = "raise",
+        warn_every_n_steps: int = 100,
+        device: Optional[str] = None,
+    ) -> None:
+        if precision not in _PRECISIONS:
+            raise ValueError(
+                f"Invalid precision {precision!r}: LossScalingPrecision supports {_PRECISIONS}; for bf16 weights use "
+                f"MasterWeightsPrecision, for fp32 pass no plugin"
+            )
+        if on_min_scale not in _ON_MIN_SCALE:
+            raise ValueError(f"Invalid on_min_scale {on_min_scale!r}: must be one of {_ON_MIN_SCALE}")
+        if isinstance(warn_every_n_steps, bool) or not isinstance(warn_every_n_steps, int) or warn_every_n_steps < 1:
+            raise ValueError(f"Invalid warn_every_n_steps {warn_every_n_steps!r}: must be an int >= 1")
+        if device is not None and device not in ("cpu", "cuda"):
+            raise ValueError(f"Invalid device {device!r}: must be 'cpu', 'cuda' or None (the Trainer's device)")
+        validate_scaler_knobs(
+            init_scale=init_scale,
+            growth_factor=growth_factor,
+            backoff_factor=backoff_factor,
+            growth_interval=growth_interval,
+            hysteresis=hysteresis,
+            min_scale=min_scale,
+            max_scale=max_scale,
+            consecutive_hysteresis=consecutive_hysteresis,
+        )
+        # Plain attributes (interface 5): EffiDeepSpeedStrategy reads them to build DeepSpeed's fp16 config.
+        self.precision = precision
+        self.init_scale = init_scale
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self.hysteresis = hysteresis
+        self.min_scale = min_scale
+        self.max_scale = max_scale
+        self.consecutive_hysteresis = consecutive_hysteresis
+        self.on_min_scale = on_min_scale
+        self.warn_every_n_steps = warn_every_n_steps
+        self.device = device
+        self.scaler = DynamicLossScaler(
+            init_scale=init_scale,
+            growth_factor=growth_factor,
+            backoff_factor=backoff_factor,
+            growth_interval=growth_interval,
+            hysteresis=hysteresis,
+            min_scale=min_scale,
+            max_scale=max_scale,
+            consecutive_hysteresis=consecutive_hysteresis,
+        )
+        #: names of the first parameters with non-finite local gradients at the last skipped step (this rank)
+        self.last_nonfinite_names: list[str] = []
+        self._last_floor_warning_step: Optional[int] = None
+        self._patched_schedulers: list[Any] = []
+
+    # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.precision == "16-mixed" else torch.bfloat16
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """True if the last optimizer step was skipped because of non-finite gradients (agreed on by all ranks)."""
+        return self.scaler.last_step_skipped
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.scaler.skipped_steps
+
+    # ----------------------------------------------------------------------------------------------- setup hooks
+    @override
+    def convert_module(self, module: Module) -> Module:
+        # The first hook that sees the Trainer (Strategy.setup calls it for fit, validate, test and predict).
+        trainer = getattr(_lightning_module(module), "_trainer", None)
+        if trainer is not None:
+            _check_strategy_for_loss_scaling(trainer)
+            if self.device is None:
+                self.device = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
+        return module
+
+    @override
+    @contextmanager
+    def forward_context(self) -> Generator[None, None, None]:
+        if self.device is None:
+            raise RuntimeError(
+                "LossScalingPrecision has no device yet: pass it to a Trainer (plugins=[...]) or give device='cpu'/'cuda'"
+            )
+        # cache_enabled=False as in Lightning's MixedPrecision: each weight is cast once per forward in a transformer
+        # anyway, and the cast cache is known to hold stale casts across no_grad/inference boundaries.
+        with torch.autocast(self.device, dtype=self.dtype, cache_enabled=False):
+            yield
+
+    # ------------------------------------------------------------------------------------------ the step itself
+    @override
+    def pre_backward(self, tensor: Tensor, module: Any) -> Tensor:  # type: ignore[override]
+        tensor = self.scaler.scale(tensor)
+        return super().pre_backward(tensor, module)
+
+    @override
+    def optimizer_step(  # type: ignore[override]
+        self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        if isinstance(optimizer, LBFGS):
+            raise RuntimeError(
+                "LossScalingPrecision cannot drive LBFGS: it re-evaluates the closure inside step(), after the "
+                "overflow check. Use fp32 (no precision plugin) with LBFGS."
+            )
+        optimizer = _unwrap(optimizer)
+        closure_result = closure()
+        if closure_result is None and model.automatic_optimization:
+            # training_step returned None: no backward ran, nothing to unscale or step (Lightning's behaviour).
+            return closure_result
+        if not self.scaler.is_unscaled(optimizer):
+            self.scaler.unscale_(optimizer)
+        # on_before_optimizer_step hooks and gradient clipping see unscaled gradients.
+        self._after_closure(model, optimizer)
+        step_output = self.scaler.step(optimizer, **kwargs)
+        self.scaler.update()
+        if self.scaler.last_step_skipped:
+            self._on_skipped_step(model, optimizer)
+        return step_output
+
+    @override
+    def clip_gradients(
+        self,
+        optimizer: Optimizer,
+        clip_val: Union[int, float] = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
+        # In manual optimization users call clip_gradients before opt.step(): unscale now (the step will not again).
+        optimizer = _unwrap(optimizer)
+        if clip_val > 0 and not self.scaler.is_unscaled(optimizer):
+            self.scaler.unscale_(optimizer)
+        super().clip_gradients(optimizer, clip_val=clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
+    def _on_skipped_step(self, model: Any, optimizer: Any) -> None:
+        trainer = getattr(model, "_trainer", None)
+        step = trainer.global_step if trainer is not None else self.scaler.num_updates - 1
+        self.last_nonfinite_names = nonfinite_grad_names(model.named_parameters())
+        if trainer is not None and model.automatic_optimization:
+            self._hold_schedulers(trainer, optimizer)
+        if not self.scaler.overflow_at_min_scale:
+            return
+        names = self.last_nonfinite_names or ["<none on this rank: the overflow came from another rank>"]
+        message = (
+            f"Loss scale is at its floor min_scale={self.min_scale} and step {step} still has non-finite gradients "
+            f"(scale {self.scaler.get_scale()}; first parameters with inf/nan gradients on this rank: {names})."
+        )
+        if self.on_min_scale == "raise":
+            raise RuntimeError(
+                message + " The run is diverging or a layer overflows fp16 even unscaled; lower the learning rate, "
+                "use 'bf16-mixed', or pass on_min_scale='skip' to keep skipping such steps."
+            )
+        if self._last_floor_warning_step is None or step - self._last_floor_warning_step >= self.warn_every_n_steps:
+            self._last_floor_warning_step = step
+            rank_zero_warn(message + f" Skipping ({self.scaler.skipped_steps} skipped so far).", category=RuntimeWarning)
+
+    def _hold_schedulers(self, trainer: Any, optimizer: Any) -> None:
+        """Cancel the next step() of every step-interval scheduler attached to ``optimizer``."""
+        inner = _unwrap(optimizer)
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if config.interval != "step" or config.reduce_on_plateau or scheduler.optimizer is not inner:
+                continue
+            if not isinstance(scheduler, _SkipAwareScheduler):
+                scheduler.__class__ = _skip_aware_class(type(scheduler))
+                self._patched_schedulers.append(weakref.ref(scheduler))
+            pending = _SkipAwareScheduler._effi_pending
+            pending[scheduler] = pending.get(scheduler, 0) + 1
+
+    @override
+    def teardown(self) -> None:
+        # Give the schedulers their own class back: nothing of this plugin outlives the run.
+        for ref in self._patched_schedulers:
+            scheduler = ref()
+            if scheduler is not None and isinstance(scheduler, _SkipAwareScheduler):
+                _SkipAwareScheduler._effi_pending.pop(scheduler, None)
+                scheduler.__class__ = type(scheduler)._effi_original_class
+        self._patched_schedulers.clear()
+        super().teardown()
+
+    # ------------------------------------------------------------------------------------------------ checkpoint
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state_dict)
+
+
+# ------------------------------------------------------------------------------------------ MasterWeightsPrecision
+_MASTER_MODES = ("fp32", "kahan")
+
+
+class MasterWeightsPrecision(HalfPrecision):
+    """bf16 weights for compute and storage, with the optimizer updating higher-precision master weights.
+
+    The module is cast to bfloat16 (half the parameter memory of fp32, bf16 compute with no autocast casts: Lightning's
+    ``precision="bf16-true"``), but the optimizer never updates the bf16 tensors directly: an update smaller than half
+    a bf16 ulp of the weight (2**-9 relative) would be rounded away, which is why pure bf16 training drifts from fp32.
+    Instead, per optimizer step: the bf16 gradients are moved (as fp32) onto master parameters that the optimizer owns,
+    hooks and clipping run on those, the optimizer steps them, and the result is rounded back into the bf16 weights.
+
+    Modes:
+        ``"fp32"`` (default): persistent fp32 masters (4 extra bytes per parameter, the apex/DeepSpeed/Megatron way).
+        ``"kahan"``: no persistent fp32 copy; a bf16 compensation buffer (2 extra bytes per parameter) holds the low
+            bits lost when rounding the new weight to bf16 (Kahan-compensated summation, as in the optimi library).
+            The master is rebuilt as ``weight + compensation`` in fp32 for the duration of the step only.
+
+    Works with any ``torch.optim.Optimizer`` whose state is keyed by parameter (AdamW, Lamb, SGD, ...). The optimizer
+    is built by ``configure_optimizers`` on the bf16 parameters as usual; the plugin swaps the masters into its
+    ``param_groups`` before the first step, so optimizer state is fp32. Masters (or compensations) are saved in the
+    checkpoint, so resuming is exact. Gradients are accumulated across micro-batches in bf16 (the parameters' dtype),
+    as with ``precision="bf16-true"``.
+
+    Supported strategies: single device and DDP (including spawn/fork). FSDP2 keeps fp32 sharded parameters and
+    computes in bf16 through its own MixedPrecisionPolicy, and DeepSpeed keeps fp32 masters with ``bf16.enabled``:
+    use those; other strategies raise at setup.
+
+    Args:
+        mode: ``"fp32"`` or ``"kahan"`` (see above).
+    """
+
+    def __init__(self, mode: Literal["fp32", "kahan"] = "fp32") -> None:
+        if mode not in _MASTER_MODES:
+            raise ValueError(f"Invalid mode {mode!r}: must be one of {_MASTER_MODES}")
+        super().__init__("bf16-true")
+        self.mode = mode
+        # master parameter -> model parameter, per optimizer: list[(model_param, master)]
+        self._pairs: dict[int, list[tuple[torch.nn.Parameter, torch.nn.Parameter]]] = {}
+        self._comp: dict[int, Tensor] = {}  # id(master) -> bf16 compensation (kahan)
+        self._master_to_model: dict[int, torch.nn.Parameter] = {}
+        self._pending_state: Optional[dict[str, Any]] = None
+
+    @override
+    def convert_module(self, module: Module) -> Module:
+        trainer = getattr(_lightning_module(module), "_trainer", None)
+        if trainer is not None:
+            self._check_strategy(trainer)
+        return super().convert_module(module)
+
+    @staticmethod
+    def _check_strategy(trainer: Any) -> None:
+        from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise RuntimeError(
+                f"MasterWeightsPrecision does not support {type(strategy).__name__}: it keeps its own fp32 masters "
+                f"beside replicated bf16 weights, which only single-device and DDP training have. With FSDP2 use "
+                f"strategy='effi_fsdp' with precision 'bf16-mixed' (fp32 sharded parameters, bf16 compute); with "
+                f"DeepSpeed use strategy='effi_deepspeed_stage_N' with precision='bf16-mixed' (DeepSpeed keeps fp32 "
+                f"master partitions)."
+            )
+
+    @override
+    def connect(self, model: Module, optimizers: list[Optimizer], lr_schedulers: list[Any]) -> tuple:
+        for optimizer in optimizers:
+            self._attach(optimizer)
+        if self._pending_state is not None:  # state loaded before connect (only possible outside the Trainer)
+            self.load_state_dict(self._pending_state)
+        return model, optimizers, lr_schedulers
+
+    def _attach(self, optimizer: Optimizer) -> None:
+        if id(optimizer) in self._pairs:
+            return
+        if optimizer.state:
+            raise RuntimeError(
+                "MasterWeightsPrecision must attach before the optimizer's first step (its state would be bf16 and "
+                "keyed by the bf16 weights); let the Trainer build the optimizer from configure_optimizers."
+            )
+        pairs = []
+        for group in optimizer.param_groups:
+            masters = []
+            for p in group["params"]:
+                if p.dtype != torch.bfloat16:
+                    raise RuntimeError(
+                        f"MasterWeightsPrecision found a {p.dtype} parameter of shape {tuple(p.shape)} in the optimizer; "
+                        f"the module should be bf16 (it converts it in convert_module). Do not cast parameters back."
+                    )
+                master = torch.nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+                if self.mode == "kahan":
+                    self._comp[id(master)] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    master.data = _empty_like(master)
+                masters.append(master)
+                pairs.append((p, master))
+                self._master_to_model[id(master)] = p
+            group["params"] = masters
+        self._pairs[id(optimizer)] = pairs
+
+    def model_param(self, master: Tensor) -> Optional[torch.nn.Parameter]:
+        """The bf16 model parameter a master belongs to (None if ``master`` is not one of ours)."""
+        return self._master_to_model.get(id(master))
+
+    @override
+    def optimizer_step(  # type: ignore[override]
+        self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        if isinstance(optimizer, LBFGS):
+            raise RuntimeError("MasterWeightsPrecision cannot drive LBFGS (it re-evaluates the closure inside step()).")
+        inner = _unwrap(optimizer)
+        if id(inner) not in self._pairs:
+            self._attach(inner)
+        closure_result = closure()
+        if closure_result is None and model.automatic_optimization:
+            return closure_result
+        pairs = self._pairs[id(inner)]
+        for p, master in pairs:
+            if self.mode == "kahan":
+                master.data = p.detach().float().add_(self._comp[id(master)])
+            if p.grad is None:
+                master.grad = None
+                continue
+            # One parameter at a time: peak extra memory is a single fp32 gradient beyond the masters' own.
+            master.grad = p.grad.float()
+            p.grad = None
+        self._after_closure(model, optimizer)
+        step_output = inner.step(**kwargs)
+        with torch.no_grad():
+            for p, master in pairs:
+                p.copy_(master)  # round to nearest bf16
+                if self.mode == "kahan":
+                    # the low bits the rounding dropped, kept for the next step
+                    self._comp[id(master)].copy_(master.sub_(p.float()))
+                    master.data = _empty_like(master)
+        return step_output
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        tensors = []
+        for pairs in self._pairs.values():
+            for _, master in pairs:
+                tensors.append(self._comp[id(master)] if self.mode == "kahan" else master.detach())
+        return {"mode": self.mode, "tensors": tensors} if tensors else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._pairs:
+            self._pending_state = state_dict
+            return
+        self._pending_state = None
+        if state_dict.get("mode") != self.mode:
+            raise RuntimeError(
+                f"Checkpoint holds MasterWeightsPrecision(mode={state_dict.get('mode')!r}) state but this run uses "
+                f"mode={self.mode!r}; resume with the same mode."
+            )
+        own = [m for pairs in self._pairs.values() for _, m in pairs]
+        saved = state_dict["tensors"]
+        if len(saved) != len(own):
+            raise RuntimeError(
+                f"Checkpoint holds {len(saved)} master tensors but the optimizers have {len(own)} parameters; the "
+                f"model or optimizer grouping changed since the checkpoint was written."
+            )
+        with torch.no_grad():
+            for master, src in zip(own, saved):
+                dst = self._comp[id(master)] if self.mode == "kahan" else master
+                if dst.shape != src.shape:
+                    raise RuntimeError(f"Master shape mismatch: checkpoint {tuple(src.shape)} vs {tuple(dst.shape)}")
+                dst.copy_(src)
+
+
+def _empty_like(t: Tensor) -> Tensor:
+    return torch.empty(0, dtype=torch.float32, device=t.device)
