@@ -1,0 +1,295 @@
+"""EffiFSDPStrategy: FSDP2 (``torch.distributed.fsdp.fully_shard``) for any LightningModule, configured by name.
+
+Lightning ships two FSDP strategies and neither fits "shard this model, I won't change it":
+
+- ``FSDPStrategy`` is FSDP1 (flat parameters, CUDA only; CPU_DISTRIBUTED.md).
+- ``ModelParallelStrategy`` is FSDP2 but requires every LightningModule to override ``configure_model`` and call
+  ``fully_shard`` itself, defaults to ``data_parallel_size = num_nodes`` (so a single machine shards nothing) and
+  rejects ``precision="16-mixed"`` passed next to a strategy instance.
+
+``EffiFSDPStrategy`` subclasses ``ModelParallelStrategy`` because everything after sharding is already right
+there and world-size independent: the data-parallel device mesh, the launcher, DCP (torch.distributed.checkpoint)
+sharded save/load of model + optimizer (resharding on load), the metadata file that carries loops, LR schedulers,
+callbacks and precision-plugin (loss scaler) state. It overrides only:
+
+- ``__init__``: the sharding options, validated before anything runs;
+- ``setup_environment``: the data-parallel size is the world size (upstream: ``num_nodes``), no tensor parallelism;
+- ``setup``: applies activation checkpointing and ``fully_shard`` itself instead of requiring ``configure_model``
+  (upstream raises ``TypeError`` without it); derives the FSDP2 ``MixedPrecisionPolicy`` from the precision plugin;
+  under ``cpu_offload`` skips moving the model to the GPU (upstream always does, which would undo the offload).
+
+Sharding plan: every module whose class name is in ``wrap`` becomes one FSDP unit (all-gathered before its
+forward, resharded after), then every direct child of the LightningModule that holds parameters becomes a root
+unit for the remaining parameters (embeddings, final norm, heads). The LightningModule itself is not wrapped:
+Lightning calls ``training_step``, not ``forward``, and FSDP2 hooks ``forward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any, Literal, Optional, Union
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+_DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Precision plugin -> (param_dtype, reduce_dtype) of the FSDP2 MixedPrecisionPolicy when the user says "auto".
+# Mixed precision: parameters all-gathered in the compute dtype (the sharded fp32 parameters are the master copy),
+# gradients reduce-scattered in fp32 so summing across ranks loses no precision. "-true" precisions already
+# converted the module itself, so FSDP2 keeps that dtype end to end.
+_AUTO_POLICY: dict[str, tuple[Optional[torch.dtype], Optional[torch.dtype]]] = {
+    "bf16-mixed": (torch.bfloat16, torch.float32),
+    "16-mixed": (torch.float16, torch.float32),
+    "32-true": (None, None),
+    "64-true": (None, None),
+    "bf16-true": (None, None),
+    "16-true": (None, None),
+}
+# Marks a LightningModule this strategy already sharded, so fit() followed by validate()/test() does not reshard.
+_SHARDED_FLAG = "_effi_fsdp_sharded"
+
+
+def _check_names(value: Optional[Sequence[str]], what: str) -> Optional[list[str]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise TypeError(f"{what} must be a list of class names, got the string {value!r}; write [{value!r}]")
+    out = list(value)
+    for name in out:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{what} entries must be non-empty class-name strings, got {name!r}")
+    return out
+
+
+def _class_names(cls: type) -> tuple[str, str]:
+    return cls.__name__, f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _find_modules(root: nn.Module, names: Sequence[str], what: str) -> list[nn.Module]:
+    """Modules of ``root`` (pre-order) whose class name, or ``module.QualName``, is in ``names``.
+
+    Raises ``ValueError`` listing the class names present when a name matches nothing: a typo must not silently
+    leave a model unsharded (or un-checkpointed), which would only show up later as memory or speed.
+    """
+    wanted = set(names)
+    found: list[nn.Module] = []
+    matched: set[str] = set()
+    for module in root.modules():
+        hit = wanted.intersection(_class_names(type(module)))
+        if hit:
+            found.append(module)
+            matched |= hit
+    missing = [n for n in names if n not in matched]
+    if missing:
+        present = sorted({type(m).__name__ for m in root.modules()})
+        raise ValueError(
+            f"{what} class name(s) {missing} match no module of {type(root).__name__}. Module classes present: "
+            f"{present}. Use one of these names (or 'package.module.ClassName')."
+        )
+    return found
+
+
+def _auto_wrap_names(root: nn.Module) -> list[str]:
+    """Class names of the children of every ``nn.ModuleList``: the repeated blocks of a transformer."""
+    names: dict[str, None] = {}
+    for module in root.modules():
+        if isinstance(module, nn.ModuleList):
+            for child in module:
+                if any(True for _ in child.parameters()):
+                    names[type(child).__name__] = None
+    return list(names)
+
+
+class EffiFSDPStrategy(ModelParallelStrategy):
+    """Fully sharded data parallel (FSDP2) for any LightningModule, without a ``configure_model``.
+
+    Args:
+        wrap: class names (``"Block"`` or ``"pkg.module.Block"``) of the modules to shard as units; each unit is
+            all-gathered just before its forward/backward and resharded after, so peak memory holds one unit's
+            full parameters at a time. ``None`` (default): the classes of the children of every ``nn.ModuleList``
+            (the transformer blocks of most models), logged at setup. ``[]``: only the root units. A name that
+            matches no module raises ``ValueError`` listing the classes present.
+        reshard_after_forward: free the all-gathered parameters of each unit after its forward (ZeRO-3 memory,
+            one more all-gather in backward). ``False`` keeps them until backward (ZeRO-2 like: faster, more
+            memory). An int reshards to that smaller group size (e.g. the GPUs of one node). With ``True`` the last
+            wrapped unit is still kept, because backward needs it immediately.
+        activation_checkpointing: class names of modules whose activations are recomputed in backward instead of
+            stored (torch's composable ``checkpoint``, so parameter names and checkpoints are unchanged).
+        cpu_offload: keep sharded parameters, gradients and optimizer state in pinned CPU memory; the optimizer
+            step runs on the CPU. GPU only.
+        param_dtype: dtype parameters are all-gathered in for compute. ``"auto"``: ``bfloat16`` for
+            ``"bf16-mixed"``, ``float16`` for ``"16-mixed"`` (Lightning's or ``LossScalingPrecision``), unchanged for
+            ``"*-true"`` precisions.
+        reduce_dtype: dtype of the gradient reduce-scatter. ``"auto"``: ``float32`` for mixed precision.
+        save_distributed_checkpoint: ``True`` (default) saves a torch.distributed.checkpoint directory, one shard
+            file per rank plus metadata, loadable on any world size; ``False`` gathers one full ``.ckpt`` file on
+            rank 0. ``lightning_effi.export.export_checkpoint`` turns either into a plain ``state_dict`` file.
+        process_group_backend: ``"nccl"`` / ``"gloo"``; default from the device.
+        timeout: collective timeout.
+    """
+
+    strategy_name = "effi_fsdp"
+
+    def __init__(
+        self,
+        wrap: Optional[Sequence[str]] = None,
+        reshard_after_forward: Union[bool, int] = True,
+        activation_checkpointing: Optional[Sequence[str]] = None,
+        cpu_offload: bool = False,
+        param_dtype: _DTypeName = "auto",
+        reduce_dtype: _DTypeName = "auto",
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.wrap = _check_names(wrap, "wrap")
+        self.activation_checkpointing = _check_names(activation_checkpointing, "activation_checkpointing") or []
+        if isinstance(reshard_after_forward, bool):
+            pass
+        elif isinstance(reshard_after_forward, int) and reshard_after_forward >= 1:
+            pass
+        else:
+            raise ValueError(
+                f"Invalid reshard_after_forward {reshard_after_forward!r}: must be True, False or a positive group size"
+            )
+        self.reshard_after_forward = reshard_after_forward
+        if not isinstance(cpu_offload, bool):
+            raise TypeError(f"Invalid cpu_offload {cpu_offload!r}: must be True or False")
+        self.cpu_offload = cpu_offload
+        for what, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if value != "auto" and value not in _DTYPES:
+                raise ValueError(f"Invalid {what} {value!r}: must be 'auto' or one of {sorted(_DTYPES)}")
+        self.param_dtype = param_dtype
+        self.reduce_dtype = reduce_dtype
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="FSDP2 (fully_shard) of any LightningModule; units chosen by class name, no configure_model",
+        )
+
+    @override
+    def setup_environment(self) -> None:
+        # Upstream "auto" makes the data-parallel size the number of nodes (tensor parallelism inside a node);
+        # this strategy is pure FSDP, so every process is one data-parallel shard.
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        # Replaces ModelParallelStrategy.setup, whose only difference is that it demands `configure_model`.
+        # Order matters: validate and shard before anything is materialised or moved, so a too-large model never
+        # exists unsharded on one device; optimizers are created afterwards and so see the sharded DTensors.
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        assert module is not None
+        if self.cpu_offload and self.root_device.type != "cuda":
+            raise RuntimeError(
+                f"EffiFSDPStrategy(cpu_offload=True) moves sharded state from the GPU to the CPU, but the accelerator is "
+                f"{self.root_device.type!r}; set cpu_offload=False (on CPU everything already is in host memory)."
+            )
+        if not getattr(module, _SHARDED_FLAG, False):
+            self.model = self.precision_plugin.convert_module(self.model)
+            self._shard(module)
+        _materialize_distributed_module(self.model, self.root_device)
+        if not self.cpu_offload:
+            self.model_to_device()  # parameters and buffers fully_shard did not own (outside every unit)
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING and not self.cpu_offload:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def mixed_precision_dtypes(self) -> tuple[Optional[torch.dtype], Optional[torch.dtype]]:
+        """``(param_dtype, reduce_dtype)`` of the FSDP2 policy: explicit choices, else derived from the plugin."""
+        plugin = self.precision_plugin
+        precision = getattr(plugin, "precision", None)
+        auto = _AUTO_POLICY.get(precision) if isinstance(precision, str) else None
+        if auto is None and "auto" in (self.param_dtype, self.reduce_dtype):
+            raise RuntimeError(
+                f"EffiFSDPStrategy cannot derive an FSDP2 mixed-precision policy from the precision plugin "
+                f"{type(plugin).__name__} (precision={precision!r}); use one of {sorted(_AUTO_POLICY)} or set "
+                "param_dtype and reduce_dtype explicitly."
+            )
+        param = auto[0] if self.param_dtype == "auto" else _DTYPES[self.param_dtype]
+        reduce = auto[1] if self.reduce_dtype == "auto" else _DTYPES[self.reduce_dtype]
+        return param, reduce
+
+    def _shard(self, module: LightningModule) -> None:
+        from torch.distributed._composable import checkpoint
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        if any(isinstance(m, FSDPModule) for m in module.modules()):
+            where = "configure_model" if is_overridden("configure_model", module) else "your code"
+            raise RuntimeError(
+                f"{type(module).__name__} is already sharded with fully_shard (in {where}). EffiFSDPStrategy shards the "
+                "module itself: remove those fully_shard calls, or use Lightning's ModelParallelStrategy."
+            )
+        direct = [name for name, _ in module.named_parameters(recurse=False)]
+        if direct:
+            raise RuntimeError(
+                f"EffiFSDPStrategy shards the child modules of {type(module).__name__}, but parameters {direct} are "
+                "registered on the LightningModule itself and would be neither sharded nor reduced across ranks. "
+                "Move them into a submodule (e.g. self.model)."
+            )
+        wrap = self.wrap if self.wrap is not None else _auto_wrap_names(module)
+        units = _find_modules(module, wrap, "wrap") if wrap else []
+        unit_classes = sorted({type(u).__name__ for u in units})  # before fully_shard renames them FSDP<cls>
+        names = {id(m): name for name, m in module.named_modules()}
+        outer = [u for u in units if not any(names[id(u)].startswith(names[id(o)] + ".") for o in units if o is not u)]
+        ac_modules = _find_modules(module, self.activation_checkpointing, "activation_checkpointing")
+        param_dtype, reduce_dtype = self.mixed_precision_dtypes()
+        kwargs: dict[str, Any] = {
+            "mesh": self.device_mesh["data_parallel"],
+            "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+            "offload_policy": CPUOffloadPolicy(pin_memory=True) if self.cpu_offload else OffloadPolicy(),
+        }
+        for m in ac_modules:
+            checkpoint(m)
+        # Innermost units first: fully_shard on a parent only takes the parameters its sharded children left over.
+        ordered = sorted(units, key=lambda m: -names[id(m)].count("."))
+        last = outer[-1] if outer else None
+        for unit in ordered:
+            # Backward starts with the last unit of forward; resharding it would be undone at once (torchtitan does
+            # the same). Only matters for True: False/int already keep parameters longer.
+            reshard = False if (unit is last and self.reshard_after_forward is True) else self.reshard_after_forward
+            fully_shard(unit, reshard_after_forward=reshard, **kwargs)
+        # A child whose parameters are all DTensors already is covered (a wrapped unit, or an alias such as a
+        # torch.compile'd view of another child); sharding it again would create an empty unit.
+        roots = [c for c in module.children() if any(not isinstance(p, DTensor) for p in c.parameters())]
+        root_classes = [type(c).__name__ for c in roots]
+        for child in roots:
+            fully_shard(child, reshard_after_forward=self.reshard_after_forward, **kwargs)
+        object.__setattr__(module, _SHARDED_FLAG, True)
+        rank_zero_info(
+            f"EffiFSDPStrategy: {len(units)} unit(s) of {unit_classes} + {len(roots)} root(s) {root_classes} over "
+            f"{self.world_size} rank(s); "
+            f"param_dtype={param_dtype}, reduce_dtype={reduce_dtype}, activation checkpointing on "
+            f"{len(ac_modules)} module(s)"
+        )
