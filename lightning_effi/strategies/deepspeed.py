@@ -1,0 +1,628 @@
+"""EffiDeepSpeedStrategy: Lightning's DeepSpeedStrategy on CPU and GPU, one config, Lightning-driven accumulation,
+ZeRO-correct LAMB.
+
+What it changes relative to ``lightning.pytorch.strategies.DeepSpeedStrategy`` (each override says why):
+
+- **CPU (gloo) as well as CUDA.** Upstream refuses any accelerator but CUDA and passes ``root_device.index`` (None
+  on CPU) to ``deepspeed.initialize``. DeepSpeed itself runs ZeRO 1/2/3 on its CPU accelerator.
+- **One source of truth.** The user's DeepSpeed config (dict or JSON path) is merged with the Trainer arguments by
+  :func:`lightning_effi.strategies._config.build_deepspeed_config`; every conflict is raised before the worker
+  processes are launched, naming both values.
+- **Accumulation follows Lightning.** Upstream lets DeepSpeed count micro-batches on its own *and* divides the loss
+  twice (Lightning by ``accumulate_grad_batches``, DeepSpeed by ``gradient_accumulation_steps``). Here Lightning's
+  loop decides every accumulation boundary (so ``AccumulationScheduler`` changes and the partial last window of an
+  epoch behave exactly as under DDP) and DeepSpeed neither rescales the loss nor keeps its own window.
+- **fp16 from LossScalingPrecision.** Its knobs become DeepSpeed's fp16 loss-scaler config; a learning-rate
+  scheduler stepped per optimizer step is stepped by DeepSpeed, which skips it when the step was skipped.
+- **LAMB under ZeRO.** ZeRO hands the optimizer one flat fp32 partition per param group; the strategy describes
+  where each logical parameter lies in it (:class:`~lightning_effi.optim.norms.FlatLayout`) so
+  :class:`~lightning_effi.optim.Lamb` computes one trust ratio per parameter with one all_reduce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import sys
+from collections.abc import Generator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from lightning.fabric.plugins import ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.accelerators import Accelerator, CUDAAccelerator
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.nn import Module
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_effi.strategies._config import build_deepspeed_config, load_user_config
+
+if TYPE_CHECKING:
+    import deepspeed
+    import lightning.pytorch as pl
+
+log = logging.getLogger(__name__)
+
+# Attributes of lightning_effi.plugins.LossScalingPrecision (interface 5) that map onto DeepSpeed's fp16 section.
+_SCALER_KNOBS = ("init_scale", "growth_interval", "hysteresis", "min_scale", "backoff_factor", "growth_factor",
+                 "max_scale", "consecutive_hysteresis")
+_OPTIONAL_SCALER_KNOBS = ("on_min_scale",)
+# Per-tensor-norm optimizers that silently compute wrong norms on ZeRO's flat partitions (one norm per rank per
+# group instead of one per parameter). lightning_effi.optim.Lamb is made partition-aware by this strategy.
+_NORM_BASED_OPTIMIZERS = ("lamb", "lars", "adafactor", "novograd")
+
+
+class _EffiDeepSpeedPrecision(DeepSpeedPrecision):
+    """DeepSpeed precision whose backward lets Lightning decide the accumulation boundary.
+
+    Upstream calls ``engine.backward(loss)``, which divides the (already Lightning-normalised) loss by
+    ``gradient_accumulation_steps`` a second time and lets DeepSpeed count its own window, which drifts from
+    Lightning's when the factor changes or an epoch ends on a partial window.
+    """
+
+    def __init__(self, precision: str, max_scale: float | None = None) -> None:
+        super().__init__(precision)  # type: ignore[arg-type]
+        self.max_scale = max_scale
+
+    @override
+    def backward(self, tensor: torch.Tensor, model: pl.LightningModule, optimizer: Any, *args: Any,
+                 **kwargs: Any) -> None:
+        engine = model.trainer.model
+        engine.set_gradient_accumulation_boundary(not model.trainer.fit_loop._should_accumulate())
+        engine.backward(tensor, *args, scale_wrt_gas=False, **kwargs)
+
+    @override
+    def optimizer_step(self, optimizer: Any, model: pl.LightningModule, closure: Any, **kwargs: Any) -> Any:
+        out = super().optimizer_step(optimizer, model, closure, **kwargs)
+        if self.max_scale is not None:
+            # DeepSpeed's dynamic scaler has no ceiling; LossScalingPrecision's max_scale caps growth. Clamping after
+            # every step gives exactly the capped sequence (growth happens only inside step()).
+            scaler = getattr(model.trainer.model.optimizer, "loss_scaler", None)
+            if scaler is None or not hasattr(scaler, "cur_scale"):
+                raise RuntimeError("EffiDeepSpeedStrategy: fp16 is enabled but the DeepSpeed optimizer has no dynamic "
+                                   "loss scaler to apply LossScalingPrecision(max_scale) to")
+            if scaler.cur_scale > self.max_scale:
+                scaler.cur_scale = float(self.max_scale)
+        return out
+
+
+class _ValidatingLauncher(_SubprocessScriptLauncher):
+    """Lightning's script launcher, but the merged DeepSpeed config is built (and conflicts raised) before any
+    worker process is started."""
+
+    def __init__(self, strategy: EffiDeepSpeedStrategy, *args: Any) -> None:
+        super().__init__(*args)
+        self._strategy = strategy
+
+    @override
+    def launch(self, function: Any, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        if trainer is not None:
+            self._strategy._build_config(trainer, micro_batch_size=None)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+class EffiDeepSpeedStrategy(DeepSpeedStrategy):
+    """DeepSpeed ZeRO stage 1/2/3 on CPU (gloo) or CUDA (NCCL), configured from one source of truth.
+
+    Registered as ``"effi_deepspeed_stage_1"``, ``"effi_deepspeed_stage_2"``, ``"effi_deepspeed_stage_3"``.
+
+    Args:
+        stage: ZeRO stage (1: optimizer state sharded, 2: + gradients, 3: + parameters). Default 2.
+        config: optional DeepSpeed config (dict or path to a JSON file). Keys that duplicate Trainer arguments
+            (``gradient_accumulation_steps``, ``gradient_clipping``, ``train_micro_batch_size_per_gpu``,
+            ``train_batch_size``, ``fp16``/``bf16``, ``zero_optimization.stage``) must agree with them or be
+            ``"auto"``; disagreements raise before launch. Everything else is passed to DeepSpeed as is.
+        offload_optimizer: keep optimizer state on CPU and step there (ZeRO-Offload). Default False.
+        offload_parameters: ZeRO-3 only: keep parameters on CPU. Default False.
+        logging_level: DeepSpeed's logger level. Default ``logging.WARN``.
+        load_full_weights: load a single-file checkpoint into a ZeRO-3 model (weights only). Default False.
+        exclude_frozen_parameters: leave frozen parameters out of checkpoints. Default False.
+        process_group_backend: ``"gloo"``/``"nccl"``; default picks by accelerator.
+        timeout: collective timeout.
+
+    Precision: ``precision="bf16-mixed"``/``"bf16-true"`` enables DeepSpeed's bf16 (bf16 weights, fp32 master
+    weights in the optimizer); ``"16-mixed"`` enables DeepSpeed's fp16 with dynamic loss scaling, configured from
+    ``plugins=[LossScalingPrecision(...)]`` if given (DeepSpeed's scaler raises instead of flooring when an
+    overflow happens at ``min_scale``). On CPU, DeepSpeed gates fp16 on a CPU feature probe; when fp16 is asked
+    for, this strategy makes DeepSpeed's CPU accelerator report fp16 support (PyTorch runs fp16 on any CPU, more
+    slowly without native support), so behaviour does not depend on the CPU model.
+    """
+
+    strategy_name = "effi_deepspeed"
+
+    def __init__(
+        self,
+        stage: Literal[1, 2, 3] = 2,
+        config: _PATH | dict[str, Any] | None = None,
+        offload_optimizer: bool = False,
+        offload_parameters: bool = False,
+        logging_level: int = logging.WARN,
+        load_full_weights: bool = False,
+        exclude_frozen_parameters: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        precision_plugin: Precision | None = None,
+    ) -> None:
+        if stage not in (1, 2, 3):
+            raise ValueError(f"Invalid ZeRO stage {stage!r}: must be 1, 2 or 3 (stage 0 is plain DDP: use 'ddp')")
+        if offload_parameters and stage != 3:
+            raise ValueError(f"offload_parameters=True needs ZeRO stage 3 (got stage={stage}): use stage=3")
+        self._user_config = load_user_config(config)
+        self._stage = int(stage)
+        self._offload_optimizer = bool(offload_optimizer)
+        self._offload_parameters = bool(offload_parameters)
+        self._loss_scaler: dict[str, Any] | None = None
+        # Upstream builds its own default config when config is None (or reads PL_DEEPSPEED_CONFIG_PATH); an empty
+        # dict skips both, the real config is built by _build_config.
+        super().__init__(
+            accelerator=accelerator,
+            stage=stage,
+            config={},
+            logging_level=logging_level,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            load_full_weights=load_full_weights,
+            exclude_frozen_parameters=exclude_frozen_parameters,
+        )
+        self._flat_layouts: list[Any] | None = None
+
+    # ------------------------------------------------------------------------------------------------- registry
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for stage in (1, 2, 3):
+            strategy_registry.register(
+                f"effi_deepspeed_stage_{stage}", cls,
+                description=f"lightning_effi DeepSpeed ZeRO stage {stage} (CPU and GPU)", stage=stage,
+            )
+
+    # ------------------------------------------------------------------------------------------------ precision
+    @property
+    @override
+    def precision_plugin(self) -> Precision:
+        return self._precision_plugin if self._precision_plugin is not None else _EffiDeepSpeedPrecision("32-true")
+
+    @precision_plugin.setter
+    @override
+    def precision_plugin(self, plugin: Precision | None) -> None:
+        # The Trainer hands every strategy a precision plugin. DeepSpeed does autocast, loss scaling and the backward
+        # itself, so any plugin is replaced by ours; LossScalingPrecision contributes its knobs to the fp16 config.
+        if plugin is None or isinstance(plugin, _EffiDeepSpeedPrecision):
+            self._precision_plugin = plugin
+            return
+        if all(hasattr(plugin, k) for k in _SCALER_KNOBS) and hasattr(plugin, "precision"):
+            self._loss_scaler = {k: getattr(plugin, k) for k in _SCALER_KNOBS}
+            self._loss_scaler.update({k: getattr(plugin, k) for k in _OPTIONAL_SCALER_KNOBS if hasattr(plugin, k)})
+            max_scale = self._loss_scaler["max_scale"] if plugin.precision.startswith("16") else None
+            self._precision_plugin = _EffiDeepSpeedPrecision(plugin.precision, max_scale=max_scale)
+            return
+        if isinstance(plugin, DeepSpeedPrecision):
+            self._precision_plugin = _EffiDeepSpeedPrecision(plugin.precision)
+            return
+        raise RuntimeError(
+            f"EffiDeepSpeedStrategy cannot use the precision plugin {type(plugin).__name__}: DeepSpeed casts, scales "
+            "and keeps fp32 master weights itself. Use Trainer(precision='bf16-mixed' | '16-mixed' | '32-true'), "
+            "plugins=[LossScalingPrecision(...)] for fp16 loss-scaler settings, or EffiFSDPStrategy for other plugins"
+        )
+
+    # --------------------------------------------------------------------------------------------------- config
+    def _build_config(self, trainer: pl.Trainer, *, micro_batch_size: int | None) -> dict[str, Any]:
+        precision = self.precision_plugin.precision
+        return build_deepspeed_config(
+            user_config=self._user_config,
+            stage=self._stage,
+            precision=precision,
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            gradient_clip_val=trainer.gradient_clip_val,
+            gradient_clip_algorithm=None if trainer.gradient_clip_algorithm is None else
+            str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm)),
+            world_size=self.world_size,
+            micro_batch_size=micro_batch_size,
+            loss_scaler=self._loss_scaler if precision in ("16-mixed", "16-true") else None,
+            offload_optimizer=self._offload_optimizer,
+            offload_parameters=self._offload_parameters,
+            client_optimizer="optimizer" not in self._user_config,
+        )
+
+    @override
+    def _format_config(self) -> None:
+        # Replaces upstream's formatting (which silently keeps the JSON's value when both sides set one).
+        assert self.lightning_module is not None
+        trainer = self.lightning_module.trainer
+        micro = self._auto_select_batch_size() if trainer.training or trainer.state.fn == TrainerFn.FITTING else 1
+        self.config = self._build_config(trainer, micro_batch_size=micro)
+        if self.config.get("fp16", {}).get("enabled"):
+            rank_zero_info(
+                "EffiDeepSpeedStrategy: DeepSpeed fp16 (fp16 weights and activations, fp32 master weights, dynamic "
+                f"loss scaling {({k: v for k, v in self.config['fp16'].items() if k != 'enabled'})})"
+            )
+
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        self._launcher = _ValidatingLauncher(self, self.cluster_environment, self.num_processes, self.num_nodes)
+
+    # ----------------------------------------------------------------------------------------------- environment
+    @override
+    def setup_environment(self) -> None:
+        # Upstream raises for any accelerator other than CUDA; DeepSpeed's CPU accelerator runs ZeRO 1/2/3 with gloo.
+        if isinstance(self.accelerator, CUDAAccelerator):
+            super().setup_environment()
+            return
+        super(DeepSpeedStrategy, self).setup_environment()
+
+    @override
+    def setup_distributed(self) -> None:
+        if isinstance(self.accelerator, CUDAAccelerator):
+            super().setup_distributed()
+            return
+        # Upstream validates device indices, which are [None, None] on CPU.
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != "cpu":
+            raise RuntimeError(
+                f"Trainer(accelerator='cpu') but DeepSpeed selected its {get_accelerator().device_name()!r} "
+                "accelerator: set the environment variable DS_ACCELERATOR=cpu"
+            )
+        reset_seed()
+        self.set_world_ranks()
+        with _without_shm_comm_build():
+            self._init_deepspeed_distributed()
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._init_config_if_needed()
+        if self.config.get("fp16", {}).get("enabled") and not isinstance(self.accelerator, CUDAAccelerator):
+            from deepspeed.accelerator import get_accelerator
+
+            # DeepSpeed's CPU accelerator reports fp16 support only if oneDNN has native fp16 kernels for this CPU
+            # model; PyTorch computes fp16 on any CPU. Report it on this accelerator instance (not the class) so
+            # fp16 works, and is tested, independently of the CPU model.
+            get_accelerator().is_fp16_supported = lambda: True
+        super().setup(trainer)
+
+    def _device_rank(self) -> int:
+        # DeepSpeed uses args.device_rank to pick its device; root_device.index is None on CPU.
+        return self.root_device.index if self.root_device.type == "cuda" else self.local_rank
+
+    # ------------------------------------------------------------------------------------------ model/optimizer
+    @override
+    def _setup_model_and_optimizer(self, model: Module, optimizer: Optimizer | None,
+                                   lr_scheduler: Any = None) -> tuple[deepspeed.DeepSpeedEngine, Optimizer]:
+        import deepspeed
+
+        logical_ids = _logical_ids(optimizer) if optimizer is not None else {}
+        if optimizer is not None:
+            _check_optimizer_supported(optimizer)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self._device_rank()),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        if optimizer is not None:
+            self._flat_layouts = _install_flat_layouts(ds_optimizer, optimizer, logical_ids, self.config)
+        return engine, ds_optimizer
+
+    @override
+    def _initialize_deepspeed_train(self, model: Module) -> None:
+        # Upstream detaches the scheduler from the engine and lets Lightning step it after every optimizer step, also
+        # after steps DeepSpeed skipped (fp16 overflow). A scheduler stepped once per optimizer step is left to
+        # DeepSpeed, which steps it only when the update was applied; Lightning keeps it in lr_scheduler_configs
+        # (checkpointing, LearningRateMonitor) but never reaches its frequency.
+        if "optimizer" in self.config:
+            return super()._initialize_deepspeed_train(model)
+        optimizers, configs = _init_optimizers_and_lr_schedulers(self.lightning_module)
+        if len(optimizers) != 1 or len(configs) > 1:
+            raise RuntimeError(
+                f"EffiDeepSpeedStrategy supports one optimizer and at most one LR scheduler; configure_optimizers "
+                f"returned {len(optimizers)} optimizers and {len(configs)} schedulers"
+            )
+        optimizer = optimizers[0]
+        config = configs[0] if configs else None
+        ds_scheduler = None
+        if config is not None and config.interval == "step" and config.frequency == 1 and not config.reduce_on_plateau:
+            ds_scheduler = config.scheduler
+            config.frequency = sys.maxsize
+        elif config is not None and self.config.get("fp16", {}).get("enabled"):
+            raise RuntimeError(
+                f"With fp16, skipped steps must not advance the LR scheduler, but a scheduler with interval="
+                f"{config.interval!r}, frequency={config.frequency} cannot be stepped by DeepSpeed: use interval='step'"
+                " with frequency=1, or bf16"
+            )
+        _move_max_grad_norm_to_deepspeed(optimizer, self.config)
+        engine, ds_optimizer = self._setup_model_and_optimizer(model, optimizer, ds_scheduler)
+        self._set_deepspeed_activation_checkpointing()
+        self.optimizers = [ds_optimizer]
+        self.lr_scheduler_configs = [config] if config is not None else []
+        self.model = engine
+
+    @override
+    def _initialize_deepspeed_inference(self, model: Module) -> None:
+        import deepspeed
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        # Same as upstream except the device rank (root_device.index is None on CPU).
+        inference_config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
+        for key in ("fp16", "bf16"):
+            if key in self.config:
+                inference_config[key] = self.config[key]
+        if self.zero_stage_3:
+            inference_config["zero_allow_untested_optimizer"] = self.config["zero_allow_untested_optimizer"]
+            inference_config["zero_optimization"] = self.config["zero_optimization"]
+        remove_module_hooks(model)
+        engine, _, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self._device_rank()), config=inference_config, model=model,
+            optimizer=None, lr_scheduler=None, model_parameters=[], dist_init_required=False,
+        )
+        self.model = engine
+
+    @property
+    @override
+    def handles_gradient_accumulation(self) -> bool:
+        # Upstream says True, which makes Lightning call engine.step() on every micro-batch and leave the accumulation
+        # window to DeepSpeed's own counter; Lightning then also never steps on the partial last window of an epoch.
+        # False keeps the window in Lightning's loop (as for DDP); _EffiDeepSpeedPrecision.backward tells the engine
+        # where each boundary is.
+        return False
+
+    @contextlib.contextmanager
+    @override
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        # Lightning wraps non-boundary backwards in the model's no_sync(); DeepSpeed's engine refuses it under ZeRO 2/3
+        # and does not need it: the boundary flag set in _EffiDeepSpeedPrecision.backward already defers reduction.
+        yield None
+
+    # ------------------------------------------------------------------------------------------- accumulation
+    def effi_set_accumulation(self, factor: int) -> None:
+        """Change the number of micro-batches per optimizer step (called by ``AccumulationScheduler``).
+
+        Lightning's loop decides the boundaries (see :class:`_EffiDeepSpeedPrecision`); the engine's batch-size
+        bookkeeping (``train_batch_size``, ``gradient_accumulation_steps``) is updated to match.
+        """
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"Invalid accumulation factor {factor!r}: must be an int >= 1")
+        if self.lightning_module is not None and self.lightning_module._trainer is not None:
+            self.lightning_module.trainer.accumulate_grad_batches = factor
+        if isinstance(self.config, dict) and self.config:
+            self.config["gradient_accumulation_steps"] = factor
+            if "train_micro_batch_size_per_gpu" in self.config:
+                self.config["train_batch_size"] = self.config["train_micro_batch_size_per_gpu"] * self.world_size * factor
+        engine = self.model
+        if engine is not None and hasattr(engine, "set_train_batch_size"):
+            engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * engine.dp_world_size * factor)
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        if not (self.load_full_weights and self.zero_stage_3):
+            _check_world_size(checkpoint_path, self.world_size)
+        client_state = super().load_checkpoint(checkpoint_path, weights_only)
+        # Optimizer.load_state_dict replaced the param groups; layouts are strategy wiring, not state.
+        if self._flat_layouts is not None:
+            self._flat_layouts = _install_flat_layouts(
+                self.deepspeed_engine.optimizer, _client_optimizer(self.deepspeed_engine.optimizer),
+                None, self.config, layouts=self._flat_layouts,
+            )
+        return client_state
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+@contextlib.contextmanager
+def _without_shm_comm_build() -> Generator[None, None, None]:
+    """Skip DeepSpeed's shared-memory all-reduce op while its CPU backend initialises.
+
+    DeepSpeed's TorchBackend JIT-compiles ``deepspeed_shm_comm`` (about 20 s per process, needs a C++ compiler) the
+    first time it starts on CPU; it is an intra-node fast path for all_reduce, and gloo does the same job. The
+    module is fetched with importlib because ``import deepspeed.comm.torch`` binds the ``torch`` package instead
+    (``deepspeed.comm`` re-exports a ``torch`` name). The original function is restored afterwards.
+    """
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    original = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = original
+
+
+def _logical_ids(optimizer: Optimizer) -> dict[int, int]:
+    """id(param) -> its index over all param groups in order (the logical ids FlatLayout refers to)."""
+    ids: dict[int, int] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ids.setdefault(id(p), len(ids))
+    return ids
+
+
+def _is_partition_aware(optimizer: Optimizer) -> bool:
+    return type(optimizer).__module__.startswith("lightning_effi.optim")
+
+
+def _check_optimizer_supported(optimizer: Optimizer) -> None:
+    name = type(optimizer).__name__.lower()
+    if not _is_partition_aware(optimizer) and any(n in name for n in _NORM_BASED_OPTIMIZERS):
+        raise RuntimeError(
+            f"{type(optimizer).__module__}.{type(optimizer).__name__} computes per-tensor norms, but ZeRO hands it one "
+            "flat partition per param group, so its trust ratios/norms would silently be wrong. Use "
+            "lightning_effi.optim.Lamb (partition-aware) or an element-wise optimizer such as AdamW"
+        )
+
+
+def _client_optimizer(ds_optimizer: Any) -> Optimizer:
+    return getattr(ds_optimizer, "optimizer", ds_optimizer)
+
+
+def _stage12_segments(ds_optimizer: Any, logical_ids: dict[int, int]) -> list[list[tuple[int, int, int]]]:
+    """Segments per param group for ZeRO 1/2 (DeepSpeedZeroOptimizer) and bf16 ZeRO 1 (BF16_Optimizer).
+
+    Both link every low-precision parameter to its piece of the flat fp32 partition with ``link_hp_params``
+    (the mapping DeepSpeed's universal checkpoints use): ``lp._hp_mapping`` is None when no element of the parameter
+    is in this rank's partition, else its ``hp_fragment_address`` gives (start, numel) inside the partition.
+    """
+    lp_groups = getattr(ds_optimizer, "bit16_groups", None)
+    if lp_groups is None:
+        lp_groups = ds_optimizer.bf16_groups
+    segments = []
+    for params in lp_groups:
+        segs = []
+        for p in params:
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                continue
+            address = mapping.get_hp_fragment_address()
+            if address.numel > 0:
+                segs.append((logical_ids[id(p)], int(address.start), int(address.numel)))
+        segments.append(segs)
+    return segments
+
+
+def _stage3_segments(ds_optimizer: Any, logical_ids: dict[int, int]) -> list[list[tuple[int, int, int]]]:
+    """Segments per ZeRO-3 sub-group.
+
+    Each parameter is cut into ``world`` equal pieces of ``ds_tensor.ds_numel`` elements (the last one padded); rank
+    r holds elements ``[r * n, (r + 1) * n)`` of the flattened parameter. A sub-group's flat fp32 tensor is its
+    parameters' pieces back to back, in ``fp16_groups`` order (``_get_parameter_partitions``).
+    """
+    import deepspeed.comm as dist
+
+    segments = []
+    for sub_id, params in enumerate(ds_optimizer.fp16_groups):
+        group = ds_optimizer.sub_group_process_groups[sub_id] if hasattr(ds_optimizer, "sub_group_process_groups") \
+            else ds_optimizer.dp_process_group
+        rank = dist.get_rank(group=group)
+        offset = 0
+        segs = []
+        for p in params:
+            piece = int(p.ds_tensor.ds_numel)
+            start = rank * piece
+            numel = max(0, min(piece, int(p.ds_numel) - start))
+            if numel > 0:
+                segs.append((logical_ids[id(p)], offset, numel))
+            offset += piece
+        segments.append(segs)
+    return segments
+
+
+def _install_flat_layouts(ds_optimizer: Any, optimizer: Optimizer, logical_ids: dict[int, int] | None,
+                          config: Mapping[str, Any], layouts: list[Any] | None = None) -> list[Any] | None:
+    """Describe ZeRO's flat fp32 partitions to a partition-aware optimizer (interface 3 of models_api.md).
+
+    Returns the layouts (per param group for stage 1/2, per sub-group for stage 3) or None when the optimizer
+    does not need them (element-wise optimizers are unaffected by flattening).
+    """
+    if not _is_partition_aware(optimizer) or not hasattr(optimizer, "norm_process_group"):
+        return None
+    from lightning_effi.optim.norms import FlatLayout
+
+    stage3 = hasattr(ds_optimizer, "fp16_groups") and hasattr(ds_optimizer, "fp32_partitioned_groups_flat")
+    if layouts is None:
+        assert logical_ids is not None
+        num_logical = len(logical_ids)
+        segs = _stage3_segments(ds_optimizer, logical_ids) if stage3 else _stage12_segments(ds_optimizer, logical_ids)
+        layouts = [FlatLayout(segments=tuple(s), num_logical=num_logical) for s in segs]
+    optimizer.norm_process_group = ds_optimizer.dp_process_group
+    if not stage3:
+        for group, layout in zip(optimizer.param_groups, layouts):
+            group["flat_layouts"] = [layout]
+        return layouts
+
+    # ZeRO-3 calls optimizer.step() once per sub-group with only that sub-group's flat tensor in its param group
+    # (the others are empty).
+    for group in optimizer.param_groups:
+        group["flat_layouts"] = []
+    sub_to_group = ds_optimizer.sub_group_to_group_id
+    original_step = ds_optimizer._optimizer_step
+    original_step = getattr(original_step, "_effi_original", original_step)
+
+    # Wrapped on this optimizer instance only: the layout must match the one sub-group DeepSpeed puts in the
+    # param group for this call.
+    def _optimizer_step(sub_group_id: int) -> None:
+        group = optimizer.param_groups[sub_to_group[sub_group_id]]
+        group["flat_layouts"] = [layouts[sub_group_id]]
+        try:
+            original_step(sub_group_id)
+        finally:
+            group["flat_layouts"] = []
+
+    _optimizer_step._effi_original = original_step  # type: ignore[attr-defined]
+    ds_optimizer._optimizer_step = _optimizer_step
+    return layouts
+
+
+def _move_max_grad_norm_to_deepspeed(optimizer: Optimizer, config: dict[str, Any]) -> None:
+    """Let DeepSpeed apply a partition-aware optimizer's ``max_grad_norm`` over all partitions.
+
+    ZeRO 1/2 and 3 call ``optimizer.step()`` once per param group (sub-group) with only that group present, so a
+    clipping coefficient computed inside the optimizer would cover one group per call. Clipping by global norm is a
+    rescaling, and two successive clips equal one clip at the smaller threshold, so ``max_grad_norm`` joins DeepSpeed's
+    ``gradient_clipping`` (the norm over every partition, computed before the step) as ``min(clip, max_grad_norm)``.
+    """
+    if not _is_partition_aware(optimizer):
+        return
+    values = {g.get("max_grad_norm") for g in optimizer.param_groups}
+    values.discard(None)
+    if not values:
+        return
+    if len(values) > 1:
+        raise RuntimeError(
+            f"{type(optimizer).__name__} param groups have different max_grad_norm values {sorted(values)}: a global "
+            "gradient-norm clip has one threshold; set the same value on every group"
+        )
+    max_grad_norm = float(values.pop())
+    clip = float(config.get("gradient_clipping") or 0.0)
+    config["gradient_clipping"] = min(clip, max_grad_norm) if clip > 0 else max_grad_norm
+    for group in optimizer.param_groups:
+        group["max_grad_norm"] = None
+    if "max_grad_norm" in optimizer.defaults:
+        optimizer.defaults["max_grad_norm"] = None
+    rank_zero_info(f"EffiDeepSpeedStrategy: {type(optimizer).__name__}(max_grad_norm={max_grad_norm}) is applied by "
+                   f"DeepSpeed as gradient_clipping={config['gradient_clipping']} over all ZeRO partitions")
+
+
+def _saved_world_size(checkpoint_path: _PATH) -> int | None:
+    """World size a DeepSpeed checkpoint directory was written with (from its ZeRO optimizer shard files)."""
+    root = Path(checkpoint_path)
+    tag_dir = root / "checkpoint"
+    if not tag_dir.is_dir():
+        latest = root / "latest"
+        if latest.is_file():
+            tag_dir = root / latest.read_text().strip()
+    if not tag_dir.is_dir():
+        return None
+    shards = list(tag_dir.glob("*_optim_states.pt"))
+    return len(shards) or None
+
+
+def _check_world_size(checkpoint_path: _PATH, world_size: int) -> None:
+    saved = _saved_world_size(checkpoint_path)
+    if saved is not None and saved != world_size:
+        raise RuntimeError(
+            f"DeepSpeed checkpoint {str(checkpoint_path)!r} was saved by {saved} processes but this run has "
+            f"{world_size}; ZeRO shards cannot be re-partitioned in place. Either resume with {saved} processes, or "
+            "load only the weights: `effi export CKPT weights.pt` writes a single fp32 state_dict that any world "
+            "size can load (optimizer state is not carried over). DeepSpeed universal checkpoints "
+            "(`python -m deepspeed.checkpoint.ds_to_universal`) are not supported by this strategy yet."
+        )

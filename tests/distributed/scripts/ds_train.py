@@ -1,0 +1,130 @@
+"""A table of EffiDeepSpeedStrategy runs in ONE 2-process group (torchrun), each compared by the test with a
+single-process reference.
+
+Usage: torchrun --nproc_per_node=2 ds_train.py OUT_DIR [CASE ...]
+
+Every case trains the tiny GPT on CPU/gloo and writes, from rank 0, ``OUT_DIR/<case>.pt`` with the gathered fp32
+master weights and what the case observed (micro-batches per optimizer step, skipped steps, learning rates...).
+One process group for all cases: a Trainer per case, same ranks (torchrun sets LOCAL_RANK, so Lightning does not
+spawn processes and DeepSpeed's distributed init is reused).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from _common import clean_exit  # noqa: E402
+from ds_common import TinyLM, full_fp32_params, loader, make_dataset  # noqa: E402
+
+from lightning_effi.strategies import EffiDeepSpeedStrategy  # noqa: E402
+
+RANK = int(os.environ["RANK"])
+WORLD = int(os.environ["WORLD_SIZE"])
+
+
+class Recorder(pl.Callback):
+    """Counts micro-batches per optimizer step, optionally changes accumulation and injects an overflow."""
+
+    def __init__(self, change_at: int | None = None, new_factor: int = 2) -> None:
+        self.change_at, self.new_factor = change_at, new_factor
+        self.per_step: list[int] = []
+        self.lrs: list[float] = []
+        self.scales: list[float] = []
+        self._count = 0
+        self._last_step = 0
+        self.result: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # Accumulation changes apply from a window start, as AccumulationScheduler does.
+        if self.change_at is not None and trainer.global_step == self.change_at and self._count == 0:
+            trainer.strategy.effi_set_accumulation(self.new_factor)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._count += 1
+        if trainer.global_step != self._last_step:
+            self.per_step.append(self._count)
+            self._count = 0
+            self._last_step = trainer.global_step
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+            scaler = getattr(trainer.model.optimizer, "loss_scaler", None)
+            self.scales.append(float(getattr(scaler, "cur_scale", 1.0)))
+
+    def on_train_end(self, trainer, pl_module):
+        engine = trainer.strategy.deepspeed_engine
+        self.result = {
+            "params": full_fp32_params(pl_module),
+            "per_step": self.per_step,
+            "lrs": self.lrs,
+            "scales": self.scales,
+            "skipped_steps": int(engine.skipped_steps),
+            "global_step": trainer.global_step,
+            "gas": int(engine.gradient_accumulation_steps()),
+            "train_batch_size": int(engine.train_batch_size()),
+            "config": trainer.strategy.config,
+        }
+        opt = trainer.strategy.deepspeed_engine.optimizer
+        client = getattr(opt, "optimizer", opt)
+        tr = getattr(client, "trust_ratios", None)
+        self.result["trust_ratios"] = None if tr is None else tr.detach().clone()
+
+
+# name -> (stage, optimizer, trainer kwargs, recorder kwargs, module kwargs, strategy kwargs, plugins)
+def _cases() -> dict:
+    from lightning_effi.plugins import LossScalingPrecision
+
+    cases = {}
+    for stage in (1, 2, 3):
+        for opt in ("adamw", "lamb"):
+            cases[f"s{stage}_{opt}"] = dict(stage=stage, module=dict(optimizer=opt), trainer=dict(max_steps=10))
+    cases["s2_adamw_acc2"] = dict(stage=2, module=dict(optimizer="adamw"),
+                                  trainer=dict(max_steps=5, accumulate_grad_batches=2))
+    # accumulation 1 for 4 steps, then 2 (set through the strategy, as AccumulationScheduler does)
+    cases["s1_lamb_schedule"] = dict(stage=1, module=dict(optimizer="lamb"), trainer=dict(max_steps=7),
+                                     recorder=dict(change_at=4, new_factor=2))
+    # 24 micro-batches per epoch per rank, accumulation 5: 4 full windows and a partial one of 4 (like DDP)
+    cases["s2_adamw_partial"] = dict(stage=2, module=dict(optimizer="adamw"),
+                                     trainer=dict(max_epochs=1, accumulate_grad_batches=5))
+    cases["s3_adamw_clip"] = dict(stage=3, module=dict(optimizer="adamw"),
+                                  trainer=dict(max_steps=10, gradient_clip_val=0.05))
+    cases["s2_lamb_maxgradnorm"] = dict(stage=2, module=dict(optimizer="lamb", max_grad_norm=0.05),
+                                        trainer=dict(max_steps=10))
+    cases["s2_fp16_skip"] = dict(
+        stage=2, module=dict(optimizer="adamw", scheduler="halving", overflow_at=4), trainer=dict(max_steps=6),
+        plugins=[LossScalingPrecision("16-mixed", init_scale=2.0**8, growth_interval=2, hysteresis=1,
+                                      max_scale=2.0**8, device="cpu")],
+    )
+    return cases
+
+
+def run_case(name: str, spec: dict, out: Path) -> None:
+    torch.manual_seed(0)
+    module = TinyLM(**spec.get("module", {}))
+    recorder = Recorder(**spec.get("recorder", {}))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=EffiDeepSpeedStrategy(stage=spec["stage"]),
+        plugins=spec.get("plugins"), use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder], **spec["trainer"],
+    )
+    trainer.fit(module, train_dataloaders=loader(make_dataset(), WORLD, RANK))
+    if RANK == 0:
+        torch.save(recorder.result, out / f"{name}.pt")
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    cases = _cases()
+    selected = sys.argv[2:] or list(cases)
+    for name in selected:
+        run_case(name, cases[name], out)
+    clean_exit()
+
+
+if __name__ == "__main__":
+    main()
