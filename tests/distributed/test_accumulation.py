@@ -57,3 +57,16 @@ def test_ddp_windows_tokens_no_sync_and_resume(tmp_path):
     losses = res["adam_first"]["losses"] + res["adam_resumed"]["losses"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(res["adam_full"]["losses"]), rtol=1e-5, atol=1e-6)
     assert _max_diff(res["adam_resumed"]["weights"], res["adam_full"]["weights"]) < 1e-6
+
+
+@pytest.mark.distributed
+def test_fsdp2_windows_tokens_and_resume(tmp_path):
+    """FSDP2 (ModelParallelStrategy, dp=2, fully_shard): reduce-scatter per micro-batch into DTensor shards, the
+    boundary rescale on the shards, and a mid-window checkpoint of sharded partial gradients."""
+    run_script("accum_fsdp.py", tmp_path, timeout=300)
+    res = torch.load(tmp_path / "fsdp.pt", weights_only=False)
+    _check_against_references(res, tol=2e-6)
+    assert res["adam_first"]["sizes"] == [2] and res["adam_resumed"]["sizes"] == [1, 3, 1]
+    losses = res["adam_first"]["losses"] + res["adam_resumed"]["losses"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(res["adam_full"]["losses"]), rtol=1e-5, atol=1e-6)
+    assert _max_diff(res["adam_resumed"]["weights"], res["adam_full"]["weights"]) < 1e-6
