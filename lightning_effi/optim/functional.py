@@ -156,6 +156,14 @@ def _build_plan(params, grads, exp_avgs, exp_avg_sqs, flat_layouts, norm_process
     return plan
 
 
+def _h2d(values, dtype, device) -> Tensor:
+    """A small host list to the device without a host sync (pinned staging, non-blocking copy)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _distinct_groups(lid_group) -> list:
     seen, out = set(), []
     for grp in lid_group:
@@ -179,7 +187,7 @@ def _reduce_lid_vectors(vecs: list[Tensor], plan: _Plan) -> None:
         return
     parts, idxs = [], []
     for grp in groups:
-        idx = torch.tensor([j for j, gg in enumerate(plan.lid_group) if gg is grp], device=device)
+        idx = _h2d([j for j, gg in enumerate(plan.lid_group) if gg is grp], torch.long, device)
         idxs.append(idx)
         parts.append((grp, torch.cat([v[idx] for v in vecs])))
     all_reduce_parts(parts)
@@ -198,11 +206,12 @@ def _grad_total_sumsq(plan: _Plan, acc: torch.dtype, device) -> Tensor:
     if not groups:
         return sq.sum()
     unit_group = [plan.lid_group[lid] for lid in plan.lid]
-    local = sum((sq[k] for k, grp in enumerate(unit_group) if grp is None), torch.zeros((), dtype=acc, device=device))
+    loc = [k for k, grp in enumerate(unit_group) if grp is None]
+    local = sq[_h2d(loc, torch.long, device)].sum() if loc else torch.zeros((), dtype=acc, device=device)
     parts = []
     for grp in groups:
         ks = [k for k, gg in enumerate(unit_group) if gg is grp]
-        part = sq[ks].sum().reshape(1) if ks else torch.zeros(1, dtype=acc, device=device)
+        part = sq[_h2d(ks, torch.long, device)].sum().reshape(1) if ks else torch.zeros(1, dtype=acc, device=device)
         parts.append((grp, part))
     all_reduce_parts(parts)
     return local + sum(p[0] for _, p in parts)
@@ -224,9 +233,9 @@ def _lid_hyper(plan, adapt, weight_norm_clip, trust_clip, acc, device, lid_param
     for a, w, t in zip(adapt, weight_norm_clip, trust_clip):
         w, t = w or (0.0, inf), t or (0.0, inf)
         rows.append((1.0 if a else 0.0, w[0], w[1], t[0], t[1]))
-    table = torch.tensor(rows, dtype=acc).to(device, non_blocking=True)
+    table = _h2d(rows, acc, device)
     if lid_param is None:
-        lid_param = torch.tensor(plan.lid_param, dtype=torch.long).to(device, non_blocking=True)
+        lid_param = _h2d(plan.lid_param, torch.long, device)
     sel = table[lid_param + 1]
     return sel[:, 0] > 0, sel[:, 1:3], sel[:, 3:5]
 
@@ -326,8 +335,8 @@ def _encode_lid_params(plan: _Plan, acc, device) -> list[Tensor]:
     all_reduce (sum of index+1 and a presence count per lid) so every rank computes every lid's ratio right."""
     if plan.flat_group is None:
         return []
-    idx = torch.tensor([i + 1 if i >= 0 else 0 for i in plan.lid_param], dtype=acc, device=device)
-    cnt = torch.tensor([1 if i >= 0 else 0 for i in plan.lid_param], dtype=acc, device=device)
+    idx = _h2d([i + 1 if i >= 0 else 0 for i in plan.lid_param], acc, device)
+    cnt = _h2d([1 if i >= 0 else 0 for i in plan.lid_param], acc, device)
     return [idx, cnt]
 
 
@@ -405,7 +414,7 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         view_units.extend(it[0] for it in items)
         # On the chunked CPU path u is recomputed in phase 3 from cached m, v (cheaper than keeping it in DRAM).
         kept_u.append(None if chunked else us)
-    lids = torch.tensor([plan.lid[k] for k in view_units], dtype=torch.long, device=device)
+    lids = _h2d([plan.lid[k] for k in view_units], torch.long, device)
     xsq = torch.zeros(num, dtype=acc, device=device)
     usq = torch.zeros(num, dtype=acc, device=device)
     if view_units:

@@ -1,0 +1,128 @@
+"""Flat-partition mode (single process), AMP grad_scale/found_inf, and telemetry, on every path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_effi.optim import FlatLayout, Lamb
+from tests.optim._reference import ReferenceLamb
+
+PATHS = [
+    pytest.param("cpu", "single", id="cpu-single"),
+    pytest.param("cpu", "foreach", id="cpu-foreach"),
+    pytest.param("cuda", "foreach", id="cuda-foreach", marks=pytest.mark.gpu),
+    pytest.param("cuda", "fused", id="cuda-fused", marks=pytest.mark.gpu),
+]
+KW = {"single": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+SHAPES = [(6, 5), (7,), (0,), (3, 4), (5,)]
+
+
+@pytest.mark.parametrize("device,path", PATHS)
+def test_flat_layout_single_process_matches_reference(device, path):
+    """Two flat partitions (two groups) with padding between segments: the same steps as per-tensor LAMB."""
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    groups_idx = [[0, 1, 2], [3, 4]]
+    hyper = [dict(weight_decay=0.1, adapt=True), dict(weight_decay=0.0, adapt=False)]
+    flats, layouts, where = [], [], {}
+    for gi, idx in enumerate(groups_idx):
+        segs, off = [], 1  # one element of leading padding, and 2 between segments
+        for i in idx:
+            n = xs[i].numel()
+            segs.append((i, off, n))
+            where[i] = (gi, off, n)
+            off += n + 2
+        flat = torch.full((off + 3,), 7.0, dtype=torch.float64)  # padding must stay exactly 7
+        for i, o, n in segs:
+            flat[o : o + n] = xs[i].reshape(-1)
+        flats.append(torch.nn.Parameter(flat.to(device)))
+        layouts.append(FlatLayout(segments=tuple(segs), num_logical=len(SHAPES)))
+    opt = Lamb([{"params": [flats[g]], **hyper[g]} for g in range(2)], lr=0.05, max_grad_norm=2.0, **KW[path])
+    for g, lay in zip(opt.param_groups, layouts):
+        g["flat_layouts"] = [lay]
+    ref = ReferenceLamb(xs, [
+        {"idx": groups_idx[g], "lr": 0.05, "betas": (0.9, 0.999), "eps": 1e-6, "bias_correction": True,
+         "trust_clip": None, "weight_norm_clip": None, **hyper[g]} for g in range(2)
+    ], max_grad_norm=2.0)
+    for _ in range(5):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+        for gi, flat in enumerate(flats):
+            fg = torch.full_like(flat, 1e6)  # huge padding grads: must not leak into norms or clipping
+            for i in groups_idx[gi]:
+                _, o, n = where[i]
+                fg[o : o + n] = grads[i].reshape(-1).to(device)
+            flat.grad = fg
+        opt.step()
+        ratios = ref.step(grads)
+        for i in range(len(SHAPES)):
+            gi, o, n = where[i]
+            torch.testing.assert_close(flats[gi].detach()[o : o + n].cpu(), ref.x[i].reshape(-1), atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(opt.trust_ratios.cpu().double(), torch.tensor(ratios, dtype=torch.float64), atol=1e-6, rtol=1e-6)
+        for gi, flat in enumerate(flats):
+            covered = torch.zeros(flat.numel(), dtype=torch.bool)
+            for i in groups_idx[gi]:
+                _, o, n = where[i]
+                covered[o : o + n] = True
+            assert (flat.detach().cpu()[~covered] == 7.0).all(), "padding was modified"
+            assert opt.state[flat]["exp_avg"].shape == flat.shape, "state must stay flat"
+    assert "flat_layouts" not in opt.state_dict()["param_groups"][0]
+
+
+@pytest.mark.parametrize("device,path", PATHS)
+def test_grad_scale_and_found_inf(device, path):
+    """Scaled gradients + grad_scale give the unscaled step; found_inf skips it (nothing changes)."""
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    a = [torch.nn.Parameter(x.clone().to(device)) for x in xs]
+    b = [torch.nn.Parameter(x.clone().to(device)) for x in xs]
+    oa = Lamb(a, lr=0.1, max_grad_norm=0.7, **KW[path])
+    ob = Lamb(b, lr=0.1, max_grad_norm=0.7, **KW[path])
+    scale = torch.tensor(1024.0, device=device)
+    for step in range(3):
+        gs = [torch.randn(x.shape, generator=gen).to(device) for x in xs]
+        for p, g in zip(a, gs):
+            p.grad = g
+        for p, g in zip(b, gs):
+            p.grad = g * scale
+        ob.grad_scale = scale
+        ob.found_inf = torch.tensor(1.0 if step == 1 else 0.0, device=device)
+        oa_before = [p.detach().clone() for p in b]
+        if step != 1:
+            oa.step()
+        ob.step()
+        if step == 1:
+            assert all(torch.equal(p, q) for p, q in zip(b, oa_before))
+            assert torch.isnan(ob.trust_ratios).all()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert float(ob.state[b[0]]["step"]) == 2.0
+
+
+def test_fused_amp_flag_and_no_triton_error_on_cpu():
+    p = [torch.nn.Parameter(torch.randn(3))]
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only error")
+    with pytest.raises(RuntimeError, match="fused=True.*cannot run"):
+        Lamb(p, fused=True)
+    assert not getattr(Lamb(p), "_step_supports_amp_scaling", False)
+
+
+@pytest.mark.gpu
+def test_fused_is_default_on_cuda_and_needs_no_host_sync():
+    p = [torch.nn.Parameter(torch.randn(64, 64, device="cuda")), torch.nn.Parameter(torch.randn(7, device="cuda"))]
+    opt = Lamb(p, max_grad_norm=1.0)
+    for q in p:
+        q.grad = torch.randn_like(q)
+    opt.step()  # warm-up: Triton compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+        r = opt.trust_ratios
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert r.is_cuda and r.shape == (2,) and math.isfinite(float(r.sum()))
+    assert opt.state[p[0]]["step"].is_cuda
