@@ -359,3 +359,39 @@ def test_stateful_schedule_state_is_plain():
     cb2.load_state_dict(state)
     assert cb2.state_dict() == state
     assert not math.isnan(state["scale"])
+
+
+# --------------------------------------------------------------------------------------- the example GPT
+
+
+def test_example_gpt_token_protocol_exact():
+    """The package's GPT with loss_reduction="sum": accumulated windows == the big-batch per-token mean step."""
+    import copy
+    from functools import partial
+
+    from lightning_effi.models import GPTLightningModule
+    from lightning_effi.models.gpt import token_loss
+
+    torch.manual_seed(0)
+    module = GPTLightningModule(vocab_size=32, block_size=8, n_layer=1, n_head=2, d_model=16, weight_decay=0.0,
+                                optimizer=partial(torch.optim.SGD, lr=LR), warmup_steps=0, min_lr_ratio=1.0,
+                                loss_reduction="sum")
+    init = copy.deepcopy(module.model).double()
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(5):
+        ids = torch.randint(0, 32, (2, 8), generator=g)
+        labels = torch.randint(0, 32, (2, 8), generator=g)
+        labels[torch.arange(8)[None, :] >= torch.randint(1, 9, (2, 1), generator=g)] = -100
+        batches.append({"input_ids": ids, "labels": labels})
+    rec = StepRecorder()
+    _trainer([AccumulationScheduler({0: 3}, normalize="tokens"), rec]).fit(module, ListLoader(batches))
+    assert rec.sizes == [3, 2]
+    opt = torch.optim.SGD(init.parameters(), lr=LR)
+    for window in _split(batches, [3, 2]):
+        opt.zero_grad()
+        sums, counts = zip(*(token_loss(init(b["input_ids"]), b["labels"]) for b in window))
+        (sum(sums) / sum(counts)).backward()
+        opt.step()
+    ref = {k: v.float() for k, v in init.state_dict().items()}
+    assert _max_diff({k: v.detach() for k, v in module.model.state_dict().items()}, ref) < 2e-6
