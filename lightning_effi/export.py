@@ -24,6 +24,25 @@ def _export_file(path: Path) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"]
 
 
+def _is_deepspeed_dir(path: Path) -> bool:
+    """A DeepSpeed checkpoint directory: a 'latest' tag file or tag sub-directories holding *_model_states.pt."""
+    return (path / "latest").is_file() or any(path.glob("*/*model_states.pt"))
+
+
+def _export_deepspeed(path: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed checkpoint (any ZeRO stage, any number of writer ranks), merged on CPU.
+
+    DeepSpeed's ``zero_to_fp32`` reassembles the full fp32 master weights from every rank's optimizer shard (not
+    the bf16/fp16 model copy), so the result is independent of the world size that wrote it. EffiDeepSpeedStrategy
+    saves under the tag ``"checkpoint"``; other tags are found through the ``latest`` file.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = "checkpoint" if (path / "checkpoint").is_dir() else None
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
 def export_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
     """Return the full, unsharded model ``state_dict`` (CPU tensors) stored in ``ckpt_path``."""
     path = Path(ckpt_path)
@@ -31,6 +50,8 @@ def export_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_file():
         return _export_file(path)
+    if _is_deepspeed_dir(path):
+        return _export_deepspeed(path)
     raise ValueError(f"{str(path)!r} is a directory but not a checkpoint format this version can export")
 
 

@@ -103,3 +103,45 @@ def test_fp16_overflow_skips_step_and_scheduler(ds_results):
     # DeepSpeed's scaler would grow 256 -> 512 after the third clean step; max_scale=256 caps it; the overflow at
     # step index 4 halves it (hysteresis 1). Uncapped it would read [256, 256, 512, 512, 256, 256].
     assert res["scales"] == [256.0, 256.0, 256.0, 256.0, 128.0, 128.0]
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def ds_checkpoints(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ds_ckpt")
+    run_script("ds_checkpoint.py", str(out), torchrun=2, timeout=600)
+    return out
+
+
+@pytest.mark.parametrize("case", ["s2_lamb", "s3_adamw"])
+def test_resume_equals_uninterrupted(ds_checkpoints, case):
+    res = _load(ds_checkpoints, case)
+    done, resumed = res["uninterrupted"], res["resumed"]
+    assert done["global_step"] == resumed["global_step"] == 10
+    # the halving LR schedule advanced 10 times in both (scheduler state came back with the checkpoint)
+    assert done["lr"] == resumed["lr"] == pytest.approx(1e-2 * 0.5**10)
+    for name, value in done["params"].items():
+        torch.testing.assert_close(resumed["params"][name], value, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["s2_lamb", "s3_adamw"])
+def test_export_single_fp32_state_dict(ds_checkpoints, case, tmp_path):
+    from lightning_effi.export import export_checkpoint
+
+    out = export_checkpoint(ds_checkpoints / case / "step=10.ckpt", tmp_path / "weights.pt", strip_prefix="model.")
+    sd = torch.load(out, weights_only=True)
+    final = _load(ds_checkpoints, case)["uninterrupted"]["params"]
+    gpt = make_gpt()
+    assert set(sd) == set(gpt.state_dict())  # tied lm_head/wte both present
+    for name, value in final.items():
+        torch.testing.assert_close(sd[name.removeprefix("model.")], value, atol=0, rtol=0)
+    gpt.load_state_dict(sd)  # loads into the bare model, independent of the 2 ranks that wrote it
+
+
+def test_resume_on_other_world_size_says_how(ds_checkpoints):
+    from lightning_effi.strategies.deepspeed import _check_world_size
+
+    ckpt = ds_checkpoints / "s2_lamb" / "step=5.ckpt"
+    _check_world_size(ckpt, 2)  # same world size: fine
+    with pytest.raises(RuntimeError, match=r"(?s)saved by 2 processes but this run has 4.*effi export"):
+        _check_world_size(ckpt, 4)
