@@ -86,12 +86,15 @@ class AccumulationScheduler(Callback):
       reduce-scatters per step but keeps an *unsharded* fp32 gradient for every parameter alive across the window:
       the full model's gradient memory on every rank, which is what sharding was meant to remove. This callback does
       not defer; a strategy that wants to may do it in ``effi_set_accumulation``.
-    * DeepSpeed: the engine owns accumulation. When the strategy has ``effi_set_accumulation(factor)`` (the
-      ``effi_deepspeed_*`` strategies), it is called at the first micro-batch of every window whose size differs from
-      the previous one; the strategy must make the engine treat the next ``factor`` micro-batches as one window and
-      divide each loss by ``factor`` (as ``engine.backward`` does). ``normalize="tokens"`` is refused there (ZeRO
-      keeps gradients in engine-private partitions, so the post-backward rescale is impossible), as are stock
-      strategies that handle accumulation themselves.
+    * DeepSpeed (``effi_deepspeed_stage_*``): the loop still decides the boundaries (the strategy passes
+      ``not _should_accumulate()`` to ``engine.set_gradient_accumulation_boundary`` and backs with
+      ``scale_wrt_gas=False``, so the engine does not divide the loss a second time). When the strategy has
+      ``effi_set_accumulation(factor)`` it is called at the first micro-batch of every window whose size differs from
+      the previous one, to keep the engine's batch-size bookkeeping in step. ZeRO keeps the accumulated gradients in
+      engine-private partitions, so what needs ``p.grad`` is refused at setup with a clear error:
+      ``normalize="tokens"``, unsized loaders (whose partial last window needs a rescale), and mid-window
+      checkpoints. Stock strategies that accumulate inside their engine (``handles_gradient_accumulation``, e.g.
+      Lightning's ``DeepSpeedStrategy``) are refused too: their windows cannot follow a schedule.
 
     **Checkpoints.** The window position, counters and (when saved mid-window) the partial gradients are saved, so
     resuming mid-window or mid-ramp reproduces the uninterrupted run. Under DDP the partial gradients are summed over
@@ -207,19 +210,18 @@ class AccumulationScheduler(Callback):
             )
         strategy = trainer.strategy
         name = type(strategy).__name__
-        if strategy.handles_gradient_accumulation:
-            if not hasattr(strategy, "effi_set_accumulation"):
-                raise RuntimeError(
-                    f"{name} accumulates gradients inside its engine and cannot change the factor during training; "
-                    "use strategy='effi_deepspeed_stage_1' / '_2' / '_3', or Trainer(accumulate_grad_batches=k) "
-                    "without AccumulationScheduler."
-                )
-            if self.normalize == "tokens":
-                raise RuntimeError(
-                    f"AccumulationScheduler(normalize='tokens') with {name}: the engine keeps gradients in private "
-                    "partitions, so the exact per-token rescale cannot be applied. Use normalize='mean' with DeepSpeed, "
-                    "or strategy='effi_fsdp' / 'ddp' for token-exact normalisation."
-                )
+        if strategy.handles_gradient_accumulation and not hasattr(strategy, "effi_set_accumulation"):
+            raise RuntimeError(
+                f"{name} accumulates gradients inside its engine and cannot change the factor during training; "
+                "use strategy='effi_deepspeed_stage_1' / '_2' / '_3', or Trainer(accumulate_grad_batches=k) "
+                "without AccumulationScheduler."
+            )
+        if self.normalize == "tokens" and not _grads_reachable(strategy):
+            raise RuntimeError(
+                f"AccumulationScheduler(normalize='tokens') with {name}: the engine keeps gradients in private "
+                "partitions (p.grad is not the accumulated gradient), so the exact per-token rescale cannot be applied. "
+                "Use normalize='mean' with DeepSpeed, or strategy='ddp' / 'effi_fsdp' for token-exact normalisation."
+            )
         self._install_training_step(pl_module)
 
     @override
@@ -260,10 +262,11 @@ class AccumulationScheduler(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._dp = self._data_parallel_size(trainer)
-        if trainer.strategy.handles_gradient_accumulation and math.isinf(trainer.num_training_batches):
+        if not _grads_reachable(trainer.strategy) and math.isinf(trainer.num_training_batches):
             raise RuntimeError(
                 f"AccumulationScheduler with {type(trainer.strategy).__name__} needs a sized train DataLoader: the "
-                "engine must know each window's size (the epoch's last one is partial) before it starts."
+                "epoch's last window may be partial, and with an unsized loader that is only known after its first "
+                "micro-batches were weighted, which needs a gradient rescale the engine's private partitions prevent."
             )
         # Lightning's restart bookkeeping reads accumulate_grad_batches before the first resumed batch.
         trainer.accumulate_grad_batches = self._accumulate
@@ -314,13 +317,13 @@ class AccumulationScheduler(Callback):
         if self._pos == 0 and not value.loop_zeroes and not strategy.handles_gradient_accumulation:
             # The only window start Lightning's modulo rule cannot zero (batch 1 after a window of one): do it here.
             pl_module.optimizer_zero_grad(trainer.current_epoch, batch_idx, trainer.optimizers[0])
-        # Lightning divides by `accumulate`; an engine that handles accumulation divides by the window size again.
-        engine_div = self._opened_size if strategy.handles_gradient_accumulation else 1
+        # Lightning divides the loss by `accumulate` (strategies must not divide again: effi_deepspeed passes
+        # scale_wrt_gas=False); multiply it back and apply the weight we want.
         if self.normalize == "tokens":
             wanted = self._dp * self._scale  # the data-parallel average divides by dp; the boundary fix does the rest
         else:
             wanted = 1.0 / self._opened_size
-        self._multiplier = value.accumulate * engine_div * wanted
+        self._multiplier = value.accumulate * wanted
 
     def _after_training_step(self, output: Any, args: tuple, kwargs: dict) -> Any:
         """Runs right after the wrapped ``training_step`` (before its backward): count and scale the loss."""
@@ -352,9 +355,19 @@ class AccumulationScheduler(Callback):
         )
 
     @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After the window's last backward the gradients are reduced (DDP's reducer and FSDP2's reduce-scatter finish
+        # inside backward). Fixing them here, rather than in on_before_optimizer_step, means every callback's
+        # on_before_optimizer_step (gradient-norm monitors, ...) sees the final gradient whatever the callback order.
+        self._maybe_close(trainer, pl_module)
+
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        # An engine that handles accumulation calls this on every micro-batch; its windows close in on_train_batch_end.
-        if self._open and self._pos >= self._size and not trainer.strategy.handles_gradient_accumulation:
+        self._maybe_close(trainer, pl_module)  # the last training_step returned None: no backward ran
+
+    def _maybe_close(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (self._open and not self._closed and self._pos >= self._size
+                and not trainer.strategy.handles_gradient_accumulation):
             self._close_window(trainer, pl_module, fix_grads=True)
 
     @override
@@ -388,6 +401,8 @@ class AccumulationScheduler(Callback):
         elif self._size != self._opened_size:
             fix = self._opened_size / self._size  # each micro-batch was weighted 1/opened_size, not 1/size
         if fix_grads and fix != 1.0:
+            if not _grads_reachable(trainer.strategy):  # pragma: no cover - refused at setup/train start
+                raise RuntimeError(f"AccumulationScheduler: cannot rescale gradients under {type(trainer.strategy).__name__}")
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             for g in grads:
                 g.mul_(fix)
@@ -403,7 +418,7 @@ class AccumulationScheduler(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if not (self._open and 0 < self._pos < self._size):
             return  # at a boundary the optimizer state already holds everything
-        if trainer.strategy.handles_gradient_accumulation:
+        if not _grads_reachable(trainer.strategy):
             raise RuntimeError(
                 f"Checkpoint requested in the middle of an accumulation window under {type(trainer.strategy).__name__}: "
                 "the engine's partial gradients cannot be saved. Checkpoint at optimizer steps "
@@ -458,6 +473,13 @@ class AccumulationScheduler(Callback):
             else:
                 g = saved.to(p.device, p.dtype)
                 p.grad = g if first else torch.zeros_like(g)
+
+
+def _grads_reachable(strategy: Any) -> bool:
+    """Whether ``p.grad`` holds the accumulated gradient (not under DeepSpeed ZeRO, whose partitions are private)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy  # Lightning's class; does not import deepspeed
+
+    return not (strategy.handles_gradient_accumulation or isinstance(strategy, DeepSpeedStrategy))
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
