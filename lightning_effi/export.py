@@ -24,6 +24,35 @@ def _export_file(path: Path) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"]
 
 
+def _is_dcp_dir(path: Path) -> bool:
+    """A torch.distributed.checkpoint directory (EffiFSDPStrategy / ModelParallelStrategy): DCP writes ``.metadata``."""
+    return (path / ".metadata").is_file()
+
+
+def _export_dcp(path: Path) -> dict[str, torch.Tensor]:
+    """Full model weights of a sharded DCP checkpoint, on CPU, in this process, without a process group.
+
+    Lightning's sharded save puts the model under the top-level key ``"state_dict"`` (optimizers under
+    ``"optimizer_<i>"``, loops and callbacks in ``meta.pt``); only the model entries are read, so the optimizer
+    state (2x the weights for Adam/LAMB) is never loaded. DCP stores each tensor by its global shape, so the result
+    does not depend on how many ranks wrote it. ``_load_state_dict_from_keys`` is torch's (private, 2.4+) reader
+    for exactly this; the public ``format_utils.dcp_to_torch_save`` would also load every optimizer state.
+    """
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():
+        # "torch.distributed is unavailable or uninitialized, assuming the intent is to load in a single process":
+        # exactly the intent here.
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        loaded = _load_state_dict_from_keys(keys={"state_dict"}, checkpoint_id=str(path))
+    if "state_dict" not in loaded:
+        raise ValueError(f"{str(path)!r} is a torch.distributed.checkpoint directory without a 'state_dict' entry: "
+                         "not a Lightning checkpoint")
+    return dict(loaded["state_dict"])
+
+
 def _is_deepspeed_dir(path: Path) -> bool:
     """A DeepSpeed checkpoint directory: a 'latest' tag file or tag sub-directories holding *_model_states.pt."""
     return (path / "latest").is_file() or any(path.glob("*/*model_states.pt"))
@@ -50,6 +79,8 @@ def export_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if path.is_file():
         return _export_file(path)
+    if _is_dcp_dir(path):
+        return _export_dcp(path)
     if _is_deepspeed_dir(path):
         return _export_deepspeed(path)
     raise ValueError(f"{str(path)!r} is a directory but not a checkpoint format this version can export")
