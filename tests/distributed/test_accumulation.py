@@ -70,3 +70,17 @@ def test_fsdp2_windows_tokens_and_resume(tmp_path):
     losses = res["adam_first"]["losses"] + res["adam_resumed"]["losses"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(res["adam_full"]["losses"]), rtol=1e-5, atol=1e-6)
     assert _max_diff(res["adam_resumed"]["weights"], res["adam_full"]["weights"]) < 1e-6
+
+
+@pytest.mark.distributed
+def test_deepspeed_zero2_follows_schedule(tmp_path):
+    """EffiDeepSpeedStrategy (ZeRO-2): the loop-driven engine boundary follows the scheduler's windows, including the
+    unaligned change and the partial last window; effi_set_accumulation is called at each size change."""
+    run_script("accum_deepspeed.py", tmp_path, torchrun=2, timeout=400)
+    res = torch.load(tmp_path / "deepspeed.pt", weights_only=False)
+    assert res["sizes"] == WINDOWS
+    assert res["factors"] == [2, 3, 1]
+    _, split = _global_windows()
+    union, _ = _global_windows()
+    naive = reference_sgd(TinyLM().net, union, lr=LR, normalize="mean", dp_groups=split)
+    assert _max_diff(res["weights"], naive) < 2e-6
