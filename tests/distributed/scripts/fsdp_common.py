@@ -1,13 +1,12 @@
 """Model, data, optimizers and cases shared by the EffiFSDPStrategy scripts and their tests.
 
 The network is the package's GPT plus a 1-element ``gain`` (its shard is empty on rank 1 of 2) and an odd vocabulary
-(67 rows: shards of 34 and 33 rows), so uneven and empty shards are exercised. ``reference_run`` is the independent
-reference: a plain single-process PyTorch loop on the whole global batch, no Lightning, no sharding.
+(67 rows: shards of 34 and 33 rows), so uneven and empty shards are exercised. :func:`reference_run` is the
+independent reference: a plain single-process PyTorch loop over the whole global batch, no Lightning, no sharding.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -15,7 +14,26 @@ import torch.nn.functional as F
 from torch import nn
 
 VOCAB, BLOCK, N_SAMPLES, GLOBAL_BATCH, SEED = 67, 16, 40, 8, 1234
-STEPS, SAVE_AT = 10, 5  # 5 global batches per epoch: the step-5 checkpoint is an end-of-epoch checkpoint
+PER_EPOCH = N_SAMPLES // GLOBAL_BATCH  # 5 global batches per epoch
+EPOCHS = 2
+SAVE_AT = PER_EPOCH  # the step-5 checkpoint is an end-of-epoch checkpoint
+
+# One window per optimizer step: the global batches (indices into an epoch) whose mean gradient it applies.
+PLAIN_WINDOWS = [[i] for i in range(PER_EPOCH)] * EPOCHS
+# AccumulationScheduler({0: 1, 2: 2}): factor 2 from step 2; the last window of an epoch is cut short at its end.
+SCHEDULED_WINDOWS = [[0], [1], [2, 3], [4], [0, 1], [2, 3], [4]]
+SKIP_AT = 3  # the fp16 case injects an overflow on rank 1 only, in this optimizer step
+
+# Per case: optimizer, how the run differs, and the windows/skips the reference replays.
+CASES: dict[str, dict] = {
+    "adamw": {"optimizer": "adamw"},
+    "lamb": {"optimizer": "lamb"},
+    "adamw_accum": {"optimizer": "adamw", "accumulate": 2},  # micro-batch halved, same global batch per step
+    "adamw_ac": {"optimizer": "adamw", "strategy": {"activation_checkpointing": ["Block"], "reshard_after_forward": False}},
+    "adamw_bf16": {"optimizer": "adamw", "precision": "bf16-mixed"},
+    "adamw_fp16": {"optimizer": "adamw", "fp16": True, "skip": [SKIP_AT]},
+    "lamb_sched": {"optimizer": "lamb", "schedule": {0: 1, 2: 2}, "windows": SCHEDULED_WINDOWS},
+}
 
 
 class Net(nn.Module):
@@ -44,9 +62,10 @@ def loss_fn(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
 
-# Optimizer specs: everything the Lightning module and the reference need to build the same optimizer.
-# "clip" is Trainer(gradient_clip_val=...) (Lightning calls torch.nn.utils.clip_grad_norm_ on DTensor grads);
-# Lamb clips inside with max_grad_norm. no_decay/no_adapt exercise the group exclusions.
+# "clip" is Trainer(gradient_clip_val=...) (Lightning calls torch.nn.utils.clip_grad_norm_ on the DTensor grads);
+# Lamb clips inside with max_grad_norm. Both are small enough to be active in every step. no_decay/no_adapt
+# exercise the group exclusions. eps=1e-6: the attention key bias has an exactly-zero true gradient, and a smaller
+# eps lets Adam amplify its rounding noise into lr-sized steps that differ between any two summation orders.
 OPTIMIZERS = {
     "adamw": {"clip": 0.05, "no_decay": ["bias", "norm"], "no_adapt": []},
     "lamb": {"clip": None, "no_decay": ["bias", "norm"], "no_adapt": ["1d"]},
@@ -59,50 +78,52 @@ def make_optimizer(name: str, module: nn.Module):
     spec = OPTIMIZERS[name]
     groups = param_groups(module, weight_decay=0.1, no_decay=spec["no_decay"], no_adapt=spec["no_adapt"])
     if name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-6, foreach=False)
+        opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
     else:
         from lightning_effi.optim import Lamb
 
-        # max_grad_norm small enough that clipping is active in every step
         opt = Lamb(groups, lr=2e-2, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))  # warmup: its state must resume
     return opt, sched
 
 
-def reference_run(optimizer: str, steps: int = STEPS, *, upto_logits_at: int | None = None):
-    """Plain single-process training on the full global batch; returns the final ``state_dict`` (and logits)."""
+def reference_run(case: str, *, steps: int | None = None, logits_after: int | None = None):
+    """Plain single-process training of ``case``; returns the final ``state_dict`` and optionally the logits of
+    ``Net.gpt`` on the first 4 samples after ``logits_after`` steps."""
+    spec = CASES[case]
+    windows = spec.get("windows", PLAIN_WINDOWS)[:steps]
     net = build_net()
     data = dataset()
-    opt, sched = make_optimizer(optimizer, net)
-    clip = OPTIMIZERS[optimizer]["clip"]
-    per_epoch = N_SAMPLES // GLOBAL_BATCH
+    opt, sched = make_optimizer(spec["optimizer"], net)
+    clip = OPTIMIZERS[spec["optimizer"]]["clip"]
     logits = None
-    for step in range(steps):
-        i = step % per_epoch
-        batch = data[i * GLOBAL_BATCH:(i + 1) * GLOBAL_BATCH]
-        loss = loss_fn(net(batch[:, :-1]), batch)
+    for step, window in enumerate(windows):
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-        opt.step()
-        sched.step()
-        if upto_logits_at is not None and step + 1 == upto_logits_at:
+        batch = torch.cat([data[i * GLOBAL_BATCH:(i + 1) * GLOBAL_BATCH] for i in window])
+        loss_fn(net(batch[:, :-1]), batch).backward()
+        if step not in spec.get("skip", ()):  # a skipped step changes neither weights nor the LR schedule
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            opt.step()
+            sched.step()
+        if logits_after is not None and step + 1 == logits_after:
             with torch.no_grad():
                 logits = net.gpt(data[:4, :-1]).clone()
     return {k: v.detach().clone() for k, v in net.state_dict().items()}, logits
 
 
 def max_rel_diff(a: dict, b: dict) -> tuple[float, str]:
+    """Largest ``max|a-b| / max|b|`` over tensors, and which tensor it was."""
+    if a.keys() != b.keys():
+        raise AssertionError(f"different keys: {sorted(set(a) ^ set(b))}")
     worst, where = 0.0, ""
-    assert a.keys() == b.keys(), (sorted(a), sorted(b))
     for k in a:
         x, y = a[k].double(), b[k].double()
         d = ((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item()
-        if d > worst or math.isnan(d):
+        if not d <= worst:  # also catches nan
             worst, where = d, k
     return worst, where
 
 
-def output_dir(root: str | Path, case: str) -> Path:
+def case_dir(root: str | Path, case: str) -> Path:
     return Path(root) / case

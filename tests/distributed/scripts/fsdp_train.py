@@ -1,12 +1,13 @@
 """Train the fsdp_common network under EffiFSDPStrategy for each requested case; write what the tests compare.
 
-Usage (2 ranks: under torchrun, so one process pair runs every case's Trainer in turn; 1 rank: plain python):
-    torchrun --nproc_per_node=2 fsdp_train.py --out DIR --cases adamw,lamb [--resume-root DIR1]
+Usage (2 ranks under torchrun, so one process pair runs every case's Trainer in turn; 1 rank: plain python):
+    torchrun --nproc_per_node=2 fsdp_train.py --out DIR --cases adamw,lamb [--resume ROOT --resume-cases adamw]
     python fsdp_train.py --out DIR --cases adamw
 
-Per case, under DIR/<case>/: ``final.pt`` (full model state_dict after the last step, gathered on rank 0),
-``step5/`` (a sharded DCP checkpoint at the end of epoch 1 = step 5) and ``info.json`` (observations the test
-checks). With --resume-root the case resumes from ``DIR1/<case>/step5`` instead of starting fresh.
+Per case, under DIR/<case>/: ``final.pt`` (full model state_dict after the last step, gathered to rank 0),
+``step5/`` (a sharded DCP checkpoint written at the end of epoch 1 = step 5), ``info.json`` (rank 0's observations)
+and ``rank<r>.json`` (per-rank observations). Cases in --resume-cases instead resume from ``ROOT/<case>/step5`` and
+write to DIR/<case>_resumed/.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import fsdp_common as fc  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from _common import clean_exit  # noqa: E402
-from fsdp_common import GLOBAL_BATCH, OPTIMIZERS, SAVE_AT, STEPS, build_net, dataset, loss_fn, make_optimizer  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
@@ -44,14 +46,13 @@ class LM(pl.LightningModule):
     def __init__(self, optimizer: str) -> None:
         super().__init__()
         self.optimizer_name = optimizer
-        self.net = build_net()
-        self.seen_param_dtypes: set[str] = set()
+        self.net = fc.build_net()
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return loss_fn(self.net(batch[:, :-1]), batch)
+        return fc.loss_fn(self.net(batch[:, :-1]), batch)
 
     def configure_optimizers(self):
-        opt, sched = make_optimizer(self.optimizer_name, self.net)
+        opt, sched = fc.make_optimizer(self.optimizer_name, self.net)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -67,17 +68,50 @@ class SaveAtEpochEnd(pl.Callback):
 
 
 class Observe(pl.Callback):
-    """Record dtypes the compute sees and the type/dtype of the gradients the optimizer steps on."""
+    """What the tests check besides the weights: compute dtype, parameter/gradient types, all_reduce calls inside
+    each optimizer step, forward calls per micro-batch (activation checkpointing recomputes), skipped steps."""
 
-    def __init__(self) -> None:
-        self.info: dict = {"compute_dtypes": set(), "grad_types": set(), "param_types": set()}
+    def __init__(self, inject_overflow_at: int | None = None) -> None:
+        self.inject_overflow_at = inject_overflow_at
+        self.info: dict = {"compute_dtypes": set(), "grad_types": set(), "param_types": set(),
+                           "allreduce_per_step": [], "qkv_calls_per_batch": [], "skipped": [], "scales": []}
+        self._calls = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        qkv = pl_module.net.gpt.blocks[0].attn.qkv
+
+        def pre_hook(mod, args):
+            self.info["compute_dtypes"].add(str(mod.weight.dtype))
+            self._calls += 1
+
+        qkv.register_forward_pre_hook(pre_hook)
+        optimizer = trainer.optimizers[0]
+        step = optimizer.step
+
+        def counting_step(*args, **kwargs):
+            real, n = dist.all_reduce, [0]
+
+            def counted(*a, **k):
+                n[0] += 1
+                return real(*a, **k)
+
+            dist.all_reduce = counted
+            try:
+                return step(*args, **kwargs)
+            finally:
+                dist.all_reduce = real
+                self.info["allreduce_per_step"].append(n[0])
+
+        optimizer.step = counting_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not hasattr(self, "_hook"):
-            block = pl_module.net.gpt.blocks[0]
-            self._hook = block.attn.qkv.register_forward_pre_hook(
-                lambda mod, args: self.info["compute_dtypes"].add(str(mod.weight.dtype))
-            )
+        self._calls = 0
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.inject_overflow_at and trainer.global_rank == 1:
+            # Only rank 1's shard of the embedding gradient overflows: rank 0 sees finite local gradients and must
+            # still skip (the scaler agrees on the flag across ranks).
+            pl_module.net.gpt.wte.weight.grad.to_local()[0, 0] = float("inf")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         for p in pl_module.parameters():
@@ -85,28 +119,44 @@ class Observe(pl.Callback):
             if p.grad is not None:
                 self.info["grad_types"].add(f"{type(p.grad).__name__}:{p.grad.dtype}")
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.info["qkv_calls_per_batch"].append(self._calls)
+        plugin = trainer.precision_plugin
+        if hasattr(plugin, "last_step_skipped"):
+            self.info["skipped"].append(bool(plugin.last_step_skipped))
+            self.info["scales"].append(float(plugin.scaler.get_scale()))
+
 
 def run_case(case: str, out: Path, resume_root: Path | None, world: int) -> None:
-    optimizer, _, variant = case.partition("_")
-    accumulate = 2 if variant == "accum" else 1
-    precision = "bf16-mixed" if variant == "bf16" else "32-true"
+    from lightning_effi.callbacks import AccumulationScheduler
+    from lightning_effi.plugins import LossScalingPrecision
+
+    spec = fc.CASES[case]
     rank = int(os.environ.get("RANK", 0))
-    case_dir = out / case
-    case_dir.mkdir(parents=True, exist_ok=True)
-    sampler = DistributedSampler(Rows(dataset()), num_replicas=world, rank=rank, shuffle=False)
-    loader = DataLoader(Rows(dataset()), batch_size=GLOBAL_BATCH // world // accumulate, sampler=sampler)
-    observe = Observe()
-    callbacks = [observe] if resume_root else [observe, SaveAtEpochEnd(SAVE_AT, case_dir / "step5")]
+    accumulate = spec.get("accumulate", 1)
+    target = fc.case_dir(out, case + ("_resumed" if resume_root else ""))
+    target.mkdir(parents=True, exist_ok=True)
+    data = Rows(fc.dataset())
+    sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+    loader = DataLoader(data, batch_size=fc.GLOBAL_BATCH // world // accumulate, sampler=sampler)
+    observe = Observe(inject_overflow_at=fc.SKIP_AT if spec.get("fp16") else None)
+    callbacks: list = [observe]
+    if not resume_root:
+        callbacks.append(SaveAtEpochEnd(fc.SAVE_AT, target / "step5"))
+    if "schedule" in spec:
+        callbacks.append(AccumulationScheduler(spec["schedule"], unit="step"))
+    plugins = [LossScalingPrecision("16-mixed", init_scale=2.0**10, growth_interval=1000)] if spec.get("fp16") else []
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world,
-        strategy=EffiFSDPStrategy(wrap=["Block"]),
-        precision=precision,
+        strategy=EffiFSDPStrategy(wrap=["Block"], **spec.get("strategy", {})),
+        precision=spec.get("precision", None if plugins else "32-true"),
+        plugins=plugins,
         # Epoch-based on purpose: with max_steps Lightning treats every resume as mid-epoch ("iteration-based
         # training") and replays one extra batch after an end-of-epoch checkpoint (measured with strategy="auto" too).
-        max_epochs=STEPS // SAVE_AT,
+        max_epochs=fc.EPOCHS,
         accumulate_grad_batches=accumulate,
-        gradient_clip_val=OPTIMIZERS[optimizer]["clip"],
+        gradient_clip_val=fc.OPTIMIZERS[spec["optimizer"]]["clip"],
         use_distributed_sampler=False,  # our sampler keeps the order (Lightning would force shuffle=True)
         callbacks=callbacks,
         logger=False,
@@ -114,29 +164,68 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int) -> None
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = LM(optimizer)
-    ckpt = str(resume_root / case / "step5") if resume_root else None
+    model = LM(spec["optimizer"])
+    ckpt = str(fc.case_dir(resume_root, case) / "step5") if resume_root else None
     trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt)
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    info = {k: sorted(v) if isinstance(v, set) else v for k, v in observe.info.items()}
+    info.update(global_step=trainer.global_step, world_size=trainer.world_size)
+    (target / f"rank{rank}.json").write_text(json.dumps(info))
     if trainer.global_rank == 0:
-        torch.save({k.removeprefix("net."): v for k, v in full.items()}, case_dir / "final.pt")
-        info = {k: sorted(v) for k, v in observe.info.items()}
-        info.update(global_step=trainer.global_step, world_size=trainer.world_size)
-        (case_dir / "info.json").write_text(json.dumps(info))
+        torch.save({k.removeprefix("net."): v for k, v in full.items()}, target / "final.pt")
+        (target / "info.json").write_text(json.dumps(info))
+
+
+def run_gpt_module(out: Path, world: int) -> None:
+    """The package's GPTLightningModule under ``strategy="effi_fsdp"`` (registry name, default wrap = the classes in
+    every ModuleList, i.e. ``Block``): 3 steps, a sharded checkpoint, and the sharded model's own logits on fixed
+    tokens, which the exported single-file state_dict must reproduce in a plain ``GPT``."""
+    from lightning_effi.models import GPTLightningModule
+
+    target = fc.case_dir(out, "gpt_module")
+    target.mkdir(parents=True, exist_ok=True)
+    tokens = fc.dataset()
+    rows = [{"input_ids": t[:-1], "labels": t[1:]} for t in tokens]
+    rank = int(os.environ.get("RANK", 0))
+    loader = DataLoader(rows, batch_size=fc.GLOBAL_BATCH // world,
+                        sampler=DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=False))
+    torch.manual_seed(fc.SEED)
+    model = GPTLightningModule(vocab_size=fc.VOCAB, block_size=fc.BLOCK, n_layer=2, n_head=2, d_model=32,
+                               warmup_steps=1, max_steps=3)
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="effi_fsdp", max_steps=3,
+                         use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, train_dataloaders=loader)
+    trainer.save_checkpoint(target / "ckpt")
+    from torch.distributed.fsdp import FSDPModule
+
+    units = sorted(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule))
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens[:4, :-1])
+    if rank == 0:
+        torch.save(logits, target / "logits.pt")
+        (target / "info.json").write_text(json.dumps({"fsdp_units": units, "strategy": type(trainer.strategy).__name__}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--cases", required=True)
-    parser.add_argument("--resume-root", type=Path, default=None)
+    parser.add_argument("--cases", default="")
+    parser.add_argument("--resume", type=Path, default=None)
+    parser.add_argument("--resume-cases", default="")
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", 1))
-    for case in args.cases.split(","):
-        run_case(case, args.out, args.resume_root, world)
+    for case in filter(None, args.cases.split(",")):
+        if case == "gpt_module":
+            run_gpt_module(args.out, world)
+        else:
+            run_case(case, args.out, None, world)
+    for case in filter(None, args.resume_cases.split(",")):
+        run_case(case, args.out, args.resume, world)
     clean_exit()
 
 
