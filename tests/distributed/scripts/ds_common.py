@@ -34,7 +34,10 @@ def make_optimizer(name: str, model: torch.nn.Module, max_grad_norm: float | Non
     # Two groups (decay / no decay) so the flat layouts span several param groups.
     groups = param_groups(model, weight_decay=0.1)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.99), eps=1e-8)
+        # eps 1e-3, not 1e-8: the attention key bias has a mathematically zero gradient (softmax is shift-invariant),
+        # so its float noise (~1e-9, depending on summation order) divided by sqrt(v) + 1e-8 would move it by ~lr
+        # per step in either run: an ill-conditioned comparison, not a sharding error.
+        return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.99), eps=1e-3)
     if name == "lamb":
         return Lamb(groups, lr=LR, betas=(0.9, 0.99), eps=1e-6, max_grad_norm=max_grad_norm)
     raise ValueError(name)
