@@ -2,3 +2,4 @@
 
 from lightning_effi.callbacks.accumulation import AccumulationScheduler
 from lightning_effi.callbacks.microbatch import AutoMicroBatch
+from lightning_effi.callbacks.health import TrainingHealthMonitor
