@@ -1,0 +1,62 @@
+"""LossScalingPrecision + TrainingHealthMonitor under 2-process CPU DDP (gloo), real fp16 autocast.
+
+An inf/nan is written into one parameter's gradient on rank 1 only, after DDP's all-reduce (``on_after_backward``),
+so rank 0's gradients are finite: only the scaler's cross-rank agreement can make rank 0 skip too. Each rank writes
+``<out>/rank<r>.pt`` with its per-step records, scale sequence, skip events, health metrics and final weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import clean_exit  # noqa: E402
+
+from lightning_effi.callbacks import TrainingHealthMonitor  # noqa: E402
+from lightning_effi.plugins import LossScalingPrecision  # noqa: E402
+from tests.plugins._toy import StepRecorder, ToyModule  # noqa: E402
+
+INJECT = {1: "inf", 4: "nan", 5: "inf"}
+N_STEPS = 10
+KNOBS = dict(init_scale=2.0**10, growth_interval=3, hysteresis=2)
+
+
+class TokenToy(ToyModule):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return {"loss": loss, "num_tokens": torch.tensor(batch[0].shape[0])}
+
+
+def main(out: Path) -> None:
+    module = TokenToy(inject=INJECT, inject_rank=1, inject_param="net.2.weight")
+    plugin = LossScalingPrecision("16-mixed", **KNOBS)
+    rec = StepRecorder()
+    monitor = TrainingHealthMonitor(log_every_n_steps=5)
+    trainer = Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=N_STEPS, plugins=[plugin], callbacks=[rec, monitor],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module)
+    torch.save(
+        {
+            "rows": rec.rows,
+            "injected_at": module.injected_at,
+            "skipped_steps": plugin.skipped_steps,
+            "skip_events": monitor.skip_events,
+            "health": monitor.last_metrics,
+            "weights": {k: v.detach().clone() for k, v in module.state_dict().items()},
+            "opt_steps": int(trainer.optimizers[0].state_dict()["state"][0]["step"]),
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+    clean_exit()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
