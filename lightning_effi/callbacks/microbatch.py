@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
 from typing_extensions import override
 
 from lightning_effi.callbacks.accumulation import AccumulationScheduler
@@ -24,6 +25,13 @@ def micro_batch_candidates(global_batch_size: int, *, data_parallel_size: int, m
     return [m for m in range(min(per_rank, max_micro_batch_size), 0, -1) if per_rank % m == 0]
 
 
+def _allowed_cuda_memory(device: torch.device) -> int:
+    """Bytes this process may allocate: the device total times ``set_per_process_memory_fraction``'s cap."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return int(total * (get_fraction(device) if get_fraction is not None else 1.0))
+
+
 class AutoMicroBatch(AccumulationScheduler):
     """Pick the largest micro-batch that fits in memory and accumulate to a fixed global batch.
 
@@ -36,7 +44,7 @@ class AutoMicroBatch(AccumulationScheduler):
     (``batch_arg_name`` on the module, its hparams or the datamodule, as Lightning's ``BatchSizeFinder`` finds it),
     builds the train DataLoader, and runs ``training_step`` + backward on one batch per candidate, largest first.
     A candidate is accepted when it raises no ``torch.OutOfMemoryError`` and its peak allocated memory stays within
-    ``memory_fraction`` of the device: the rest is headroom for what one forward/backward does not allocate
+    ``memory_fraction`` of what the process may allocate (device total x ``set_per_process_memory_fraction``): the rest is headroom for what one forward/backward does not allocate
     (optimizer state is created at the first step; fragmentation). Gradients are dropped after each probe; weights are
     never stepped.
 
@@ -135,8 +143,13 @@ class AutoMicroBatch(AccumulationScheduler):
         lightning_setattr(pl_module, self.batch_arg_name, m)
         source = trainer.datamodule if trainer.datamodule is not None else pl_module
         batch = next(iter(source.train_dataloader()))
-        if lightning_getattr(pl_module, self.batch_arg_name) != m:  # pragma: no cover - defensive
-            raise RuntimeError(f"AutoMicroBatch could not set {self.batch_arg_name}={m}")
+        got = extract_batch_size(batch)
+        if got != m:
+            raise RuntimeError(
+                f"AutoMicroBatch set {self.batch_arg_name}={m} but the train DataLoader gave a batch of {got} "
+                f"(a dataset smaller than the micro-batch, or a loader that ignores {self.batch_arg_name!r}); "
+                f"give max_micro_batch_size <= the dataset size, or the right batch_arg_name"
+            )
         device = trainer.strategy.root_device
         cuda = device.type == "cuda"
         if cuda:
@@ -149,7 +162,7 @@ class AutoMicroBatch(AccumulationScheduler):
             if cuda:
                 torch.cuda.synchronize(device)
                 peak = torch.cuda.max_memory_allocated(device)
-                if peak > self.memory_fraction * torch.cuda.get_device_properties(device).total_memory:
+                if peak > self.memory_fraction * _allowed_cuda_memory(device):
                     verdict = "over memory_fraction"
         except torch.OutOfMemoryError:
             verdict = "oom"

@@ -120,7 +120,13 @@ def test_cuda_probe_real_oom():
             super().__init__()
             self.wide = torch.nn.Linear(6, 1 << 20)  # ~4 MiB fp32 activation per token, ~24 MiB per sample
 
+        def train_dataloader(self):
+            rows = [{"input_ids": torch.randint(0, 13, (6,)), "labels": torch.zeros(6, dtype=torch.long)}
+                    for _ in range(960)]
+            return DataLoader(rows, batch_size=self.batch_size, shuffle=False)
+
         def training_step(self, batch, batch_idx):
+            self.shapes.append(batch["input_ids"].shape[0])
             x = F.one_hot(batch["input_ids"] % 6, 6).float()
             return self.wide(x).square().mean()
 
@@ -130,13 +136,16 @@ def test_cuda_probe_real_oom():
     torch.cuda.set_per_process_memory_fraction(fraction, 0)
     try:
         m = Big()
-        cb = AutoMicroBatch(240, memory_fraction=1.0)
-        Trainer(accelerator="cuda", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+        cb = AutoMicroBatch(240)  # default memory_fraction=0.85: headroom for the real step
+        Trainer(accelerator="cuda", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
                 enable_progress_bar=False, enable_model_summary=False, callbacks=[cb]).fit(m)
         chosen = cb.micro_batch_size
         assert chosen is not None and cb.probed[chosen] == "ok"
         larger = [c for c in cb.probed if c > chosen]
         assert larger and all(cb.probed[c] in ("oom", "over memory_fraction") for c in larger)
-        assert 240 % chosen == 0
+        assert 240 % chosen == 0 and chosen < 240
+        # Training then ran two full windows at the chosen size without OOM (earlier entries are the probes).
+        n_train = 2 * 240 // chosen
+        assert len(m.shapes) == len(cb.probed) + n_train and set(m.shapes[-n_train:]) == {chosen}
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
