@@ -103,12 +103,14 @@ class ListLoader:
 
 
 def reference_sgd(net: torch.nn.Module, windows: list[list[dict]], *, lr: float, normalize: str,
-                  dp_groups: list[list[list[dict]]] | None = None) -> dict[str, torch.Tensor]:
+                  dp_groups: list[list[list[dict]]] | None = None, clip: float | None = None
+                  ) -> dict[str, torch.Tensor]:
     """Float64 plain-torch SGD over ``windows`` (lists of micro-batches), written from the definitions.
 
     ``normalize="tokens"``: grad = d(sum of token losses over the window) / (valid tokens in the window).
     ``normalize="mean"``: grad = mean over micro-batches of the per-micro-batch mean-loss gradient; with
     ``dp_groups`` (per window, per rank, its micro-batches) the mean over ranks of each rank's micro-batch mean.
+    ``clip``: the gradient's global L2 norm is clipped to it before the step.
     """
     net = copy.deepcopy(net).double()
     params = list(net.parameters())
@@ -124,6 +126,8 @@ def reference_sgd(net: torch.nn.Module, windows: list[list[dict]], *, lr: float,
         else:
             loss = sum(_mean_loss(net, b) for b in window) / len(window)
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         with torch.no_grad():
             for p in params:
                 p -= lr * p.grad

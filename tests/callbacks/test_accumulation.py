@@ -106,6 +106,18 @@ def test_tokens_exact_and_naive_mean_is_not():
     assert _max_diff(_weights(mean), exact) > 100 * 2e-6
 
 
+def test_clipping_sees_the_token_exact_gradient():
+    """Trainer(gradient_clip_val) clips the final (token-normalised) gradient, not a provisional one."""
+    batches = make_batches(6, batch_size=3, max_len=9, seed=4)
+    m = TinyLM(loss_reduction="sum", lr=LR)
+    init = TinyLM(loss_reduction="sum", lr=LR).net
+    _trainer([AccumulationScheduler({0: 3}, normalize="tokens")], gradient_clip_val=0.05).fit(m, ListLoader(batches))
+    windows = _split(batches, [3, 3])
+    clipped = reference_sgd(init, windows, lr=LR, normalize="tokens", clip=0.05)
+    assert _max_diff(_weights(m), clipped) < 2e-6
+    assert _max_diff(clipped, reference_sgd(init, windows, lr=LR, normalize="tokens")) > 1e-3  # clipping was active
+
+
 def test_partial_last_window_mean_is_renormalised():
     """7 batches at factor 3: windows 3, 3, 1; the last is the mean of what it has (stock Lightning divides by 3)."""
     batches = make_batches(7, batch_size=2, max_len=6, seed=5)

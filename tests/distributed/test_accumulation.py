@@ -7,7 +7,7 @@ import torch
 
 from tests.callbacks._toy import TinyLM, reference_sgd
 from tests.distributed.launch import run_script
-from tests.distributed.scripts.accum_ddp import LR, N_PER_RANK, global_batches
+from tests.distributed.scripts.accum_ddp import LR, N_PER_RANK, TOKEN_SCHEDULE, global_batches
 
 WINDOWS = [2, 3, 3, 1]  # {0: 2, 1: 3} over 9 micro-batches per rank: unaligned change at batch 2, partial last
 
@@ -52,6 +52,17 @@ def test_ddp_windows_tokens_no_sync_and_resume(tmp_path):
     # Gradients are all-reduced only on each window's last micro-batch (DDP no_sync elsewhere): one bucket each.
     boundaries = [sum(WINDOWS[:i + 1]) - 1 for i in range(len(WINDOWS))]
     assert sorted(set(res["tokens"]["allreduce_at"])) == boundaries
+    # unit="token" counts valid tokens over both ranks: simulate the windows from the data directly.
+    per_rank = [global_batches()[r::2] for r in range(2)]
+    tokens = [sum(int((per_rank[r][i]["labels"] != -100).sum()) for r in range(2)) for i in range(N_PER_RANK)]
+    (threshold, late), = [kv for kv in TOKEN_SCHEDULE.items() if kv[0] > 0]
+    expected, seen, i = [], 0, 0
+    while i < N_PER_RANK:
+        size = min(late if seen >= threshold else 1, N_PER_RANK - i)
+        expected.append(size)
+        seen += sum(tokens[i:i + size])
+        i += size
+    assert res["token_unit"]["sizes"] == expected and len(set(expected)) > 1
     # Resume from a checkpoint taken mid-window (after micro-batch 4, inside the 2nd window) == uninterrupted run.
     assert res["adam_first"]["sizes"] == [2] and res["adam_resumed"]["sizes"] == [1, 3, 1]
     losses = res["adam_first"]["losses"] + res["adam_resumed"]["losses"]

@@ -7,6 +7,7 @@ Cases:
   tokens: normalize="tokens", schedule {0: 2, 1: 3} over 9 micro-batches per rank -> windows 2, 3, 3, 1 (unaligned
           change at batch 2, partial last window), SGD.
   mean:   the same windows with normalize="mean" and per-token-mean losses.
+  token_unit: a token-keyed schedule (global valid tokens), checked against a simulation of the global counts.
   resume: the tokens case with Adam, stopped after micro-batch 4 (mid-window) with a checkpoint, then resumed;
           plus the uninterrupted Adam run to compare with.
 """
@@ -30,6 +31,7 @@ from tests.callbacks._toy import ListLoader, TinyLM, make_batches  # noqa: E402
 
 N_PER_RANK = 9
 SCHEDULE = {0: 2, 1: 3}
+TOKEN_SCHEDULE = {0: 1, 60: 3}
 LR = 0.5
 
 
@@ -77,7 +79,7 @@ class SaveAndStop(Callback):
             trainer.should_stop = True  # Lightning ends the epoch loop after this batch: mid-window
 
 
-def fit(normalize: str, *, optimizer: str = "sgd", callbacks=(), ckpt=None, hook_comm=False):
+def fit(normalize: str, *, optimizer: str = "sgd", callbacks=(), ckpt=None, hook_comm=False, scheduler=None):
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     mine = global_batches()[rank::2]
     reduction = "sum" if normalize == "tokens" else "mean"
@@ -86,7 +88,7 @@ def fit(normalize: str, *, optimizer: str = "sgd", callbacks=(), ckpt=None, hook
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-        callbacks=[AccumulationScheduler(SCHEDULE, normalize=normalize), rec, *callbacks],
+        callbacks=[scheduler or AccumulationScheduler(SCHEDULE, normalize=normalize), rec, *callbacks],
     )
     trainer.fit(module, ListLoader(mine), ckpt_path=ckpt)
     weights = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
@@ -99,6 +101,8 @@ def main() -> None:
         "tokens": fit("tokens", hook_comm=True),
         "mean": fit("mean"),
         "adam_full": fit("tokens", optimizer="adam"),
+        # thresholds in valid tokens summed over both ranks
+        "token_unit": fit("tokens", scheduler=AccumulationScheduler(TOKEN_SCHEDULE, unit="token", normalize="tokens")),
     }
     ckpt = str(out / "mid.ckpt")
     results["adam_first"] = fit("tokens", optimizer="adam", callbacks=[SaveAndStop(4, ckpt)])
