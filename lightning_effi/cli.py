@@ -35,6 +35,8 @@ class EffiCLI(LightningCLI):
             return
         if trainer.num_val_batches and any(n > 0 for n in trainer.num_val_batches) or trainer.limit_val_batches:
             trainer.validate(model, datamodule=dm, verbose=False)
+        # trainer.log_dir broadcasts from rank 0 (a collective): every rank must ask before the others return.
+        log_dir = trainer.log_dir if trainer.logger is not None else None
         if not trainer.is_global_zero:
             return
         val = trainer.callback_metrics.get("val/loss")
@@ -42,8 +44,8 @@ class EffiCLI(LightningCLI):
         lines = ["", "effi: training finished"]
         if isinstance(ckpt, ModelCheckpoint):
             lines.append(f"  checkpoints: {ckpt.dirpath}  (last: {ckpt.last_model_path or ckpt.best_model_path or '-'})")
-        if trainer.logger is not None and trainer.log_dir:
-            lines.append(f"  logs:        {trainer.log_dir}")
+        if log_dir:
+            lines.append(f"  logs:        {log_dir}")
         if val is not None:
             lines.append(f"  final val loss: {float(val):.4f} nats/token")
         if hasattr(dm, "unigram_entropy"):
