@@ -14,6 +14,8 @@ What it changes relative to ``lightning.pytorch.strategies.DeepSpeedStrategy`` (
   epoch behave exactly as under DDP) and DeepSpeed neither rescales the loss nor keeps its own window.
 - **fp16 from LossScalingPrecision.** Its knobs become DeepSpeed's fp16 loss-scaler config; a learning-rate
   scheduler stepped per optimizer step is stepped by DeepSpeed, which skips it when the step was skipped.
+- **Checkpoints** carry the entry DeepSpeed's universal-checkpoint converter needs, so they can be resumed on
+  another world size.
 - **LAMB under ZeRO.** ZeRO hands the optimizer one flat fp32 partition per param group; the strategy describes
   where each logical parameter lies in it (:class:`~lightning_effi.optim.norms.FlatLayout`) so
   :class:`~lightning_effi.optim.Lamb` computes one trust ratio per parameter with one all_reduce.
@@ -139,6 +141,12 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
     overflow happens at ``min_scale``). On CPU, DeepSpeed gates fp16 on a CPU feature probe; when fp16 is asked
     for, this strategy makes DeepSpeed's CPU accelerator report fp16 support (PyTorch runs fp16 on any CPU, more
     slowly without native support), so behaviour does not depend on the CPU model.
+
+    Checkpoints are DeepSpeed directories (one shard per rank, optimizer/scaler/scheduler state included).
+    ``effi export CKPT OUT.pt`` writes one fp32 ``state_dict``. To resume on another number of processes, convert
+    once with ``python -m deepspeed.checkpoint.ds_to_universal --input_folder CKPT/checkpoint --output_folder
+    CKPT/checkpoint_universal`` and pass ``config={"checkpoint": {"load_universal": True}}``; without that, a
+    world-size mismatch raises with these instructions.
     """
 
     strategy_name = "effi_deepspeed"
@@ -416,8 +424,23 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     @override
+    def save_checkpoint(self, checkpoint: dict, filepath: _PATH, storage_options: Any | None = None) -> None:
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        # DeepSpeed's converter to universal checkpoints (resume on another world size) requires this entry, which
+        # only Megatron-style clients write; pure data parallelism needs no tensor-parallel merge patterns.
+        checkpoint = {**checkpoint,
+                      UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        if not (self.load_full_weights and self.zero_stage_3):
+        universal = bool((self.config.get("checkpoint") or {}).get("load_universal", False))
+        if not (self.load_full_weights and self.zero_stage_3) and not universal:
             _check_world_size(checkpoint_path, self.world_size)
         client_state = super().load_checkpoint(checkpoint_path, weights_only)
         # Optimizer.load_state_dict replaced the param groups; layouts are strategy wiring, not state.
@@ -619,10 +642,13 @@ def _saved_world_size(checkpoint_path: _PATH) -> int | None:
 def _check_world_size(checkpoint_path: _PATH, world_size: int) -> None:
     saved = _saved_world_size(checkpoint_path)
     if saved is not None and saved != world_size:
+        tag_dir = Path(checkpoint_path) / "checkpoint"
         raise RuntimeError(
             f"DeepSpeed checkpoint {str(checkpoint_path)!r} was saved by {saved} processes but this run has "
-            f"{world_size}; ZeRO shards cannot be re-partitioned in place. Either resume with {saved} processes, or "
-            "load only the weights: `effi export CKPT weights.pt` writes a single fp32 state_dict that any world "
-            "size can load (optimizer state is not carried over). DeepSpeed universal checkpoints "
-            "(`python -m deepspeed.checkpoint.ds_to_universal`) are not supported by this strategy yet."
+            f"{world_size}; ZeRO shards cannot be re-partitioned in place. Convert it to a universal checkpoint once:\n"
+            f"  python -m deepspeed.checkpoint.ds_to_universal --input_folder {tag_dir} "
+            f"--output_folder {tag_dir}_universal\n"
+            "and resume with EffiDeepSpeedStrategy(config={'checkpoint': {'load_universal': True}}) (weights, "
+            f"optimizer and scheduler state), or resume with {saved} processes, or take only the weights with "
+            "`effi export CKPT weights.pt`."
         )

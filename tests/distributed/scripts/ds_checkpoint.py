@@ -28,6 +28,7 @@ from lightning_effi.strategies import EffiDeepSpeedStrategy  # noqa: E402
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
+ACCELERATOR = os.environ.get("EFFI_DS_ACCELERATOR", "cpu")
 CASES = {
     "s2_lamb": dict(stage=2, optimizer="lamb"),
     "s3_adamw": dict(stage=3, optimizer="adamw"),
@@ -50,7 +51,7 @@ def fit(case: dict, root: Path, max_steps: int, ckpt_path: str | None = None, sa
         callbacks.append(ModelCheckpoint(dirpath=root, every_n_train_steps=5, save_top_k=-1,
                                          filename="{step}", save_last=False))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=EffiDeepSpeedStrategy(stage=case["stage"]), max_steps=max_steps,
+        accelerator=ACCELERATOR, devices=WORLD, strategy=EffiDeepSpeedStrategy(stage=case["stage"]), max_steps=max_steps,
         use_distributed_sampler=False, logger=False, enable_checkpointing=save, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, default_root_dir=root,
     )

@@ -26,6 +26,8 @@ from lightning_effi.strategies import EffiDeepSpeedStrategy  # noqa: E402
 
 RANK = int(os.environ["RANK"])
 WORLD = int(os.environ["WORLD_SIZE"])
+# "cpu" (gloo, the CI case) or "cuda" (NCCL, `pytest -m multi_gpu` on the GPU machine)
+ACCELERATOR = os.environ.get("EFFI_DS_ACCELERATOR", "cpu")
 
 
 class Recorder(pl.Callback):
@@ -97,7 +99,7 @@ def _cases() -> dict:
     cases["s2_fp16_skip"] = dict(
         stage=2, module=dict(optimizer="adamw", scheduler="halving", overflow_at=4), trainer=dict(max_steps=6),
         plugins=[LossScalingPrecision("16-mixed", init_scale=2.0**8, growth_interval=2, hysteresis=1,
-                                      max_scale=2.0**8, device="cpu")],
+                                      max_scale=2.0**8)],
     )
     return cases
 
@@ -107,7 +109,7 @@ def run_case(name: str, spec: dict, out: Path) -> None:
     module = TinyLM(**spec.get("module", {}))
     recorder = Recorder(**spec.get("recorder", {}))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=EffiDeepSpeedStrategy(stage=spec["stage"]),
+        accelerator=ACCELERATOR, devices=WORLD, strategy=EffiDeepSpeedStrategy(stage=spec["stage"]),
         plugins=spec.get("plugins"), use_distributed_sampler=False, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder], **spec["trainer"],
     )
