@@ -72,11 +72,12 @@ def test_ddp_windows_tokens_no_sync_and_resume(tmp_path):
 
 @pytest.mark.distributed
 def test_fsdp2_windows_tokens_and_resume(tmp_path):
-    """FSDP2 (ModelParallelStrategy, dp=2, fully_shard): reduce-scatter per micro-batch into DTensor shards, the
-    boundary rescale on the shards, and a mid-window checkpoint of sharded partial gradients."""
-    run_script("accum_fsdp.py", tmp_path, timeout=300)
+    """FSDP2 (ModelParallelStrategy dp=2 with fully_shard, and effi_fsdp): reduce-scatter per micro-batch into DTensor
+    shards, the boundary rescale on the shards, and a mid-window DCP checkpoint of sharded partial gradients."""
+    run_script("accum_fsdp.py", tmp_path, timeout=400)
     res = torch.load(tmp_path / "fsdp.pt", weights_only=False)
     _check_against_references(res, tol=2e-6)
+    assert _max_diff(res["effi_tokens"]["weights"], res["tokens"]["weights"]) < 2e-6
     assert res["adam_first"]["sizes"] == [2] and res["adam_resumed"]["sizes"] == [1, 3, 1]
     losses = res["adam_first"]["losses"] + res["adam_resumed"]["losses"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(res["adam_full"]["losses"]), rtol=1e-5, atol=1e-6)

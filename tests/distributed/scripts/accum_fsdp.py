@@ -2,7 +2,7 @@
 ``data_parallel_size=2, tensor_parallel_size=1`` and ``fully_shard`` in ``configure_model`` (CPU_DISTRIBUTED.md).
 
 Same cases and data as accum_ddp.py (tokens, mean, mid-window resume), so the test compares with the same float64
-references. Gradients are DTensor shards here: the boundary rescale and the mid-window checkpoint go through the
+references; tokens and the resume also run under the package's ``effi_fsdp`` (DCP checkpoint directory). Gradients are DTensor shards here: the boundary rescale and the mid-window checkpoint go through the
 DTensor paths. Writes ``<out>/fsdp.pt`` on rank 0.
 """
 
@@ -36,15 +36,23 @@ class ShardedLM(TinyLM):
         fully_shard(self.net, mesh=mesh)
 
 
-def fit(normalize: str, *, optimizer: str = "sgd", callbacks=(), ckpt=None):
+def fit(normalize: str, *, optimizer: str = "sgd", callbacks=(), ckpt=None, effi: bool = False):
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     mine = global_batches()[rank::2]
     reduction = "sum" if normalize == "tokens" else "mean"
-    module = ShardedLM(loss_reduction=reduction, lr=LR if optimizer == "sgd" else 0.02, optimizer=optimizer)
+    cls = TinyLM if effi else ShardedLM  # effi_fsdp shards by class name itself, no configure_model
+    module = cls(loss_reduction=reduction, lr=LR if optimizer == "sgd" else 0.02, optimizer=optimizer)
+    if effi:
+        from lightning_effi.strategies import EffiFSDPStrategy
+
+        # DCP directory checkpoints (the default): the partial-window gradients travel inside it.
+        strategy = EffiFSDPStrategy(wrap=["Linear", "Embedding"])
+    else:
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
     rec = Recorder(hook_comm=False)
     trainer = Trainer(
         accelerator="cpu", devices=2, max_epochs=1, logger=False, enable_checkpointing=False,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False),
+        strategy=strategy,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         callbacks=[AccumulationScheduler(SCHEDULE, normalize=normalize), rec, *callbacks],
     )
@@ -55,10 +63,14 @@ def fit(normalize: str, *, optimizer: str = "sgd", callbacks=(), ckpt=None):
 
 def main() -> None:
     out = Path(sys.argv[1])
-    results = {"tokens": fit("tokens"), "mean": fit("mean"), "adam_full": fit("tokens", optimizer="adam")}
-    ckpt = str(out / "mid.ckpt")
-    results["adam_first"] = fit("tokens", optimizer="adam", callbacks=[SaveAndStop(4, ckpt)])
-    results["adam_resumed"] = fit("tokens", optimizer="adam", ckpt=ckpt)
+    # Lightning's ModelParallelStrategy with fully_shard in configure_model...
+    results = {"tokens": fit("tokens"), "mean": fit("mean")}
+    # ...and the package's effi_fsdp, with its default DCP directory checkpoint for the mid-window resume.
+    results["effi_tokens"] = fit("tokens", effi=True)
+    results["adam_full"] = fit("tokens", optimizer="adam", effi=True)
+    ckpt = str(out / "effi_mid")
+    results["adam_first"] = fit("tokens", optimizer="adam", callbacks=[SaveAndStop(4, ckpt)], effi=True)
+    results["adam_resumed"] = fit("tokens", optimizer="adam", ckpt=ckpt, effi=True)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         torch.save(results, out / "fsdp.pt")
     clean_exit()
