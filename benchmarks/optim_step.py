@@ -179,7 +179,8 @@ def main():
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--blocks", default="1024,2048,4096,8192", help="Triton BLOCK sizes to sweep (cuda)")
+    ap.add_argument("--blocks", default="4096:8,8192:8,8192:16,16384:16",
+                    help="Triton BLOCK:num_warps configurations to sweep (cuda)")
     ap.add_argument("--compile-layers", type=int, default=4, help="layers for the compiled-vs-Triton check (cuda)")
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
@@ -223,13 +224,14 @@ def main():
         import lightning_effi.optim.fused as fused_mod
 
         sweep = {}
-        default_block = fused_mod.BLOCK
-        for blk in [int(b) for b in args.blocks.split(",")]:
-            fused_mod.BLOCK = blk
+        default = fused_mod.BLOCK, fused_mod.NUM_WARPS
+        for cfg in args.blocks.split(","):
+            blk, warps = (int(v) for v in cfg.split(":"))
+            fused_mod.BLOCK, fused_mod.NUM_WARPS = blk, warps
             f = {"fused": lambda ps: Lamb(ps, fused=True, lr=1e-3, weight_decay=0.01)}
             m, _ = bench(shapes, device, ["fused"], f, max(5, reps // 3), args.warmup)
-            sweep[blk] = m["fused"] * 1e3 if "fused" in m else None
-        fused_mod.BLOCK = default_block
+            sweep[cfg] = m["fused"] * 1e3 if "fused" in m else None
+        fused_mod.BLOCK, fused_mod.NUM_WARPS = default
         result["fused_block_sweep_ms"] = sweep
         if not args.no_compile:
             sub = gpt_shapes(args.compile_layers, 1024, 50257)

@@ -88,7 +88,8 @@ def resolve_path(tensors: Sequence[Tensor], foreach: bool | None, fused: bool | 
     if fused is None and foreach is None and on_cuda:
         from lightning_effi.optim.fused import fused_unavailable_reason
 
-        if fused_unavailable_reason(locals_) is None:
+        grads = [to_local(t.grad) for t in tensors if getattr(t, "grad", None) is not None]
+        if fused_unavailable_reason(locals_) is None and all(g.is_contiguous() for g in grads):
             return "fused"
     if foreach is False:
         return "single"
@@ -444,7 +445,7 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         else:
             idx = torch.tensor([plan.lid[it[0]] for it in items], device=device)
             lr_t = torch.tensor([hp["lr"][plan.param[it[0]]] for it in items], dtype=acc, device=device)
-            scale = (-(lr_t * ratio[idx])).to(torch.float32)
+            scale = (-(lr_t * ratio[idx])).to(torch.float64 if ps[0].dtype == torch.float64 else torch.float32)
             torch._foreach_mul_(us, list(scale.unbind(0)))
             torch._foreach_add_(ps, us)
     return ratio.to(torch.float32)

@@ -30,7 +30,7 @@ except ImportError as e:  # pragma: no cover - exercised on machines without tri
     _TRITON_ERROR = e
 
 # Elements per program; a launch covers all units. Tuned on an H200 (benchmarks/optim_step.py sweeps it).
-BLOCK = 4096
+BLOCK = 8192
 NUM_WARPS = 8
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -48,82 +48,106 @@ def fused_unavailable_reason(tensors) -> str | None:
         bad = {t.dtype for t in tensors} - set(_SUPPORTED)
         if bad:
             return f"unsupported parameter dtypes {sorted(map(str, bad))}"
+        if not all(t.is_contiguous() for t in tensors):
+            return "a parameter is not contiguous (the kernel indexes flat memory)"
     return None
 
 
 if triton is not None:
 
     @triton.jit
-    def _load_unit(ADDR, u, n_units, k: tl.constexpr, DT: tl.constexpr):
-        return tl.load(ADDR + k * n_units + u).to(tl.pointer_type(DT))
+    def _ld(ptr, mask, MASKED: tl.constexpr):
+        if MASKED:
+            val = tl.load(ptr, mask=mask, other=0.0)
+        else:
+            val = tl.load(ptr)
+        return val
+
+    @triton.jit
+    def _st(ptr, val, mask, MASKED: tl.constexpr):
+        if MASKED:
+            tl.store(ptr, val, mask=mask)
+        else:
+            tl.store(ptr, val)
+
+    @triton.jit
+    def _sqrt(x, IS64: tl.constexpr):
+        if IS64:
+            r = tl.sqrt(x)
+        else:
+            r = tl.sqrt_rn(x)
+        return r
 
     @triton.jit
     def _phase1_kernel(
-        ADDR, NUMEL, HP, BLK_UNIT, BLK_START, COEF, SKIP, PARTIAL, n_units,
-        DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+        PB, GB, MB, VB, OFF, NUMEL, HP, BLK_UNIT, BLK_START, BLK_ID, COEF, SKIP, PARTIAL, n_units,
+        DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr, ALIGN: tl.constexpr,
+        IS64: tl.constexpr,
     ):
+        # Pointers are a base tensor plus a per-unit element offset (not raw addresses cast to pointers), and offsets
+        # carry alignment hints, so that full blocks compile to unmasked 16-byte vector loads.
         pid = tl.program_id(0)
-        u = tl.load(BLK_UNIT + pid)
-        start = tl.load(BLK_START + pid)
-        n = tl.load(NUMEL + u)
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < n
-        p_ptr = _load_unit(ADDR, u, n_units, 0, DT)
-        g_ptr = _load_unit(ADDR, u, n_units, 1, DT)
-        m_ptr = _load_unit(ADDR, u, n_units, 2, DT)
-        v_ptr = _load_unit(ADDR, u, n_units, 3, DT)
-        b1 = tl.load(HP + u * 8 + 0).to(CT)
-        b2 = tl.load(HP + u * 8 + 1).to(CT)
-        eps = tl.load(HP + u * 8 + 2).to(CT)
-        wd = tl.load(HP + u * 8 + 3).to(CT)
-        bc1 = tl.load(HP + u * 8 + 4).to(CT)
-        bc2 = tl.load(HP + u * 8 + 5).to(CT)
-        coef = tl.load(COEF).to(CT)
-        keep = mask & (tl.load(SKIP) == 0)
-        x = tl.load(p_ptr + offs, mask=mask, other=0.0).to(CT)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(CT) * coef
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(CT)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(CT)
-        m = m + (1.0 - b1) * (g - m)
-        v = b2 * v + (1.0 - b2) * g * g
-        m_s = m.to(DT)
-        v_s = v.to(DT)
-        tl.store(m_ptr + offs, m_s, mask=keep)
-        tl.store(v_ptr + offs, v_s, mask=keep)
-        # The norm must see the moments as stored (rounded to the param dtype), as phase 2 will.
-        m = m_s.to(CT)
-        v = v_s.to(CT)
-        r = (m / bc1) / (tl.sqrt_rn(v / bc2) + eps)
-        upd = tl.where(mask, r + wd * x, 0.0)
-        tl.store(PARTIAL + pid * 2, tl.sum(x * x, axis=0))
-        tl.store(PARTIAL + pid * 2 + 1, tl.sum(upd * upd, axis=0))
+        if tl.load(SKIP) == 0:
+            u = tl.load(BLK_UNIT + pid)
+            start = tl.multiple_of(tl.load(BLK_START + pid), BLOCK)
+            bid = tl.load(BLK_ID + pid)
+            po = tl.multiple_of(tl.load(OFF + u), ALIGN)
+            go = tl.multiple_of(tl.load(OFF + n_units + u), ALIGN)
+            mo = tl.multiple_of(tl.load(OFF + 2 * n_units + u), ALIGN)
+            vo = tl.multiple_of(tl.load(OFF + 3 * n_units + u), ALIGN)
+            idx = start + tl.arange(0, BLOCK)
+            mask = idx < tl.load(NUMEL + u)
+            b1 = tl.load(HP + u * 8 + 0).to(CT)
+            b2 = tl.load(HP + u * 8 + 1).to(CT)
+            eps = tl.load(HP + u * 8 + 2).to(CT)
+            wd = tl.load(HP + u * 8 + 3).to(CT)
+            bc1 = tl.load(HP + u * 8 + 4).to(CT)
+            bc2 = tl.load(HP + u * 8 + 5).to(CT)
+            coef = tl.load(COEF).to(CT)
+            x = _ld(PB + po + idx, mask, MASKED).to(CT)
+            g = _ld(GB + go + idx, mask, MASKED).to(CT) * coef
+            m = _ld(MB + mo + idx, mask, MASKED).to(CT)
+            v = _ld(VB + vo + idx, mask, MASKED).to(CT)
+            m = m + (1.0 - b1) * (g - m)
+            v = b2 * v + (1.0 - b2) * g * g
+            m_s = m.to(DT)
+            v_s = v.to(DT)
+            _st(MB + mo + idx, m_s, mask, MASKED)
+            _st(VB + vo + idx, v_s, mask, MASKED)
+            # The norm must see the moments as stored (rounded to the param dtype), as phase 2 will.
+            m = m_s.to(CT)
+            v = v_s.to(CT)
+            upd = (m / bc1) / (_sqrt(v / bc2, IS64) + eps) + wd * x
+            if MASKED:
+                upd = tl.where(mask, upd, 0.0)
+            tl.store(PARTIAL + bid * 2, tl.sum(x * x, axis=0))
+            tl.store(PARTIAL + bid * 2 + 1, tl.sum(upd * upd, axis=0))
 
     @triton.jit
     def _phase2_kernel(
-        ADDR, NUMEL, HP, BLK_UNIT, BLK_START, SCALE, SKIP, n_units,
-        DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr,
+        PB, MB, VB, OFF, NUMEL, HP, BLK_UNIT, BLK_START, SCALE, SKIP, n_units,
+        DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr, ALIGN: tl.constexpr,
+        IS64: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        u = tl.load(BLK_UNIT + pid)
-        start = tl.load(BLK_START + pid)
-        n = tl.load(NUMEL + u)
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < n
-        p_ptr = _load_unit(ADDR, u, n_units, 0, DT)
-        m_ptr = _load_unit(ADDR, u, n_units, 2, DT)
-        v_ptr = _load_unit(ADDR, u, n_units, 3, DT)
-        eps = tl.load(HP + u * 8 + 2).to(CT)
-        wd = tl.load(HP + u * 8 + 3).to(CT)
-        bc1 = tl.load(HP + u * 8 + 4).to(CT)
-        bc2 = tl.load(HP + u * 8 + 5).to(CT)
-        scale = tl.load(SCALE + u).to(CT)
-        keep = mask & (tl.load(SKIP) == 0)
-        x = tl.load(p_ptr + offs, mask=keep, other=0.0).to(CT)
-        m = tl.load(m_ptr + offs, mask=keep, other=0.0).to(CT)
-        v = tl.load(v_ptr + offs, mask=keep, other=0.0).to(CT)
-        r = (m / bc1) / (tl.sqrt_rn(v / bc2) + eps)
-        x = x + scale * (r + wd * x)
-        tl.store(p_ptr + offs, x.to(DT), mask=keep)
+        if tl.load(SKIP) == 0:
+            u = tl.load(BLK_UNIT + pid)
+            start = tl.multiple_of(tl.load(BLK_START + pid), BLOCK)
+            po = tl.multiple_of(tl.load(OFF + u), ALIGN)
+            mo = tl.multiple_of(tl.load(OFF + 2 * n_units + u), ALIGN)
+            vo = tl.multiple_of(tl.load(OFF + 3 * n_units + u), ALIGN)
+            idx = start + tl.arange(0, BLOCK)
+            mask = idx < tl.load(NUMEL + u)
+            eps = tl.load(HP + u * 8 + 2).to(CT)
+            wd = tl.load(HP + u * 8 + 3).to(CT)
+            bc1 = tl.load(HP + u * 8 + 4).to(CT)
+            bc2 = tl.load(HP + u * 8 + 5).to(CT)
+            scale = tl.load(SCALE + u).to(CT)
+            x = _ld(PB + po + idx, mask, MASKED).to(CT)
+            m = _ld(MB + mo + idx, mask, MASKED).to(CT)
+            v = _ld(VB + vo + idx, mask, MASKED).to(CT)
+            x = x + scale * ((m / bc1) / (_sqrt(v / bc2, IS64) + eps) + wd * x)
+            _st(PB + po + idx, x.to(DT), mask, MASKED)
 
 
 _TL = {}
@@ -138,7 +162,10 @@ def _tl_types(dtype: torch.dtype):
 
 
 def _block_table(numels: tuple[int, ...], block: int, device):
-    """(blk_unit, blk_start, first_block per unit, n_blocks per unit), cached by the units' sizes."""
+    """Blocks of every unit, split into full blocks (unmasked launch) and tails (masked launch); cached by sizes.
+
+    Block ids are contiguous per unit, so a unit's sums are a difference of cumulative sums over block partials.
+    """
     key = (numels, block, str(device))
     hit = _BLOCK_CACHE.get(key)
     if hit is not None:
@@ -148,13 +175,15 @@ def _block_table(numels: tuple[int, ...], block: int, device):
     total = int(nb.sum())
     blk_unit = torch.repeat_interleave(torch.arange(len(numels)), nb)
     blk_start = (torch.arange(total) - first[blk_unit]) * block
-    out = (
-        blk_unit.to(torch.int32).to(device),
-        blk_start.to(device),
-        first.to(device),
-        nb.to(device),
-        total,
-    )
+    sizes = torch.tensor(numels, dtype=torch.long)
+    full = (blk_start + block) <= sizes[blk_unit] if total else torch.zeros(0, dtype=torch.bool)
+    bid = torch.arange(total)
+
+    def pick(sel):
+        return (blk_unit[sel].to(torch.int32).to(device), blk_start[sel].to(device), bid[sel].to(device),
+                int(sel.sum()))
+
+    out = dict(full=pick(full), tail=pick(~full), first=first.to(device), nb=nb.to(device), total=total)
     if len(_BLOCK_CACHE) > 64:
         _BLOCK_CACHE.clear()
     _BLOCK_CACHE[key] = out
@@ -163,11 +192,31 @@ def _block_table(numels: tuple[int, ...], block: int, device):
 
 def _h2d(values, dtype, device) -> Tensor:
     t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cpu":  # only under TRITON_INTERPRET=1 (kernel debugging on CPU)
+        return t
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def _bases_and_offsets(tensors: list[Tensor]):
+    """A base tensor and each tensor's element offset from it; and whether every tensor is 16-byte aligned."""
+    base = next((t for t in tensors if t.numel() > 0), tensors[0])
+    b = base.data_ptr()
+    es = base.element_size()
+    offs, aligned = [], True
+    for t in tensors:
+        a = t.data_ptr()
+        if t.numel() > 0 and a % 16:
+            aligned = False
+        offs.append((a - b) // es if t.numel() > 0 else 0)
+    return base, offs, aligned
 
 
 def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, ctx) -> Tensor:
     num = plan.num_lids
+    for kind, ts in (("gradient", plan.g), ("exp_avg", plan.m), ("exp_avg_sq", plan.v), ("parameter", plan.p)):
+        if not all(t.is_contiguous() for t in ts):
+            raise RuntimeError(f"Lamb(fused): a {kind} is not contiguous (the kernel indexes flat memory); "
+                               "use foreach=True for such parameters")
     for s in state_steps:
         if s.device != device:
             raise RuntimeError(f"the fused path keeps 'step' on the parameters' device; got one on {s.device}")
@@ -185,7 +234,8 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         clip = torch.clamp(max_grad_norm / norm, max=1.0)
         coef = torch.where(finite, clip * inv_scale, torch.zeros_like(norm))
     keep_f = (~skip).to(torch.float32)
-    torch._foreach_add_(state_steps, keep_f)
+    # The list overload: the single-Tensor overload of _foreach_add_ reads the scalar on the host.
+    torch._foreach_add_(state_steps, [keep_f] * len(state_steps))
     # Bias corrections in float64: 1 - 0.999 in float32 is off by 1e-5 relative, visible in fp32 results.
     step_vec = torch.stack(state_steps).to(torch.float64)
 
@@ -221,27 +271,35 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         for dtype, ks in by_dtype.items():
             dt, ct = _tl_types(dtype)
             numels = tuple(plan.p[k].numel() for k in ks)
-            blk_unit, blk_start, first, nb, total = _block_table(numels, BLOCK, device)
-            if total == 0:
+            bt = _block_table(numels, BLOCK, device)
+            if bt["total"] == 0:
                 continue
-            addr = _h2d(
-                [plan.p[k].data_ptr() for k in ks] + [plan.g[k].data_ptr() for k in ks]
-                + [plan.m[k].data_ptr() for k in ks] + [plan.v[k].data_ptr() for k in ks],
-                torch.int64, device,
-            )
+            bases, offsets, aligned = [], [], True
+            for kind in (plan.p, plan.g, plan.m, plan.v):
+                base, off, al = _bases_and_offsets([kind[k] for k in ks])
+                bases.append(base)
+                offsets += off
+                aligned = aligned and al
+            off_t = _h2d(offsets, torch.int64, device)
             numel_t = _h2d(list(numels), torch.int64, device)
-            sel = torch.tensor(ks, device="cpu").pin_memory().to(device, non_blocking=True)
-            t_hp = (table64 if dtype == torch.float64 else table)[sel].contiguous()
-            t_coef = coef64 if dtype == torch.float64 else coef_t
-            partial = torch.empty(total, 2, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                                  device=device)
-            _phase1_kernel[(total,)](
-                addr, numel_t, t_hp, blk_unit, blk_start, t_coef, skip_t, partial, len(ks),
-                DT=dt, CT=ct, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            )
+            sel = _h2d(ks, torch.long, device)
+            is64 = dtype == torch.float64
+            t_hp = (table64 if is64 else table)[sel].contiguous()
+            t_coef = coef64 if is64 else coef_t
+            partial = torch.zeros(bt["total"], 2, dtype=torch.float64 if is64 else torch.float32, device=device)
+            consts = dict(DT=dt, CT=ct, BLOCK=BLOCK, ALIGN=(16 // dtype.itemsize) if aligned else 1, IS64=is64,
+                          num_warps=NUM_WARPS)
+            for which, masked in (("full", False), ("tail", True)):
+                b_unit, b_start, b_id, nblk = bt[which]
+                if nblk:
+                    _phase1_kernel[(nblk,)](
+                        *bases, off_t, numel_t, t_hp, b_unit, b_start, b_id, t_coef, skip_t, partial, len(ks),
+                        MASKED=masked, **consts,
+                    )
+            first, nb = bt["first"], bt["nb"]
             cs = torch.cat([torch.zeros(1, 2, dtype=torch.float64, device=device), partial.double().cumsum(0)])
             unit_sumsq[sel] = cs[first + nb] - cs[first]
-            launches.append((dtype, ks, sel, addr, numel_t, t_hp, blk_unit, blk_start, total, dt, ct))
+            launches.append((dtype, ks, sel, bases, off_t, numel_t, t_hp, bt, consts))
         if all(lid == k for k, lid in enumerate(plan.lid)) and n_units == num:
             xsq.copy_(unit_sumsq[:, 0])
             usq.copy_(unit_sumsq[:, 1])
@@ -257,10 +315,13 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
     ratio = torch.where(skip, torch.full_like(ratio, math.nan), ratio)
     if n_units:
         scale_all = -(lr * ratio[lids])
-        for dtype, ks, sel, addr, numel_t, t_hp, blk_unit, blk_start, total, dt, ct in launches:
+        for dtype, ks, sel, bases, off_t, numel_t, t_hp, bt, consts in launches:
             scale = scale_all[sel].to(torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
-            _phase2_kernel[(total,)](
-                addr, numel_t, t_hp, blk_unit, blk_start, scale, skip_t, len(ks),
-                DT=dt, CT=ct, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            )
+            for which, masked in (("full", False), ("tail", True)):
+                b_unit, b_start, _, nblk = bt[which]
+                if nblk:
+                    _phase2_kernel[(nblk,)](
+                        bases[0], bases[2], bases[3], off_t, numel_t, t_hp, b_unit, b_start, scale, skip_t, len(ks),
+                        MASKED=masked, **consts,
+                    )
     return ratio.to(torch.float32)
