@@ -192,6 +192,7 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
             exclude_frozen_parameters=exclude_frozen_parameters,
         )
         self._flat_layouts: list[Any] | None = None
+        self._logical_numels: list[int] = []
 
     # ------------------------------------------------------------------------------------------------- registry
     @classmethod
@@ -281,7 +282,9 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
     @override
     def setup_distributed(self) -> None:
         if isinstance(self.accelerator, CUDAAccelerator):
-            super().setup_distributed()
+            # NCCL carries the GPU collectives; the CPU shared-memory op would only be a JIT build at startup.
+            with _without_shm_comm_build():
+                super().setup_distributed()
             return
         # Upstream validates device indices, which are [None, None] on CPU.
         from deepspeed.accelerator import get_accelerator
@@ -321,6 +324,11 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
         logical_ids = _logical_ids(optimizer) if optimizer is not None else {}
         if optimizer is not None:
             _check_optimizer_supported(optimizer)
+            # sizes of the logical parameters (ZeRO-3 params built under zero.Init report numel 0: use ds_numel)
+            self._logical_numels = [0] * len(logical_ids)
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    self._logical_numels[logical_ids[id(p)]] = int(getattr(p, "ds_numel", p.numel()))
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=self._device_rank()),
             config=self.config,
@@ -455,10 +463,11 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
 # ------------------------------------------------------------------------------------------------------ helpers
 @contextlib.contextmanager
 def _without_shm_comm_build() -> Generator[None, None, None]:
-    """Skip DeepSpeed's shared-memory all-reduce op while its CPU backend initialises.
+    """Skip DeepSpeed's shared-memory all-reduce op while its communication backend initialises.
 
     DeepSpeed's TorchBackend JIT-compiles ``deepspeed_shm_comm`` (about 20 s per process, needs a C++ compiler) the
-    first time it starts on CPU; it is an intra-node fast path for all_reduce, and gloo does the same job. The
+    first time it starts; it is an intra-node fast path for all_reduce of CPU tensors, and gloo (CPU) or NCCL (GPU)
+    does the same job. The
     module is fetched with importlib because ``import deepspeed.comm.torch`` binds the ``torch`` package instead
     (``deepspeed.comm`` re-exports a ``torch`` name). The original function is restored afterwards.
     """

@@ -83,6 +83,14 @@ def test_zero_stage_matches_single_process(ds_results, stage, optimizer):
         assert res["trust_ratios"].numel() == len(list(make_gpt().parameters()))
 
 
+@pytest.mark.parametrize("case", ["s1_lamb", "s2_lamb", "s3_lamb", "s1_lamb_bf16", "s3_lamb_bf16"])
+def test_flat_layouts_cover_every_parameter_once(ds_results, case):
+    res = _load(ds_results, case)
+    assert res["num_logical"] == len(list(make_gpt().parameters()))
+    assert res["layout_coverage_ok"]
+    assert torch.isfinite(res["params"]["model.wte.weight"]).all()
+
+
 def test_static_accumulation(ds_results):
     res = _load(ds_results, "s2_adamw_acc2")
     assert res["per_step"] == [2] * 5

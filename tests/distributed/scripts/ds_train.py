@@ -42,6 +42,22 @@ class Recorder(pl.Callback):
         self._last_step = 0
         self.result: dict = {}
 
+    def on_train_start(self, trainer, pl_module):
+        # Every element of every logical parameter is covered by exactly one FlatLayout segment on exactly one rank.
+        layouts = trainer.strategy._flat_layouts
+        if layouts is None:
+            return
+        numels = torch.tensor(trainer.strategy._logical_numels, dtype=torch.long)
+        covered = torch.zeros_like(numels)
+        for layout in layouts:
+            spans = sorted((off, off + n) for _, off, n in layout.segments)
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "overlapping segments"
+            for lid, _, n in layout.segments:
+                covered[lid] += n
+        torch.distributed.all_reduce(covered)
+        self.result["layout_coverage_ok"] = bool(torch.equal(covered, numels))
+        self.result["num_logical"] = int(numels.numel())
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # Accumulation changes apply from a window start, as AccumulationScheduler does.
         if self.change_at is not None and trainer.global_step == self.change_at and self._count == 0:
@@ -59,7 +75,7 @@ class Recorder(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         engine = trainer.strategy.deepspeed_engine
-        self.result = {
+        self.result = {**self.result,
             "params": full_fp32_params(pl_module),
             "per_step": self.per_step,
             "lrs": self.lrs,
@@ -96,6 +112,10 @@ def _cases() -> dict:
                                   trainer=dict(max_steps=10, gradient_clip_val=0.05))
     cases["s2_lamb_maxgradnorm"] = dict(stage=2, module=dict(optimizer="lamb", max_grad_norm=0.05),
                                         trainer=dict(max_steps=10))
+    # bf16 (ZeRO-1 then runs DeepSpeed's BF16_Optimizer, another partition layout): layouts checked structurally
+    for stage in (1, 3):
+        cases[f"s{stage}_lamb_bf16"] = dict(stage=stage, module=dict(optimizer="lamb"), trainer=dict(
+            max_steps=3, precision="bf16-mixed"))
     cases["s2_fp16_skip"] = dict(
         stage=2, module=dict(optimizer="adamw", scheduler="halving", overflow_at=4), trainer=dict(max_steps=6),
         plugins=[LossScalingPrecision("16-mixed", init_scale=2.0**8, growth_interval=2, hysteresis=1,
