@@ -34,6 +34,17 @@ def test_ddp_overflow_on_one_rank_skips_on_all(tmp_path):
     assert [(s, n) for s, _, n in r1["skip_events"]] == [(s, ["net.2.weight"]) for s in sorted(inject)]
     assert [(s, n) for s, _, n in r0["skip_events"]] == [(s, []) for s in sorted(inject)]
 
+    # MasterWeightsPrecision under DDP: bf16 replicas identical on both ranks, fp32 masters identical, the bf16
+    # weights are the masters rounded to nearest, and training moved them.
+    m0, m1 = r0["master_weights"], r1["master_weights"]
+    for a, b in zip(m0["masters"], m1["masters"]):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    for p, m in zip(m0["params"], m0["masters"]):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, m.bfloat16())
+    for k, v in m0["weights"].items():
+        assert torch.equal(v, m1["weights"][k]), k
+    assert not torch.equal(m0["weights"]["net.0.weight"].float(), m0["w0"]["net.0.weight"].float())
+
 
 @pytest.mark.distributed
 def test_fsdp2_dtensor_overflow_on_one_shard_skips_on_all(tmp_path):

@@ -134,9 +134,10 @@ class StepRecorder(pl.Callback):
         )
 
 
-def fit(module, *, plugins=(), callbacks: Iterable = (), max_steps=12, ckpt_path=None, **trainer_kwargs):
+def fit(module, *, plugins=(), callbacks: Iterable = (), max_steps=12, ckpt_path=None, accelerator="cpu",
+        **trainer_kwargs):
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         max_steps=max_steps,
         plugins=list(plugins),
