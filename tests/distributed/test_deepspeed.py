@@ -91,6 +91,23 @@ def test_flat_layouts_cover_every_parameter_once(ds_results, case):
     assert torch.isfinite(res["params"]["model.wte.weight"]).all()
 
 
+def test_offload_optimizer_with_client_optimizer(ds_results):
+    res = _load(ds_results, "s2_adamw_offload")
+    assert res["config"]["zero_force_ds_cpu_optimizer"] is False
+    assert res["config"]["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    _assert_params_equal(res["params"], _plain_reference("adamw"), ds_results.device)
+
+
+def test_validate_stage3_inference_engine(ds_results):
+    from ds_common import lm_loss, loader, make_dataset
+
+    model = make_gpt()
+    with torch.no_grad():
+        losses = [lm_loss(model, x, y) for r in range(2) for x, y in loader(make_dataset(), 2, r)]
+    expected = torch.stack(losses).mean().item()
+    assert _load(ds_results, "s3_validate")["val_loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_static_accumulation(ds_results):
     res = _load(ds_results, "s2_adamw_acc2")
     assert res["per_step"] == [2] * 5

@@ -66,6 +66,10 @@ class TinyLM(pl.LightningModule):
             loss = loss * float("inf")
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", lm_loss(self.model, x, y), sync_dist=True, batch_size=x.shape[0])
+
     def configure_optimizers(self):
         opt = make_optimizer(self.optimizer_name, self.model, self.max_grad_norm)
         if self.scheduler is None:

@@ -112,6 +112,10 @@ def _cases() -> dict:
                                   trainer=dict(max_steps=10, gradient_clip_val=0.05))
     cases["s2_lamb_maxgradnorm"] = dict(stage=2, module=dict(optimizer="lamb", max_grad_norm=0.05),
                                         trainer=dict(max_steps=10))
+    # optimizer state and step on the CPU (ZeRO-Offload) with the optimizer from configure_optimizers
+    cases["s2_adamw_offload"] = dict(stage=2, module=dict(optimizer="adamw"), trainer=dict(max_steps=10),
+                                     strategy=dict(offload_optimizer=True))
+    cases["s3_validate"] = dict(stage=3, trainer=dict(), validate_only=True)
     # bf16 (ZeRO-1 then runs DeepSpeed's BF16_Optimizer, another partition layout): layouts checked structurally
     for stage in (1, 3):
         cases[f"s{stage}_lamb_bf16"] = dict(stage=stage, module=dict(optimizer="lamb"), trainer=dict(
@@ -129,11 +133,17 @@ def run_case(name: str, spec: dict, out: Path) -> None:
     module = TinyLM(**spec.get("module", {}))
     recorder = Recorder(**spec.get("recorder", {}))
     trainer = pl.Trainer(
-        accelerator=ACCELERATOR, devices=WORLD, strategy=EffiDeepSpeedStrategy(stage=spec["stage"]),
+        accelerator=ACCELERATOR, devices=WORLD,
+        strategy=EffiDeepSpeedStrategy(stage=spec["stage"], **spec.get("strategy", {})),
         plugins=spec.get("plugins"), use_distributed_sampler=False, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder], **spec["trainer"],
     )
-    trainer.fit(module, train_dataloaders=loader(make_dataset(), WORLD, RANK))
+    if spec.get("validate_only"):
+        # DeepSpeed's inference engine (no optimizer) on an untrained model: the mean loss over all ranks' batches
+        metrics = trainer.validate(module, dataloaders=loader(make_dataset(), WORLD, RANK), verbose=False)
+        recorder.result = {"val_loss": metrics[0]["val_loss"]}
+    else:
+        trainer.fit(module, train_dataloaders=loader(make_dataset(), WORLD, RANK))
     if RANK == 0:
         torch.save(recorder.result, out / f"{name}.pt")
 
