@@ -32,6 +32,11 @@ The update rule, written out once (``tol`` is the hysteresis tracker, ``g`` the 
                if consecutive_hysteresis: tol = hysteresis
                if g == growth_interval: scale = min(scale * growth_factor, max_scale); g = 0; tol = hysteresis
 
+Peers, checked number by number in the tests: with ``hysteresis=1`` this is torch's GradScaler rule exactly;
+backoff and hysteresis (both counting rules) are DeepSpeed 0.19's exactly. Growth follows torch and Megatron-LM (after
+``growth_interval`` clean steps); DeepSpeed counts its window from the step after an overflow (or the start), so its
+first growth comes one clean step later.
+
 Cost: one fused non-finite-check-and-unscale kernel per (device, dtype) group of gradients, one scalar all_reduce when
 distributed, and one host sync per optimizer step (to decide whether to call ``optimizer.step``; GradScaler does the
 same). No per-tensor host sync.

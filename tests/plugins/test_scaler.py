@@ -222,3 +222,54 @@ def test_all_patterns_of_length_six_against_reference():
         s = DynamicLossScaler(init_scale=64.0, growth_interval=2, min_scale=4.0, max_scale=256.0, hysteresis=h,
                               consecutive_hysteresis=consecutive)
         assert run_scaler(s, list(bits))[0] == reference_scales(list(bits), hysteresis=h, **cfg), (bits, h, consecutive)
+
+
+# ------------------------------------------------------------------------------------------- peers, number by number
+def _patterns(n=7):
+    return [list(bits) for bits in itertools.product([False, True], repeat=n)]
+
+
+def test_hysteresis_1_matches_torch_gradscaler():
+    """hysteresis=1 (and a floor/ceiling out of reach) is torch.amp.GradScaler's rule exactly."""
+    for flags in _patterns():
+        gs = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        p = torch.nn.Parameter(torch.ones(2))
+        opt = torch.optim.SGD([p], lr=0.0)
+        theirs = []
+        for overflow in flags:
+            gs.scale(torch.ones(()))
+            p.grad = torch.tensor([1.0, float("inf") if overflow else 1.0])
+            gs.step(opt)
+            gs.update()
+            theirs.append(gs.get_scale())
+        ours = DynamicLossScaler(init_scale=2.0**10, growth_interval=2, hysteresis=1, min_scale=2.0**-20,
+                                 max_scale=2.0**40)
+        assert run_scaler(ours, flags)[0] == theirs, flags
+
+
+@pytest.mark.parametrize("consecutive", [False, True], ids=["nonconsecutive", "consecutive"])
+def test_hysteresis_matches_deepspeed_and_growth_is_one_step_earlier(consecutive, monkeypatch):
+    """Against DeepSpeed 0.19's DynamicLossScaler (the rule EffiDeepSpeedStrategy maps our knobs onto): backoff and
+    hysteresis (both counting rules) agree on every pattern. Growth differs by design: DeepSpeed counts its window
+    from the step *after* an overflow (and after the start), so its first growth needs growth_interval + 1 clean
+    steps; ours, torch's and Megatron-LM's need growth_interval."""
+    loss_scaler = pytest.importorskip("deepspeed.runtime.fp16.loss_scaler")
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda *a, **k: 0)  # it only logs on rank 0
+
+    def deepspeed_scales(flags, window):
+        ds = loss_scaler.DynamicLossScaler(init_scale=64.0, scale_window=window, min_scale=1.0, delayed_shift=2,
+                                           consecutive_hysteresis=consecutive, raise_error_at_min_scale=False)
+        out = []
+        for f in flags:
+            ds.update_scale(f)
+            out.append(ds.cur_scale)
+        return out
+
+    for flags in _patterns():
+        ours = DynamicLossScaler(init_scale=64.0, growth_interval=10**6, hysteresis=2, min_scale=1.0,
+                                 consecutive_hysteresis=consecutive)
+        assert run_scaler(ours, flags)[0] == deepspeed_scales(flags, 10**6), flags
+    clean = [False] * 6
+    ours = DynamicLossScaler(init_scale=64.0, growth_interval=2, hysteresis=2, consecutive_hysteresis=consecutive)
+    assert run_scaler(ours, clean)[0] == [64.0, 128.0, 128.0, 256.0, 256.0, 512.0]
+    assert deepspeed_scales(clean, 2) == [64.0, 64.0, 128.0, 128.0, 256.0, 256.0]
