@@ -14,7 +14,6 @@ plugins change compared with Lightning's ``MixedPrecision`` / ``HalfPrecision``:
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
@@ -32,8 +31,6 @@ from typing_extensions import override
 from lightning_effi.plugins.scaler import DynamicLossScaler, validate_scaler_knobs
 
 __all__ = ["LossScalingPrecision", "MasterWeightsPrecision", "nonfinite_grad_names"]
-
-log = logging.getLogger(__name__)
 
 _PRECISIONS = ("16-mixed", "bf16-mixed")
 _ON_MIN_SCALE = ("raise", "skip")
@@ -59,16 +56,14 @@ def _unwrap(optimizer: Any) -> Any:
     return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
-def nonfinite_grad_names(
-    named_params: Iterator[tuple[str, Tensor]], *, limit: int = 5, grad_of: Callable[[Tensor], Optional[Tensor]] = None
-) -> list[str]:
+def nonfinite_grad_names(named_params: Iterator[tuple[str, Tensor]], *, limit: int = 5) -> list[str]:
     """Names of the first ``limit`` parameters whose (local) gradient holds inf or nan.
 
     One host sync per parameter checked: meant for the rare skipped step, never for every step.
     """
     names = []
     for name, p in named_params:
-        g = grad_of(p) if grad_of is not None else p.grad
+        g = p.grad
         if g is None:
             continue
         g = g.to_local() if hasattr(g, "to_local") else g

@@ -44,7 +44,6 @@ def main(out: Path) -> None:
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     scaler = DynamicLossScaler(**KNOBS)
     g = torch.Generator().manual_seed(1)
-    names = [n for n, _ in net.named_parameters()]
     rec = {"skipped": [], "scales": [], "grad_err": 0.0, "dtensor_grads": True}
     for step in range(N_STEPS):
         x = torch.randn(8, 8, generator=g)
@@ -61,7 +60,7 @@ def main(out: Path) -> None:
         ref_opt.zero_grad()
         nn.functional.mse_loss(ref(x.double()), y.double()).backward()
         if step not in INJECT:
-            for n, p, q in zip(names, net.parameters(), ref.parameters()):
+            for p, q in zip(net.parameters(), ref.parameters()):
                 full = p.grad.full_tensor().double()
                 rec["grad_err"] = max(rec["grad_err"], float((full - q.grad).abs().max() / q.grad.abs().max()))
             ref_opt.step()
