@@ -24,7 +24,9 @@ from tests.distributed.launch import SCRIPTS, run_script
 sys.path.insert(0, str(SCRIPTS))
 import fsdp_common as fc  # noqa: E402
 
-pytestmark = pytest.mark.distributed
+# The same checks run on CPU with gloo (CI) and on 2 GPUs with NCCL (`pytest -m multi_gpu` on the GPU machine).
+ACCELERATORS = [pytest.param("cpu", marks=pytest.mark.distributed),
+                pytest.param("cuda", marks=pytest.mark.multi_gpu)]
 
 # Tolerances on ||w - w_ref|| / ||w_ref - w_init|| (the error relative to how far training moved the weights).
 # fp32: summation order only (measured 4e-7..2e-6). bf16/fp16 compute against the fp32 reference: rounding
@@ -40,14 +42,15 @@ def _rel_to_movement(got: dict, ref: dict) -> float:
     return (num / den) ** 0.5
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
+@pytest.fixture(scope="module", params=ACCELERATORS)
+def runs(request, tmp_path_factory):
+    acc = ("--accelerator", request.param)
+    root = tmp_path_factory.mktemp(f"fsdp_{request.param}")
     one, two, back = root / "one", root / "two", root / "back"
-    run_script("fsdp_train.py", "--out", one, "--cases", "adamw")
+    run_script("fsdp_train.py", "--out", one, "--cases", "adamw", *acc)
     run_script("fsdp_train.py", "--out", two, "--cases", ",".join([*fc.CASES, "gpt_module"]),
-               "--resume", one, "--resume-cases", "adamw", torchrun=2, timeout=600)
-    run_script("fsdp_train.py", "--out", back, "--resume", two, "--resume-cases", "lamb")
+               "--resume", one, "--resume-cases", "adamw", *acc, torchrun=2, timeout=600)
+    run_script("fsdp_train.py", "--out", back, "--resume", two, "--resume-cases", "lamb", *acc)
     return {"one": one, "two": two, "back": back}
 
 
@@ -79,6 +82,12 @@ def test_parameters_and_gradients_are_sharded_fp32(runs):
         # fp32 sharded master parameters and fp32 gradients after the reduce-scatter, whatever the compute dtype
         assert ranks[0]["param_types"] == ["DTensor:torch.float32"], case
         assert ranks[0]["grad_types"] == ["DTensor:torch.float32"], case
+
+
+def test_gradients_freed_after_each_optimizer_step_only(runs):
+    # free_gradients_after_step: None right after a step, kept while an accumulation window is open
+    assert set(_load(runs, "two", "adamw")[1][0]["grads_freed"]) == {True}
+    assert _load(runs, "two", "adamw_accum")[1][0]["grads_freed"] == [False, True] * len(fc.PLAIN_WINDOWS)
 
 
 def test_mixed_precision_policy_follows_precision_plugin(runs):

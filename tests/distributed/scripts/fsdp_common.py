@@ -34,6 +34,11 @@ CASES: dict[str, dict] = {
     "adamw_fp16": {"optimizer": "adamw", "fp16": True, "skip": [SKIP_AT]},
     "lamb_sched": {"optimizer": "lamb", "schedule": {0: 1, 2: 2}, "windows": SCHEDULED_WINDOWS},
 }
+# Opt-in (slow on CPU: inductor compiles C++); the multi_gpu tests run them.
+EXTRA_CASES: dict[str, dict] = {
+    "adamw_compile": {"optimizer": "adamw", "strategy": {"compile": True}},
+}
+ALL_CASES = {**CASES, **EXTRA_CASES}
 
 
 class Net(nn.Module):
@@ -90,7 +95,7 @@ def make_optimizer(name: str, module: nn.Module):
 def reference_run(case: str, *, steps: int | None = None, logits_after: int | None = None):
     """Plain single-process training of ``case``; returns the final ``state_dict`` and optionally the logits of
     ``Net.gpt`` on the first 4 samples after ``logits_after`` steps."""
-    spec = CASES[case]
+    spec = ALL_CASES[case]
     windows = spec.get("windows", PLAIN_WINDOWS)[:steps]
     net = build_net()
     data = dataset()

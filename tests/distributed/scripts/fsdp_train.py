@@ -3,6 +3,7 @@
 Usage (2 ranks under torchrun, so one process pair runs every case's Trainer in turn; 1 rank: plain python):
     torchrun --nproc_per_node=2 fsdp_train.py --out DIR --cases adamw,lamb [--resume ROOT --resume-cases adamw]
     python fsdp_train.py --out DIR --cases adamw
+    (--accelerator cuda: the same on GPUs with NCCL)
 
 Per case, under DIR/<case>/: ``final.pt`` (full model state_dict after the last step, gathered to rank 0),
 ``step5/`` (a sharded DCP checkpoint written at the end of epoch 1 = step 5), ``info.json`` (rank 0's observations)
@@ -74,7 +75,8 @@ class Observe(pl.Callback):
     def __init__(self, inject_overflow_at: int | None = None) -> None:
         self.inject_overflow_at = inject_overflow_at
         self.info: dict = {"compute_dtypes": set(), "grad_types": set(), "param_types": set(),
-                           "allreduce_per_step": [], "qkv_calls_per_batch": [], "skipped": [], "scales": []}
+                           "allreduce_per_step": [], "qkv_calls_per_batch": [], "skipped": [], "scales": [],
+                           "grads_freed": []}
         self._calls = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -121,17 +123,18 @@ class Observe(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.info["qkv_calls_per_batch"].append(self._calls)
+        self.info["grads_freed"].append(all(p.grad is None for p in pl_module.parameters()))
         plugin = trainer.precision_plugin
         if hasattr(plugin, "last_step_skipped"):
             self.info["skipped"].append(bool(plugin.last_step_skipped))
             self.info["scales"].append(float(plugin.scaler.get_scale()))
 
 
-def run_case(case: str, out: Path, resume_root: Path | None, world: int) -> None:
+def run_case(case: str, out: Path, resume_root: Path | None, world: int, accelerator: str) -> None:
     from lightning_effi.callbacks import AccumulationScheduler
     from lightning_effi.plugins import LossScalingPrecision
 
-    spec = fc.CASES[case]
+    spec = fc.ALL_CASES[case]
     rank = int(os.environ.get("RANK", 0))
     accumulate = spec.get("accumulate", 1)
     target = fc.case_dir(out, case + ("_resumed" if resume_root else ""))
@@ -147,7 +150,7 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int) -> None
         callbacks.append(AccumulationScheduler(spec["schedule"], unit="step"))
     plugins = [LossScalingPrecision("16-mixed", init_scale=2.0**10, growth_interval=1000)] if spec.get("fp16") else []
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=world,
         strategy=EffiFSDPStrategy(wrap=["Block"], **spec.get("strategy", {})),
         precision=spec.get("precision", None if plugins else "32-true"),
@@ -179,7 +182,7 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int) -> None
         (target / "info.json").write_text(json.dumps(info))
 
 
-def run_gpt_module(out: Path, world: int) -> None:
+def run_gpt_module(out: Path, world: int, accelerator: str) -> None:
     """The package's GPTLightningModule under ``strategy="effi_fsdp"`` (registry name, default wrap = the classes in
     every ModuleList, i.e. ``Block``): 3 steps, a sharded checkpoint, and the sharded model's own logits on fixed
     tokens, which the exported single-file state_dict must reproduce in a plain ``GPT``."""
@@ -195,7 +198,7 @@ def run_gpt_module(out: Path, world: int) -> None:
     torch.manual_seed(fc.SEED)
     model = GPTLightningModule(vocab_size=fc.VOCAB, block_size=fc.BLOCK, n_layer=2, n_head=2, d_model=32,
                                warmup_steps=1, max_steps=3)
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="effi_fsdp", max_steps=3,
+    trainer = pl.Trainer(accelerator=accelerator, devices=world, strategy="effi_fsdp", max_steps=3,
                          use_distributed_sampler=False, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, train_dataloaders=loader)
@@ -205,7 +208,7 @@ def run_gpt_module(out: Path, world: int) -> None:
     units = sorted(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule))
     model.eval()
     with torch.no_grad():
-        logits = model(tokens[:4, :-1])
+        logits = model(tokens[:4, :-1].to(trainer.strategy.root_device)).cpu()
     if rank == 0:
         torch.save(logits, target / "logits.pt")
         (target / "info.json").write_text(json.dumps({"fsdp_units": units, "strategy": type(trainer.strategy).__name__}))
@@ -217,15 +220,16 @@ def main() -> None:
     parser.add_argument("--cases", default="")
     parser.add_argument("--resume", type=Path, default=None)
     parser.add_argument("--resume-cases", default="")
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", 1))
     for case in filter(None, args.cases.split(",")):
         if case == "gpt_module":
-            run_gpt_module(args.out, world)
+            run_gpt_module(args.out, world, args.accelerator)
         else:
-            run_case(case, args.out, None, world)
+            run_case(case, args.out, None, world, args.accelerator)
     for case in filter(None, args.resume_cases.split(",")):
-        run_case(case, args.out, args.resume, world)
+        run_case(case, args.out, args.resume, world, args.accelerator)
     clean_exit()
 
 

@@ -1,0 +1,162 @@
+"""EffiFSDPStrategy in one process: argument validation, the sharding plan's errors, the precision policy table.
+
+Errors that need a real setup (a device mesh) run a 1-process CPU Trainer in this process; the fixture destroys the
+1-rank gloo group and restores the environment Lightning wrote (MASTER_ADDR/PORT) so later tests start clean.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.strategies import StrategyRegistry
+from torch import nn
+
+from lightning_effi.models import GPT
+from lightning_effi.plugins import LossScalingPrecision, MasterWeightsPrecision
+from lightning_effi.strategies import EffiFSDPStrategy
+from lightning_effi.strategies.fsdp import _auto_wrap_names, _find_modules
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"wrap": "Block"}, TypeError, r"got the string 'Block'; write \['Block'\]"),
+        ({"wrap": ["Block", 3]}, TypeError, r"wrap entries must be non-empty class-name strings, got 3"),
+        ({"activation_checkpointing": "Block"}, TypeError, r"activation_checkpointing must be a list"),
+        ({"activation_checkpointing": [""]}, TypeError, r"got ''"),
+        ({"reshard_after_forward": 0}, ValueError, r"Invalid reshard_after_forward 0"),
+        ({"reshard_after_forward": "yes"}, ValueError, r"Invalid reshard_after_forward 'yes'"),
+        ({"cpu_offload": "yes"}, TypeError, r"Invalid cpu_offload 'yes'"),
+        ({"param_dtype": "fp16"}, ValueError, r"Invalid param_dtype 'fp16': must be 'auto' or one of"),
+        ({"reduce_dtype": torch.float32}, ValueError, r"Invalid reduce_dtype torch.float32"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_invalid_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        EffiFSDPStrategy(**kwargs)
+
+
+def test_registered_by_name():
+    assert "effi_fsdp" in StrategyRegistry
+    assert isinstance(StrategyRegistry.get("effi_fsdp"), EffiFSDPStrategy)
+
+
+def test_wrap_names_match_class_or_qualified_name_and_errors_list_classes():
+    gpt = GPT(vocab_size=16, block_size=8, n_layer=3, n_head=2, d_model=8)
+    assert _auto_wrap_names(gpt) == ["Block"]
+    assert _find_modules(gpt, ["Block"], "wrap") == list(gpt.blocks)
+    assert _find_modules(gpt, ["lightning_effi.models.gpt.Block"], "wrap") == list(gpt.blocks)
+    with pytest.raises(ValueError) as err:
+        _find_modules(gpt, ["Block", "TransformerBlock"], "wrap")
+    msg = str(err.value)
+    assert "['TransformerBlock']" in msg and "match no module of GPT" in msg
+    present = re.search(r"Module classes present: \[(.*)\]", msg).group(1)
+    assert {"Block", "CausalSelfAttention", "MLP", "GPT", "LayerNorm", "Embedding", "Linear"} <= {
+        s.strip(" '") for s in present.split(",")
+    }
+
+
+@pytest.mark.parametrize(
+    ("plugin", "expected"),
+    [
+        (Precision(), (None, None)),
+        (MixedPrecision("bf16-mixed", "cpu"), (torch.bfloat16, torch.float32)),
+        (MixedPrecision("16-mixed", "cpu"), (torch.float16, torch.float32)),
+        (LossScalingPrecision("16-mixed"), (torch.float16, torch.float32)),
+        (LossScalingPrecision("bf16-mixed"), (torch.bfloat16, torch.float32)),
+        (HalfPrecision("bf16-true"), (None, None)),
+    ],
+    ids=["32-true", "bf16-mixed", "16-mixed", "LossScaling16", "LossScalingBf16", "bf16-true"],
+)
+def test_policy_derived_from_precision_plugin(plugin, expected):
+    strategy = EffiFSDPStrategy()
+    strategy.precision_plugin = plugin
+    assert strategy.mixed_precision_dtypes() == expected
+
+
+def test_explicit_dtypes_override_and_unknown_plugin_errors():
+    strategy = EffiFSDPStrategy(param_dtype="bfloat16", reduce_dtype="bfloat16")
+    strategy.precision_plugin = MixedPrecision("16-mixed", "cpu")
+    assert strategy.mixed_precision_dtypes() == (torch.bfloat16, torch.bfloat16)
+
+    class Exotic(Precision):
+        precision = "transformer-engine"
+
+    strategy = EffiFSDPStrategy()
+    strategy.precision_plugin = Exotic()
+    with pytest.raises(RuntimeError, match=r"cannot derive .* from the precision plugin Exotic .*'transformer-engine'"):
+        strategy.mixed_precision_dtypes()
+    explicit = EffiFSDPStrategy(param_dtype="float32", reduce_dtype="float32")
+    explicit.precision_plugin = Exotic()
+    assert explicit.mixed_precision_dtypes() == (torch.float32, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- errors at setup
+class _LM(pl.LightningModule):
+    def __init__(self, extra_root_param: bool = False, pre_sharded: bool = False) -> None:
+        super().__init__()
+        self.model = GPT(vocab_size=16, block_size=8, n_layer=2, n_head=2, d_model=8)
+        if extra_root_param:
+            self.temperature = nn.Parameter(torch.ones(()))
+        self.pre_sharded = pre_sharded
+        self.steps_run = 0
+
+    def configure_model(self) -> None:
+        if self.pre_sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.model)
+
+    def training_step(self, batch, batch_idx):
+        self.steps_run += 1
+        return self.model(batch[0]).float().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.fixture
+def one_process_fit():
+    """Fit a 1-process CPU Trainer here; afterwards destroy the 1-rank group and restore os.environ."""
+    env = dict(os.environ)
+
+    def fit(strategy: EffiFSDPStrategy, module: _LM, **trainer_kwargs) -> None:
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             **trainer_kwargs)
+        data = torch.utils.data.TensorDataset(torch.randint(0, 16, (4, 8)))
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+
+    yield fit
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
+
+
+@pytest.mark.parametrize(
+    ("strategy_kwargs", "module_kwargs", "trainer_kwargs", "exc", "match"),
+    [
+        ({"wrap": ["Blok"]}, {}, {}, ValueError, r"wrap class name\(s\) \['Blok'\] match no module of _LM\. .*'Block'"),
+        ({"activation_checkpointing": ["Attention"]}, {}, {}, ValueError,
+         r"activation_checkpointing class name\(s\) \['Attention'\] .*'CausalSelfAttention'"),
+        ({"cpu_offload": True}, {}, {}, RuntimeError, r"cpu_offload=True\) .* accelerator is 'cpu'; set cpu_offload=False"),
+        ({}, {"extra_root_param": True}, {}, RuntimeError,
+         r"parameters \['temperature'\] are registered on the LightningModule itself .* Move them into a submodule"),
+        ({}, {"pre_sharded": True}, {}, RuntimeError, r"already sharded with fully_shard \(in configure_model\)"),
+        ({}, {}, {"plugins": [MasterWeightsPrecision()]}, RuntimeError,
+         r"MasterWeightsPrecision does not support EffiFSDPStrategy"),
+    ],
+    ids=["unknown-wrap", "unknown-ac", "cpu-offload-on-cpu", "root-param", "pre-sharded", "master-weights"],
+)
+def test_bad_setup_raises_before_training(one_process_fit, strategy_kwargs, module_kwargs, trainer_kwargs, exc, match):
+    module = _LM(**module_kwargs)
+    with pytest.raises(exc, match=match):
+        one_process_fit(EffiFSDPStrategy(**strategy_kwargs), module, **trainer_kwargs)
+    assert module.steps_run == 0
