@@ -57,13 +57,13 @@ class AccumulationScheduler(Callback):
     **Token protocol.** With ``normalize="tokens"`` (or ``unit="token"``), ``training_step`` returns
     ``{"loss": summed_token_loss, "num_tokens": n}``: the loss *summed* (not averaged) over the micro-batch's valid
     tokens, and their number (int or integer tensor). The example models do this with ``loss_reduction="sum"``.
-    The token total is not known before the window's backward passes, so each micro-batch's summed loss is scaled
-    by a constant ``s`` identical on all ranks (``1 / tokens of the previous window``, so that gradient magnitudes stay
-    those of a per-token mean) and, before the optimizer step (before clipping and after fp16 unscaling), the
-    gradients are multiplied by ``1 / (s * window_tokens)`` once the window's token count has been summed over ranks
-    (one all-reduce of two integers per optimizer step). This is exact, not an approximation. The very first window
-    has no previous count (``s = 1``), so its fp16 scaled loss is a token *sum*; a dynamic loss scaler may skip a few
-    steps while it backs off.
+    The window's token total is not known before its backward passes, so each micro-batch's summed loss is scaled
+    by a constant ``s`` identical on all ranks (``1 / tokens of the previous window``; for the run's first window,
+    ``1 / (first micro-batch's tokens on all ranks x window size)``), which keeps gradient magnitudes those of a
+    per-token mean (what fp16 loss scaling expects). After the window's last backward, once its token count has been
+    summed over ranks (one all-reduce of two integers per optimizer step), the gradients are multiplied by
+    ``1 / (s * window_tokens)``, before any ``on_before_optimizer_step`` hook, clipping and the step. This is exact, not
+    an approximation: the applied gradient is the one a look-ahead count would give, up to float rounding.
 
     **How the loop is driven.** Lightning decides boundaries with ``batch_idx % accumulate_grad_batches`` within an
     epoch and divides each loss by that value. This callback sets ``trainer.accumulate_grad_batches`` before each
@@ -144,6 +144,7 @@ class AccumulationScheduler(Callback):
         self._needs_tokens = normalize == "tokens" or unit == "token"
         self._reset_state()
         self._original_training_step: Any = None
+        self._trainer: Trainer | None = None
         self._pending_window: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ state
@@ -222,12 +223,14 @@ class AccumulationScheduler(Callback):
                 "partitions (p.grad is not the accumulated gradient), so the exact per-token rescale cannot be applied. "
                 "Use normalize='mean' with DeepSpeed, or strategy='ddp' / 'effi_fsdp' for token-exact normalisation."
             )
+        self._trainer = trainer
         self._install_training_step(pl_module)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._trainer = None
         if self._original_training_step is not None:
             # Remove the instance attribute so the class method is visible again.
             if "training_step" in vars(pl_module):
@@ -337,6 +340,13 @@ class AccumulationScheduler(Callback):
                 n = output["num_tokens"]
                 n = n.detach().long().reshape(()) if isinstance(n, torch.Tensor) else int(n)
                 self._win_tokens = self._win_tokens + n
+                if self.normalize == "tokens" and self._prev_tokens == 0 and self._pos == 1:
+                    # First window of the run: no previous total to set the provisional scale from. Estimate it
+                    # from this micro-batch (summed over ranks) x window size, so even the first window's loss has
+                    # per-token-mean magnitude (fp16 loss scaling). One extra all-reduce, once.
+                    first = self._sum_over_ranks(self._trainer, [n])[0]
+                    self._scale = 1.0 / max(first * self._size, 1)
+                    self._multiplier = self._accumulate * self._dp * self._scale
             elif self._needs_tokens:
                 raise RuntimeError(self._protocol_error(f"a dict without 'num_tokens' (keys: {sorted(output)})"))
             return {**output, "loss": output["loss"] * self._multiplier}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -69,9 +69,9 @@ class AutoMicroBatch(AccumulationScheduler):
         max_micro_batch_size: int | None = None,
         batch_arg_name: str = "batch_size",
         memory_fraction: float = 0.85,
-        normalize: str = "mean",
+        normalize: Literal["mean", "tokens"] = "mean",
     ) -> None:
-        super().__init__(global_batch_size=global_batch_size, normalize=normalize)  # type: ignore[arg-type]
+        super().__init__(global_batch_size=global_batch_size, normalize=normalize)
         if max_micro_batch_size is not None and (
             isinstance(max_micro_batch_size, bool) or not isinstance(max_micro_batch_size, int)
             or max_micro_batch_size < 1
