@@ -14,7 +14,7 @@ class ReferenceLamb:
     def __init__(self, params, groups, max_grad_norm=None):
         """params: list of tensors (copied to float64); groups: dicts with 'idx' (param indices) and hyperparameters
         lr, betas, eps, weight_decay, bias_correction, trust_clip, weight_norm_clip, adapt."""
-        self.x = [p.detach().to(torch.float64).clone() for p in params]
+        self.x = [p.detach().cpu().to(torch.float64).clone() for p in params]
         self.m = [torch.zeros_like(x) for x in self.x]
         self.v = [torch.zeros_like(x) for x in self.x]
         self.t = [0 for _ in self.x]
@@ -24,7 +24,7 @@ class ReferenceLamb:
     def step(self, grads):
         """grads: list (aligned with params) of tensors or None. Returns the trust ratios of updated params, in
         group order, or None for a skipped step."""
-        g64 = [None if g is None else g.detach().to(torch.float64) for g in grads]
+        g64 = [None if g is None else g.detach().cpu().to(torch.float64) for g in grads]
         coef = 1.0
         if self.max_grad_norm is not None:
             total = math.sqrt(sum(float((g * g).sum()) for g in g64 if g is not None))
