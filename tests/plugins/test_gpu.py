@@ -15,7 +15,8 @@ pytestmark = pytest.mark.gpu
 
 
 def test_unscale_has_no_host_sync_and_step_has_one():
-    ps = [torch.nn.Parameter(torch.randn(1000, device="cuda", dtype=dt)) for dt in (torch.float16, torch.float32)] * 3
+    dtypes = (torch.float16, torch.float32, torch.bfloat16) * 2
+    ps = [torch.nn.Parameter(torch.randn(1000, device="cuda", dtype=dt)) for dt in dtypes]
     opt = torch.optim.SGD(ps, lr=0.1)
     s = DynamicLossScaler(init_scale=2.0**8)
     for p in ps:
