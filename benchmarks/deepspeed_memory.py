@@ -128,7 +128,8 @@ def run(case: str, steps: int, warmup: int, micro: int, tiny: bool) -> dict:
     else:
         raise ValueError(f"Invalid strategy {kind!r} in case {case!r}: use 'effi' or 'stock'")
     meter = Meter(warmup)
-    trainer = pl.Trainer(accelerator="cuda" if CUDA else "cpu", devices=world, strategy=strategy, precision="bf16-mixed",
+    trainer = pl.Trainer(accelerator="cuda" if CUDA else "cpu", devices=world, strategy=strategy,
+                         precision="bf16-mixed",
                          max_steps=warmup + steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[meter])
     module = BenchLM(optimizer, shape)
@@ -163,7 +164,8 @@ def main() -> None:
     try:
         result = run(args.case, args.steps, args.warmup, args.micro, args.tiny)
     except Exception as err:  # recorded, so the remaining cases of a sweep still run
-        result = {"case": args.case, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+        result = {"case": args.case, "error": f"{type(err).__name__}: {err}",
+                  "traceback": traceback.format_exc()[-3000:]}
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         result.update({"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()

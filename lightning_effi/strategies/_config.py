@@ -78,7 +78,9 @@ def load_user_config(config: str | Path | Mapping[str, Any] | None) -> dict[str,
         except json.JSONDecodeError as err:
             raise ValueError(f"DeepSpeed config file {str(path)!r} is not valid JSON: {err}") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"DeepSpeed config file {str(path)!r} must hold a JSON object, got {type(loaded).__name__}")
+            raise ValueError(
+                f"DeepSpeed config file {str(path)!r} must hold a JSON object, got {type(loaded).__name__}"
+            )
         return loaded
     raise TypeError(f"Invalid DeepSpeed config {config!r}: pass a dict, a path to a JSON file, or None")
 

@@ -425,7 +425,8 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
         if isinstance(self.config, dict) and self.config:
             self.config["gradient_accumulation_steps"] = factor
             if "train_micro_batch_size_per_gpu" in self.config:
-                self.config["train_batch_size"] = self.config["train_micro_batch_size_per_gpu"] * self.world_size * factor
+                micro = self.config["train_micro_batch_size_per_gpu"]
+                self.config["train_batch_size"] = micro * self.world_size * factor
         engine = self.model
         if engine is not None and hasattr(engine, "set_train_batch_size"):
             engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * engine.dp_world_size * factor)

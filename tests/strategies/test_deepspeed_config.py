@@ -37,7 +37,8 @@ def test_defaults_from_trainer_arguments():
 
 def test_user_config_is_kept_and_not_mutated():
     user = {"zero_optimization": {"reduce_bucket_size": 123, "stage": 2}, "steps_per_print": 7,
-            "gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto"}
+            "gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto",
+            "gradient_clipping": "auto"}
     snapshot = json.loads(json.dumps(user))
     cfg = build(user, accumulate_grad_batches=2, gradient_clip_val=1.0)
     assert user == snapshot

@@ -51,7 +51,8 @@ def fit(case: dict, root: Path, max_steps: int, ckpt_path: str | None = None, sa
         callbacks.append(ModelCheckpoint(dirpath=root, every_n_train_steps=5, save_top_k=-1,
                                          filename="{step}", save_last=False))
     trainer = pl.Trainer(
-        accelerator=ACCELERATOR, devices=WORLD, strategy=EffiDeepSpeedStrategy(stage=case["stage"]), max_steps=max_steps,
+        accelerator=ACCELERATOR, devices=WORLD, strategy=EffiDeepSpeedStrategy(stage=case["stage"]),
+        max_steps=max_steps,
         use_distributed_sampler=False, logger=False, enable_checkpointing=save, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks, default_root_dir=root,
     )
