@@ -265,6 +265,13 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
                 f"loss scaling {({k: v for k, v in self.config['fp16'].items() if k != 'enabled'})})"
             )
 
+    @property
+    @override
+    def zero_stage_3(self) -> bool:
+        # Upstream reads the config, which here is only built at setup; the stage argument is the source of truth
+        # (a config that says otherwise is a conflict).
+        return self._stage == 3
+
     @override
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
