@@ -12,6 +12,8 @@ settings for every case; only the strategy (and AdamW vs LAMB) changes. Cases:
 - ``model_parallel``: Lightning's ModelParallelStrategy with a hand-written ``configure_model`` applying
   ``fully_shard`` to each Block and the root with a bf16 MixedPrecisionPolicy (the "FSDP2 by hand" baseline).
 - ``effi_fsdp_adamw`` / ``effi_fsdp_lamb``: EffiFSDPStrategy(wrap=["Block"]), no per-module code.
+- ``effi_fsdp_adamw_compile``: the same with ``compile=True`` (each Block's forward compiled; compile time is in the
+  untimed warmup steps).
 
 Adding a strategy is one entry in ``CASES``. Metrics, measured over ``--steps`` optimizer steps after ``--warmup``:
 ``tokens_per_s`` (all GPUs), ``mfu = 6 * n_params * tokens_per_s / (n_gpus * peak_flops)`` with ``n_params`` the
@@ -66,11 +68,18 @@ def _effi_fsdp(world: int):
     return EffiFSDPStrategy(wrap=["Block"])
 
 
+def _effi_fsdp_compiled(world: int):
+    from lightning_effi.strategies import EffiFSDPStrategy
+
+    return EffiFSDPStrategy(wrap=["Block"], compile=True)
+
+
 CASES: dict[str, Case] = {
     "ddp": Case(_ddp),
     "model_parallel": Case(_model_parallel, hand_sharded=True, empty_init=True),
     "effi_fsdp_adamw": Case(_effi_fsdp, "adamw", empty_init=True),
     "effi_fsdp_lamb": Case(_effi_fsdp, "lamb", empty_init=True),
+    "effi_fsdp_adamw_compile": Case(_effi_fsdp_compiled, "adamw", empty_init=True),
 }
 
 
