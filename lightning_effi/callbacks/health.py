@@ -29,7 +29,8 @@ class TrainingHealthMonitor(Callback):
     Metrics (names prefixed by ``prefix``), each present only where it has a meaning:
 
     * ``loss_scale``, ``skipped_steps``: with :class:`~lightning_effi.plugins.LossScalingPrecision` (or any precision
-      plugin exposing a ``scaler`` with ``get_scale()`` and ``skipped_steps``);
+      plugin exposing a ``scaler`` with ``get_scale()`` and ``skipped_steps``), or with DeepSpeed fp16 (read from the
+      engine: its loss scaler's ``cur_scale`` and ``skipped_steps``);
     * ``grad_norm``: global L2 norm of all gradients the optimizer steps on, after unscaling and before clipping
       (DTensor gradients: the norm of the full logical tensors); non-finite when the step is skipped;
     * ``trust_ratio_min`` / ``_median`` / ``_max``: from ``optimizer.trust_ratios`` (Lamb) over the last applied step,
@@ -99,9 +100,8 @@ class TrainingHealthMonitor(Callback):
         if step == self._last_step:  # inside an accumulation window: no optimizer step happened
             return
         self._last_step = step
-        plugin = trainer.precision_plugin
-        if getattr(plugin, "last_step_skipped", False):
-            self._report_skip(trainer, pl_module, plugin, step)
+        if _last_step_skipped(trainer):  # a host bool: no device sync on clean steps
+            self._report_skip(trainer, step, _loss_scale_state(trainer)[0])
         if step % self.log_every_n_steps == 0:
             self._emit(trainer, step)
 
@@ -119,12 +119,14 @@ class TrainingHealthMonitor(Callback):
         n = torch.as_tensor(n).detach().to(torch.float64)
         self._tokens = n if self._tokens is None else self._tokens + n.to(self._tokens.device)
 
-    def _report_skip(self, trainer: pl.Trainer, pl_module: pl.LightningModule, plugin: Any, step: int) -> None:
-        names = list(getattr(plugin, "last_nonfinite_names", []))[: self.max_names]
-        scaler = getattr(plugin, "scaler", None)
-        scale = scaler.get_scale() if scaler is not None else None
+    def _report_skip(self, trainer: pl.Trainer, step: int, scale: float) -> None:
+        plugin = trainer.precision_plugin
+        if hasattr(plugin, "last_nonfinite_names"):
+            names = list(plugin.last_nonfinite_names)[: self.max_names]
+            where = names or ["<none on this rank: the overflow was on another rank>"]
+        else:  # DeepSpeed keeps gradients in its own flat partitions
+            names, where = [], ["<not available: the engine holds the gradients>"]
         self.skip_events.append((step - 1, scale, names))
-        where = names or ["<none on this rank: the overflow was on another rank>"]
         log.warning(
             "rank %d: optimizer step %d skipped (non-finite gradients); loss scale now %s; first parameters with "
             "inf/nan gradients: %s",
@@ -147,11 +149,11 @@ class TrainingHealthMonitor(Callback):
 
     def _emit(self, trainer: pl.Trainer, step: int) -> None:
         metrics: dict[str, float] = {}
-        plugin = trainer.precision_plugin
-        scaler = getattr(plugin, "scaler", None)
-        if scaler is not None and hasattr(scaler, "get_scale"):
-            metrics["loss_scale"] = float(scaler.get_scale())
-            metrics["skipped_steps"] = float(getattr(scaler, "skipped_steps", 0))
+        state = _loss_scale_state(trainer)
+        if state is not None:
+            metrics["loss_scale"] = state[0]
+            if state[1] is not None:
+                metrics["skipped_steps"] = float(state[1])
         if self._grad_norm is not None:
             metrics["grad_norm"] = float(self._grad_norm)
             self._grad_norm = None
@@ -169,3 +171,30 @@ class TrainingHealthMonitor(Callback):
         self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+def _loss_scale_state(trainer: pl.Trainer) -> Optional[tuple[float, Optional[int], bool]]:
+    """(scale, skipped steps so far, was the last step skipped) from the precision plugin's scaler or a DeepSpeed fp16
+    engine; None when nothing scales the loss. torch's GradScaler (Lightning's MixedPrecision) counts no skips: None.
+    Host values only (the scaler already synced once to decide the step)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and hasattr(scaler, "get_scale"):
+        skipped = getattr(scaler, "skipped_steps", None)
+        return float(scaler.get_scale()), skipped, bool(getattr(scaler, "last_step_skipped", False))
+    engine = getattr(trainer.strategy, "deepspeed_engine", None)
+    if engine is None or not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    ds_scaler = getattr(opt, "loss_scaler", None)
+    scale = getattr(ds_scaler, "cur_scale", None) if ds_scaler is not None else getattr(opt, "cur_scale", None)
+    if scale is None:
+        return None
+    return float(scale), int(engine.skipped_steps), not engine.was_step_applied()
+
+
+def _last_step_skipped(trainer: pl.Trainer) -> bool:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None:
+        return bool(getattr(scaler, "last_step_skipped", False))
+    engine = getattr(trainer.strategy, "deepspeed_engine", None)
+    return engine is not None and engine.fp16_enabled() and not engine.was_step_applied()

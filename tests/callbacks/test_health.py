@@ -166,3 +166,31 @@ def test_accumulation_logs_per_optimizer_step(fake_clock):
 def test_validation(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         TrainingHealthMonitor(**kwargs)
+
+
+def test_loss_scale_state_from_deepspeed_engine_and_gradscaler():
+    """DeepSpeed fp16 (EffiDeepSpeedStrategy replaces our plugin by the engine's scaler): scale, skip count and the
+    last step's fate come from the engine's attributes (names as in deepspeed 0.19 engine.py / zero optimizers)."""
+    import types
+
+    from lightning_effi.callbacks.health import _loss_scale_state
+
+    engine = types.SimpleNamespace(
+        fp16_enabled=lambda: True, skipped_steps=3, was_step_applied=lambda: False,
+        optimizer=types.SimpleNamespace(loss_scaler=types.SimpleNamespace(cur_scale=512.0)),
+    )
+    trainer = types.SimpleNamespace(precision_plugin=object(), strategy=types.SimpleNamespace(deepspeed_engine=engine))
+    assert _loss_scale_state(trainer) == (512.0, 3, True)
+    engine.fp16_enabled = lambda: False
+    assert _loss_scale_state(trainer) is None
+    gs = types.SimpleNamespace(scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
+    assert _loss_scale_state(types.SimpleNamespace(precision_plugin=gs, strategy=None)) == (8.0, None, False)
+
+
+def test_lightning_mixed_precision_logs_scale_without_skip_count():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    monitor = TrainingHealthMonitor(log_every_n_steps=2)
+    fit(TokenToy(), plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=4.0))],
+        callbacks=[monitor], max_steps=2)
+    assert monitor.last_metrics["health/loss_scale"] == 4.0 and "health/skipped_steps" not in monitor.last_metrics
