@@ -131,6 +131,9 @@ class LossScalingPrecision(Precision):
     next call cancelled). In manual optimization, read :attr:`last_step_skipped` after ``opt.step()`` to decide whether
     to step your schedulers; calling ``self.clip_gradients`` before ``opt.step()`` unscales first (still once).
 
+    Pending scheduler cancellations are consumed by the scheduler call that follows the skipped step, before any
+    ``on_train_batch_end`` checkpoint, so they are never part of a checkpoint (with ``frequency=1``).
+
     With ``"bf16-mixed"`` loss scaling is not needed for range but harmless (power-of-two scales are exact), and the
     same non-finite check skips steps with inf/nan gradients by the same rule; use ``growth_interval`` large and
     ``init_scale=1`` to keep the scale at 1.
@@ -232,7 +235,13 @@ class LossScalingPrecision(Precision):
         if trainer is not None:
             _check_strategy_for_loss_scaling(trainer)
             if self.device is None:
-                self.device = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
+                kind = trainer.strategy.root_device.type
+                if kind not in ("cpu", "cuda"):
+                    raise RuntimeError(
+                        f"LossScalingPrecision supports CPU and CUDA devices, not {kind!r}; use accelerator='cpu' or "
+                        f"'gpu' (CUDA), or Lightning's own precision flags on {kind!r}."
+                    )
+                self.device = kind
         return module
 
     @override

@@ -281,3 +281,13 @@ def test_lbfgs_is_refused():
 
     with pytest.raises(RuntimeError, match="LBFGS"):
         fit(LB(), plugins=[LossScalingPrecision("16-mixed")], max_steps=1)
+
+
+def test_unsupported_device_is_refused_at_setup():
+    plugin = LossScalingPrecision("16-mixed")
+    module = ToyModule()
+    module._trainer = types.SimpleNamespace(
+        strategy=types.SimpleNamespace(root_device=torch.device("meta"))
+    )
+    with pytest.raises(RuntimeError, match="not 'meta'"):
+        plugin.convert_module(module)
