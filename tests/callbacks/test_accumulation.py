@@ -416,3 +416,42 @@ def test_example_gpt_token_protocol_exact():
         opt.step()
     ref = {k: v.float() for k, v in init.state_dict().items()}
     assert _max_diff({k: v.detach() for k, v in module.model.state_dict().items()}, ref) < 2e-6
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_tokens_matches_big_batch_and_scaler():
+    """CUDA fp16 with GradScaler: 4 accumulated micro-batches (token-exact) == one big batch with the per-token mean,
+    and the dynamic loss scale evolves the same (the provisional scale keeps per-token-mean magnitudes)."""
+    from functools import partial
+
+    from lightning_effi.models import GPTLightningModule
+
+    def module(reduction):
+        torch.manual_seed(0)
+        return GPTLightningModule(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=64, weight_decay=0.0,
+                                  optimizer=partial(torch.optim.SGD, lr=0.1), warmup_steps=0, min_lr_ratio=1.0,
+                                  loss_reduction=reduction)
+
+    g = torch.Generator().manual_seed(2)
+    micro = []
+    for _ in range(16):
+        ids = torch.randint(0, 64, (2, 16), generator=g)
+        labels = torch.randint(0, 64, (2, 16), generator=g)
+        labels[torch.arange(16)[None, :] >= torch.randint(1, 17, (2, 1), generator=g)] = -100
+        micro.append({"input_ids": ids, "labels": labels})
+    big = [_cat(micro[i:i + 4]) for i in range(0, 16, 4)]
+
+    def fit(m, batches, callbacks):
+        t = Trainer(accelerator="cuda", devices=1, precision="16-mixed", max_epochs=1, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    callbacks=callbacks)
+        t.fit(m, ListLoader(batches))
+        return t.precision_plugin.scaler.get_scale()
+
+    acc, ref = module("sum"), module("mean")
+    scale_acc = fit(acc, micro, [AccumulationScheduler({0: 4}, normalize="tokens")])
+    scale_ref = fit(ref, big, [])
+    assert scale_acc == scale_ref
+    a = {k: v.float().cpu() for k, v in acc.model.state_dict().items()}
+    b = {k: v.float().cpu() for k, v in ref.model.state_dict().items()}
+    assert _max_diff(a, b) < 2e-3
