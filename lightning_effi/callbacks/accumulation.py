@@ -91,9 +91,9 @@ class AccumulationScheduler(Callback):
       ``scale_wrt_gas=False``, so the engine does not divide the loss a second time). When the strategy has
       ``effi_set_accumulation(factor)`` it is called at the first micro-batch of every window whose size differs from
       the previous one, to keep the engine's batch-size bookkeeping in step. ZeRO keeps the accumulated gradients in
-      engine-private partitions, so what needs ``p.grad`` is refused at setup with a clear error:
-      ``normalize="tokens"``, unsized loaders (whose partial last window needs a rescale), and mid-window
-      checkpoints. Stock strategies that accumulate inside their engine (``handles_gradient_accumulation``, e.g.
+      engine-private partitions, so what needs ``p.grad`` is refused with a clear error:
+      ``normalize="tokens"`` (at setup), unsized loaders (whose partial last window needs a rescale; at train start)
+      and mid-window checkpoints (at the save; ``ModelCheckpoint`` saves at optimizer steps, which is fine). Stock strategies that accumulate inside their engine (``handles_gradient_accumulation``, e.g.
       Lightning's ``DeepSpeedStrategy``) are refused too: their windows cannot follow a schedule.
 
     **Checkpoints.** The window position, counters and (when saved mid-window) the partial gradients are saved, so
