@@ -32,7 +32,13 @@ ACCELERATORS = [pytest.param("cpu", marks=pytest.mark.distributed),
 # fp32: summation order only (measured 4e-7..2e-6). bf16/fp16 compute against the fp32 reference: rounding
 # (measured 0.047 and 0.0033); a wrong reduction or a rank stepping alone moves it to O(0.3..1).
 TOL = {"adamw_bf16": 0.15, "adamw_fp16": 0.03}
-FP32_TOL = 1e-4
+# fp32 against the CPU reference: 1e-4 on CPU; on GPUs other kernels (cuBLAS, SDPA) round differently, and Adam turns
+# the rounding noise of the attention key bias (true gradient exactly 0) into updates of up to ~lr * noise / eps.
+FP32_TOL = {"cpu": 1e-4, "cuda": 2e-3}
+
+
+def _tol(runs, case: str) -> float:
+    return TOL.get(case, FP32_TOL[runs["acc"]])
 
 
 def _rel_to_movement(got: dict, ref: dict) -> float:
@@ -53,7 +59,7 @@ def runs(request, tmp_path_factory):
     run_script("fsdp_train.py", "--out", two, "--cases", ",".join(cases),
                "--resume", one, "--resume-cases", "adamw", *acc, torchrun=2, timeout=600)
     run_script("fsdp_train.py", "--out", back, "--resume", two, "--resume-cases", "lamb", *acc)
-    return {"one": one, "two": two, "back": back}
+    return {"one": one, "two": two, "back": back, "acc": request.param}
 
 
 def _load(runs, which: str, case: str):
@@ -71,13 +77,13 @@ def test_two_ranks_match_single_process_reference(runs, case):
     ref, _ = fc.reference_run(case)
     assert ranks[0]["global_step"] == len(fc.ALL_CASES[case].get("windows", fc.PLAIN_WINDOWS))
     err = _rel_to_movement(got, ref)
-    assert err < TOL.get(case, FP32_TOL), err
+    assert err < _tol(runs, case), err
     if case not in TOL:
         worst, where = fc.max_rel_diff(got, ref)  # per tensor too, so a small tensor cannot hide in the global norm
-        assert worst < FP32_TOL, (worst, where)
+        assert worst < _tol(runs, case), (worst, where)
     # the 1-element gain (empty shard on rank 1) trained like every other parameter
     assert not torch.equal(got["gain"], torch.ones(1))
-    torch.testing.assert_close(got["gain"], ref["gain"], rtol=TOL.get(case, FP32_TOL), atol=0)
+    torch.testing.assert_close(got["gain"], ref["gain"], rtol=_tol(runs, case), atol=0)
 
 
 def test_parameters_and_gradients_are_sharded_fp32(runs):
@@ -126,7 +132,7 @@ def test_activation_checkpointing_recomputes_and_matches(runs):
     ac, ranks_ac = _load(runs, "two", "adamw_ac")
     assert set(ranks_plain[0]["qkv_calls_per_batch"]) == {1}
     assert set(ranks_ac[0]["qkv_calls_per_batch"]) == {2}  # forward + recomputation in backward
-    assert fc.max_rel_diff(ac, plain)[0] < 1e-6
+    assert fc.max_rel_diff(ac, plain)[0] < (1e-6 if runs["acc"] == "cpu" else 1e-4)
 
 
 def test_accumulation_scheduler_windows(runs):
@@ -143,10 +149,10 @@ def test_resume_on_other_world_size_equals_uninterrupted(runs, which, case, dire
     assert len(ranks[0]["qkv_calls_per_batch"]) == len(fc.PLAIN_WINDOWS) - fc.SAVE_AT  # only the remaining steps ran
     ref, _ = fc.reference_run(case)
     worst, where = fc.max_rel_diff(got, ref)
-    assert worst < FP32_TOL, (worst, where)
+    assert worst < _tol(runs, case), (worst, where)
     # and it also equals the uninterrupted sharded run of the writer's world size
     uninterrupted, _ = _load(runs, "one" if direction == "1->2" else "two", case)
-    assert fc.max_rel_diff(got, uninterrupted)[0] < FP32_TOL
+    assert fc.max_rel_diff(got, uninterrupted)[0] < _tol(runs, case)
 
 
 def test_export_sharded_checkpoint_loads_into_gpt(runs, tmp_path):
@@ -159,7 +165,8 @@ def test_export_sharded_checkpoint_loads_into_gpt(runs, tmp_path):
     gpt.load_state_dict(torch.load(out), strict=True)
     _, ref_logits = fc.reference_run("adamw", logits_after=fc.SAVE_AT)
     with torch.no_grad():
-        torch.testing.assert_close(gpt(fc.dataset()[:4, :-1]), ref_logits, rtol=1e-4, atol=1e-5)
+        tol = 1e-5 if runs["acc"] == "cpu" else 1e-3
+        torch.testing.assert_close(gpt(fc.dataset()[:4, :-1]), ref_logits, rtol=10 * tol, atol=tol)
 
     # (2) GPTLightningModule under strategy="effi_fsdp" (default wrap: the ModuleList children, i.e. Block): the
     # exported checkpoint reproduces the logits the sharded model itself computed.
@@ -170,4 +177,5 @@ def test_export_sharded_checkpoint_loads_into_gpt(runs, tmp_path):
     gpt = GPT(vocab_size=fc.VOCAB, block_size=fc.BLOCK, n_layer=2, n_head=2, d_model=32)
     gpt.load_state_dict(torch.load(out), strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(gpt(fc.dataset()[:4, :-1]), torch.load(d / "logits.pt"), rtol=1e-5, atol=1e-6)
+        tol = 1e-6 if runs["acc"] == "cpu" else 1e-4  # the sharded logits came from GPU kernels there
+        torch.testing.assert_close(gpt(fc.dataset()[:4, :-1]), torch.load(d / "logits.pt"), rtol=10 * tol, atol=tol)
