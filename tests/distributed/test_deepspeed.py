@@ -105,7 +105,8 @@ def test_validate_stage3_inference_engine(ds_results):
     with torch.no_grad():
         losses = [lm_loss(model, x, y) for r in range(2) for x, y in loader(make_dataset(), 2, r)]
     expected = torch.stack(losses).mean().item()
-    assert _load(ds_results, "s3_validate")["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert _load(ds_results, "s3_validate")["val_loss"] == pytest.approx(expected, rel=1e-5 if ds_results.device == "cpu"
+                                                                          else 1e-4)
 
 
 def test_static_accumulation(ds_results):

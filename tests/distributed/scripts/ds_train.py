@@ -54,8 +54,9 @@ class Recorder(pl.Callback):
             assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "overlapping segments"
             for lid, _, n in layout.segments:
                 covered[lid] += n
+        covered = covered.to(pl_module.device)  # NCCL reduces device tensors only
         torch.distributed.all_reduce(covered)
-        self.result["layout_coverage_ok"] = bool(torch.equal(covered, numels))
+        self.result["layout_coverage_ok"] = bool(torch.equal(covered.cpu(), numels))
         self.result["num_logical"] = int(numels.numel())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -89,7 +90,7 @@ class Recorder(pl.Callback):
         opt = trainer.strategy.deepspeed_engine.optimizer
         client = getattr(opt, "optimizer", opt)
         tr = getattr(client, "trust_ratios", None)
-        self.result["trust_ratios"] = None if tr is None else tr.detach().clone()
+        self.result["trust_ratios"] = None if tr is None else tr.detach().cpu().clone()
 
 
 # name -> (stage, optimizer, trainer kwargs, recorder kwargs, module kwargs, strategy kwargs, plugins)

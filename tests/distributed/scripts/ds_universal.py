@@ -41,6 +41,7 @@ class Probe(pl.Callback):
             for key in sq:
                 sq[key] += state[key].double().pow(2).sum().cpu()
         for key in sq:  # flat partitions: each rank holds a piece; padding is zero
+            sq[key] = sq[key].to(pl_module.device)  # NCCL reduces device tensors only
             torch.distributed.all_reduce(sq[key])
         self.result["restored"] = {"params": full_fp32_params(pl_module), "global_step": trainer.global_step,
                                    **{f"{k}_sumsq": v.item() for k, v in sq.items()}}
