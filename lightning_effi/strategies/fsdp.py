@@ -14,6 +14,7 @@ callbacks and precision-plugin (loss scaler) state. It overrides only:
 
 - ``__init__``: the sharding options, validated before anything runs;
 - ``setup_environment``: the data-parallel size is the world size (upstream: ``num_nodes``), no tensor parallelism;
+- ``_get_process_group_backend``: adds a gloo backend for CPU tensors under ``cpu_offload``;
 - ``optimizer_step``: frees the gradients right after the step (see ``free_gradients_after_step``);
 - ``setup``: applies activation checkpointing and ``fully_shard`` itself instead of requiring ``configure_model``
   (upstream raises ``TypeError`` without it); derives the FSDP2 ``MixedPrecisionPolicy`` from the precision plugin;
@@ -135,7 +136,9 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             by every block, no graph breaks at the hooks). Fuses layer norms, activations and residual adds. Parameter
             names and checkpoints are unchanged. Not combinable with ``activation_checkpointing`` yet. Default False.
         cpu_offload: keep sharded parameters, gradients and optimizer state in pinned CPU memory; the optimizer
-            step runs on the CPU. GPU only.
+            step runs on the CPU. GPU only. The process group then becomes ``"cpu:gloo,cuda:nccl"`` (unless
+            ``process_group_backend`` is given), so collectives on the offloaded tensors (gradient-norm clipping,
+            LAMB's norms) have a CPU backend.
         param_dtype: dtype parameters are all-gathered in for compute. ``"auto"``: ``bfloat16`` for
             ``"bf16-mixed"``, ``float16`` for ``"16-mixed"`` (Lightning's or ``LossScalingPrecision``), unchanged for
             ``"*-true"`` precisions.
@@ -222,6 +225,13 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    @override
+    def _get_process_group_backend(self) -> str:
+        if self._process_group_backend is None and self.cpu_offload and self.root_device.type == "cuda":
+            # NCCL alone cannot reduce the CPU-resident shards that clipping and LAMB take norms of.
+            return "cpu:gloo,cuda:nccl"
+        return super()._get_process_group_backend()
 
     @override
     def setup(self, trainer: Trainer) -> None:

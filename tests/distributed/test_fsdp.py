@@ -54,7 +54,7 @@ def runs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"fsdp_{request.param}")
     one, two, back = root / "one", root / "two", root / "back"
     run_script("fsdp_train.py", "--out", one, "--cases", "adamw", *acc)
-    # compile: inductor's C++ build takes minutes on 2 CPU cores, so the compiled-units case runs on GPUs only
+    # EXTRA_CASES (compile, cpu_offload) run on GPUs only
     cases = [*fc.CASES, *(fc.EXTRA_CASES if request.param == "cuda" else ()), "gpt_module"]
     run_script("fsdp_train.py", "--out", two, "--cases", ",".join(cases),
                "--resume", one, "--resume-cases", "adamw", *acc, torchrun=2, timeout=600)
@@ -71,7 +71,8 @@ def _load(runs, which: str, case: str):
 @pytest.mark.parametrize("case", list(fc.ALL_CASES))
 def test_two_ranks_match_single_process_reference(runs, case):
     if not fc.case_dir(runs["two"], case).exists() and case in fc.EXTRA_CASES:
-        pytest.skip(f"{case} runs on GPUs only (torch.compile's CPU C++ build takes minutes on 2 cores)")
+        pytest.skip(f"{case} runs on GPUs only (cpu_offload needs a GPU; torch.compile's CPU C++ build takes "
+                    "minutes on 2 cores)")
     got, ranks = _load(runs, "two", case)
     assert [r["world_size"] for r in ranks] == [2, 2]
     ref, _ = fc.reference_run(case)

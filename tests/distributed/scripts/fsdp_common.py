@@ -37,6 +37,9 @@ CASES: dict[str, dict] = {
 # Opt-in (slow on CPU: inductor compiles C++); the multi_gpu tests run them.
 EXTRA_CASES: dict[str, dict] = {
     "adamw_compile": {"optimizer": "adamw", "strategy": {"compile": True}},
+    # CPU offload exists on GPUs only; clipping and LAMB's norms then reduce CPU tensors (gloo next to NCCL)
+    "adamw_offload": {"optimizer": "adamw", "strategy": {"cpu_offload": True}},
+    "lamb_offload": {"optimizer": "lamb", "strategy": {"cpu_offload": True}},
 }
 ALL_CASES = {**CASES, **EXTRA_CASES}
 
