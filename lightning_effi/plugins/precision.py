@@ -471,26 +471,44 @@ class MasterWeightsPrecision(HalfPrecision):
         closure_result = closure()
         if closure_result is None and model.automatic_optimization:
             return closure_result
-        pairs = self._pairs[id(inner)]
-        for p, master in pairs:
-            if self.mode == "kahan":
-                master.data = p.detach().float().add_(self._comp[id(master)])
-            if p.grad is None:
-                master.grad = None
-                continue
-            # One parameter at a time: peak extra memory is a single fp32 gradient beyond the masters' own.
-            master.grad = p.grad.float()
-            p.grad = None
+        self._grads_to_masters(inner)
         self._after_closure(model, optimizer)
         step_output = inner.step(**kwargs)
         with torch.no_grad():
-            for p, master in pairs:
+            for p, master in self._pairs[id(inner)]:
                 p.copy_(master)  # round to nearest bf16
                 if self.mode == "kahan":
                     # the low bits the rounding dropped, kept for the next step
                     self._comp[id(master)].copy_(master.sub_(p.float()))
+                    master.grad = None
                     master.data = _empty_like(master)
         return step_output
+
+    def _grads_to_masters(self, optimizer: Optimizer) -> None:
+        """Move the bf16 model gradients (as fp32) onto the masters; idempotent within a step, so manual optimization
+        can clip (``self.clip_gradients``) before ``opt.step()``. In "kahan" mode the masters are rebuilt first."""
+        for p, master in self._pairs[id(optimizer)]:
+            if self.mode == "kahan" and master.numel() == 0:
+                master.data = p.detach().float().add_(self._comp[id(master)])
+            if p.grad is None:
+                continue  # already moved this step, or no gradient (the optimizer's zero_grad clears master grads)
+            # One parameter at a time: peak extra memory is a single fp32 gradient beyond the masters' own.
+            master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
+            p.grad = None
+
+    @override
+    def clip_gradients(
+        self,
+        optimizer: Optimizer,
+        clip_val: Union[int, float] = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
+        # Clipping acts on the optimizer's parameters, i.e. the masters: make sure their gradients are there (manual
+        # optimization calls this before opt.step()).
+        inner = _unwrap(optimizer)
+        if clip_val > 0 and id(inner) in self._pairs:
+            self._grads_to_masters(inner)
+        super().clip_gradients(optimizer, clip_val=clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
     @override
     def state_dict(self) -> dict[str, Any]:

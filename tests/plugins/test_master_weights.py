@@ -185,3 +185,49 @@ def test_fp32_parameter_in_optimizer_is_refused():
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
     with pytest.raises(RuntimeError, match="torch.float32 parameter"):
         p.connect(torch.nn.Linear(1, 1), [opt], [])
+
+
+@pytest.mark.parametrize("mode", ["fp32", "kahan"])
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_clipping_acts_on_master_gradients(mode, manual):
+    """Clipping (automatic: gradient_clip_val; manual: self.clip_gradients before opt.step()) clips the fp32 master
+    gradients the optimizer uses; the first SGD update equals the fp32 clipped update up to bf16 rounding."""
+    from tests.plugins._toy import ToyModule
+
+    clip = 0.05
+
+    class M(ToyModule):
+        def __init__(self):
+            super().__init__(optimizer="sgd", lr=0.5, lr_decay=None)
+            self.automatic_optimization = not manual
+            self.post_clip = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self(x).float(), y.float())
+            if self.automatic_optimization:
+                return loss
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            self.clip_gradients(opt, gradient_clip_val=clip)
+            self._record(opt)
+            opt.step()
+
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val)
+            self._record(optimizer)
+
+        def _record(self, opt):
+            grads = [p.grad for g in opt.param_groups for p in g["params"]]
+            assert all(g is not None and g.dtype == torch.float32 for g in grads)
+            self.post_clip.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    deltas = {}
+    for name, kw in {"fp32": {}, "master": dict(plugins=[MasterWeightsPrecision(mode)])}.items():
+        m = M()
+        w0 = m.net[0].weight.detach().clone().float()
+        fit(m, max_steps=1, **({} if manual else dict(gradient_clip_val=clip)), **kw)
+        assert m.post_clip[0] == pytest.approx(clip, rel=1e-4)
+        deltas[name] = m.net[0].weight.detach().float() - w0
+    torch.testing.assert_close(deltas["master"], deltas["fp32"], rtol=0.1, atol=2e-3)
