@@ -173,13 +173,56 @@ def compiled_lamb_factory():
     return Compiled
 
 
+def fused_breakdown(shapes, device):
+    """Where the fused step's time goes: the two Triton kernels re-launched alone (do_bench, same arguments) vs the
+    whole step. The difference is host work (plan, tables) plus the small device ops between the kernels."""
+    import triton
+
+    import lightning_effi.optim.fused as fused_mod
+
+    params, grads = make_tensors(shapes, device)
+    ps = [torch.nn.Parameter(p) for p in params]
+    for p, g in zip(ps, grads):
+        p.grad = g
+    opt = Lamb(ps, fused=True, lr=1e-3, weight_decay=0.01)
+    opt.step()
+    launches = []
+    real = {k: getattr(fused_mod, k) for k in ("_phase1_kernel", "_phase2_kernel")}
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def call(*a, **k):
+                launches.append((self.name, grid, a, k))
+                return real[self.name][grid](*a, **k)
+            return call
+
+    for k in real:
+        setattr(fused_mod, k, Rec(k))
+    try:
+        opt.step()
+    finally:
+        for k, v in real.items():
+            setattr(fused_mod, k, v)
+    out = {"step_ms": triton.testing.do_bench(opt.step, warmup=50, rep=300, return_mode="median")}
+    for i, (name, grid, a, k) in enumerate(launches):
+        out[f"{i}:{name}:{'masked' if k.get('MASKED') else 'full'}:{grid[0]}blocks"] = triton.testing.do_bench(
+            lambda: real[name][grid](*a, **k), warmup=50, rep=300, return_mode="median")
+    out["kernels_ms"] = sum(v for key, v in out.items() if ":" in key)
+    out["host_and_small_ops_ms"] = out["step_ms"] - out["kernels_ms"]
+    del opt, ps, params, grads
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--blocks", default="4096:8,8192:8,8192:16,16384:16",
+    ap.add_argument("--blocks", default="2048:4,4096:4,8192:8,16384:16,16384:32",
                     help="Triton BLOCK:num_warps configurations to sweep (cuda)")
     ap.add_argument("--compile-layers", type=int, default=4, help="layers for the compiled-vs-Triton check (cuda)")
     ap.add_argument("--no-compile", action="store_true")
@@ -233,6 +276,7 @@ def main():
             sweep[cfg] = m["fused"] * 1e3 if "fused" in m else None
         fused_mod.BLOCK, fused_mod.NUM_WARPS = default
         result["fused_block_sweep_ms"] = sweep
+        result["fused_breakdown"] = fused_breakdown(shapes, device)
         if not args.no_compile:
             sub = gpt_shapes(args.compile_layers, 1024, 50257)
             f = {
@@ -262,7 +306,7 @@ def main():
               f"{medians[n] / medians[ref]:5.2f}x AdamW(fused)")
     for n, why in missing.items():
         print(f"  {n:24s} skipped: {why}")
-    for k in ("fused_block_sweep_ms", "compiled_vs_triton"):
+    for k in ("fused_block_sweep_ms", "fused_breakdown", "compiled_vs_triton"):
         if k in result:
             print(f"  {k}: {json.dumps(result[k])}")
 

@@ -10,7 +10,6 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_effi.optim.functional import lamb, resolve_path
-from lightning_effi.optim.norms import to_local
 
 __all__ = ["Lamb"]
 
@@ -186,15 +185,19 @@ class Lamb(Optimizer):
 
     def _init_group(self, group: dict, path: str, lists: dict) -> None:
         layouts = group.get("flat_layouts")
+        cpu = torch.device("cpu")
+        hyper = [(key, group[key]) for key in
+                 ("lr", "eps", "weight_decay", "adapt", "bias_correction", "trust_clip", "weight_norm_clip")]
+        beta1, beta2 = group["betas"]
         for j, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("Lamb does not support sparse gradients")
-            if torch.is_complex(p):
+            if p.is_complex():
                 raise RuntimeError("Lamb does not support complex parameters (the trust ratio needs real norms)")
             state = self.state[p]
-            step_device = to_local(p).device if path == "fused" else torch.device("cpu")
+            step_device = p.device if path == "fused" else cpu  # a DTensor's .device is its local device
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -207,10 +210,10 @@ class Lamb(Optimizer):
             lists["exp_avgs"].append(state["exp_avg"])
             lists["exp_avg_sqs"].append(state["exp_avg_sq"])
             lists["state_steps"].append(state["step"])
-            for key in ("lr", "eps", "weight_decay", "adapt", "bias_correction", "trust_clip", "weight_norm_clip"):
-                lists[key].append(group[key])
-            lists["beta1"].append(group["betas"][0])
-            lists["beta2"].append(group["betas"][1])
+            for key, value in hyper:
+                lists[key].append(value)
+            lists["beta1"].append(beta1)
+            lists["beta2"].append(beta2)
             if layouts is not None:
                 lists["flat_layouts"].append(layouts[j])
 

@@ -71,14 +71,20 @@ class FlatLayout:
             raise RuntimeError(f"FlatLayout covers {end} elements but the flat partition has only {flat.numel()}")
 
 
+_DTENSOR: list = []
+
+
 def _dtensor_type():
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch < 2.5 kept it private; we require >= 2.11, so this is only a non-distributed build
-        return None
-    return DTensor
+    # Resolved once: this runs for every parameter of every step.
+    if not _DTENSOR:
+        cls = None
+        if torch.distributed.is_available():
+            try:
+                from torch.distributed.tensor import DTensor as cls
+            except ImportError:  # a torch build without distributed tensors
+                cls = None
+        _DTENSOR.append(cls)
+    return _DTENSOR[0]
 
 
 def is_dtensor(t: Tensor) -> bool:
