@@ -74,12 +74,39 @@ def _effi_fsdp_compiled(world: int):
     return EffiFSDPStrategy(wrap=["Block"], compile=True)
 
 
+def _effi_deepspeed(stage: int) -> Callable[[int], object]:
+    def build(world: int):
+        from lightning_effi.strategies import EffiDeepSpeedStrategy
+
+        return EffiDeepSpeedStrategy(stage=stage)
+
+    return build
+
+
+def _stock_deepspeed(stage: int) -> Callable[[int], object]:
+    def build(world: int):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=stage)
+
+    return build
+
+
 CASES: dict[str, Case] = {
     "ddp": Case(_ddp),
     "model_parallel": Case(_model_parallel, hand_sharded=True, empty_init=True),
     "effi_fsdp_adamw": Case(_effi_fsdp, "adamw", empty_init=True),
     "effi_fsdp_lamb": Case(_effi_fsdp, "lamb", empty_init=True),
     "effi_fsdp_adamw_compile": Case(_effi_fsdp_compiled, "adamw", empty_init=True),
+    # DeepSpeed ZeRO (deepspeed is not in the GPU image: see DEVELOPERS.md for the wheel). Stage 3 refuses
+    # init_module(empty_init=False) and builds the module on the CPU either way (DeepSpeed partitions it at setup).
+    "deepspeed_stage_2": Case(_stock_deepspeed(2)),
+    "deepspeed_stage_3": Case(_stock_deepspeed(3), empty_init=True),
+    "effi_ds1_adamw": Case(_effi_deepspeed(1), "adamw"),
+    "effi_ds2_adamw": Case(_effi_deepspeed(2), "adamw"),
+    "effi_ds2_lamb": Case(_effi_deepspeed(2), "lamb"),
+    "effi_ds3_adamw": Case(_effi_deepspeed(3), "adamw", empty_init=True),
+    "effi_ds3_lamb": Case(_effi_deepspeed(3), "lamb", empty_init=True),
 }
 
 
