@@ -117,6 +117,28 @@ def test_fp16_loss_scaling_all_ranks_skip_together(runs):
     assert _rel_to_movement(got, no_skip) > 10 * TOL["adamw_fp16"]
 
 
+def test_training_health_monitor_sees_global_values(runs):
+    # Lamb: the logged gradient norm and trust ratios of the last step are those of the full (unsharded) model.
+    _, ranks = _load(runs, "two", "lamb")
+    stats: dict = {}
+    fc.reference_run("lamb", stats=stats)
+    tol = 10 * FP32_TOL[runs["acc"]]
+    for r in ranks:  # every rank logs the same global values
+        h = {k.removeprefix("health/"): v for k, v in r["health"].items()}
+        assert h["grad_norm"] == pytest.approx(stats["grad_norm"], rel=tol)
+        ratios = stats["trust_ratios"]
+        assert h["trust_ratio_min"] == pytest.approx(float(ratios.min()), rel=tol)
+        assert h["trust_ratio_median"] == pytest.approx(float(ratios.median()), rel=tol)
+        assert h["trust_ratio_max"] == pytest.approx(float(ratios.max()), rel=tol)
+    # fp16: the skipped step is reported (on rank 1 with the offending parameter's name), the scale is logged
+    _, ranks = _load(runs, "two", "adamw_fp16")
+    assert [s[0] for s in ranks[0]["health_skips"]] == [s[0] for s in ranks[1]["health_skips"]] == [fc.SKIP_AT]
+    assert ranks[1]["health_skips"][0][1] == ["net.gpt.wte.weight"]
+    for r in ranks:
+        assert r["health"]["health/loss_scale"] == r["scales"][-1]
+        assert r["health"]["health/skipped_steps"] == 1
+
+
 def test_lamb_norms_one_bucketed_all_reduce(runs):
     # LAMB with max_grad_norm needs two rounds (the clip coefficient feeds the moments that the per-parameter update
     # norms are taken of): one all_reduce for the global gradient norm, one for all 29 parameters' norms together.

@@ -27,11 +27,11 @@ SKIP_AT = 3  # the fp16 case injects an overflow on rank 1 only, in this optimiz
 # Per case: optimizer, how the run differs, and the windows/skips the reference replays.
 CASES: dict[str, dict] = {
     "adamw": {"optimizer": "adamw"},
-    "lamb": {"optimizer": "lamb"},
+    "lamb": {"optimizer": "lamb", "health": True},
     "adamw_accum": {"optimizer": "adamw", "accumulate": 2},  # micro-batch halved, same global batch per step
     "adamw_ac": {"optimizer": "adamw", "strategy": {"activation_checkpointing": ["Block"], "reshard_after_forward": False}},
     "adamw_bf16": {"optimizer": "adamw", "precision": "bf16-mixed"},
-    "adamw_fp16": {"optimizer": "adamw", "fp16": True, "skip": [SKIP_AT]},
+    "adamw_fp16": {"optimizer": "adamw", "fp16": True, "skip": [SKIP_AT], "health": True},
     "lamb_sched": {"optimizer": "lamb", "schedule": {0: 1, 2: 2}, "windows": SCHEDULED_WINDOWS},
 }
 # Opt-in (slow on CPU: inductor compiles C++); the multi_gpu tests run them.
@@ -95,9 +95,10 @@ def make_optimizer(name: str, module: nn.Module):
     return opt, sched
 
 
-def reference_run(case: str, *, steps: int | None = None, logits_after: int | None = None):
+def reference_run(case: str, *, steps: int | None = None, logits_after: int | None = None, stats: dict | None = None):
     """Plain single-process training of ``case``; returns the final ``state_dict`` and optionally the logits of
-    ``Net.gpt`` on the first 4 samples after ``logits_after`` steps."""
+    ``Net.gpt`` on the first 4 samples after ``logits_after`` steps. ``stats`` (a dict) receives the last step's
+    gradient norm before clipping and, for LAMB, its trust ratios."""
     spec = ALL_CASES[case]
     windows = spec.get("windows", PLAIN_WINDOWS)[:steps]
     net = build_net()
@@ -109,6 +110,8 @@ def reference_run(case: str, *, steps: int | None = None, logits_after: int | No
         opt.zero_grad(set_to_none=True)
         batch = torch.cat([data[i * GLOBAL_BATCH:(i + 1) * GLOBAL_BATCH] for i in window])
         loss_fn(net(batch[:, :-1]), batch).backward()
+        if stats is not None:
+            stats["grad_norm"] = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()])))
         if step not in spec.get("skip", ()):  # a skipped step changes neither weights nor the LR schedule
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
@@ -117,6 +120,8 @@ def reference_run(case: str, *, steps: int | None = None, logits_after: int | No
         if logits_after is not None and step + 1 == logits_after:
             with torch.no_grad():
                 logits = net.gpt(data[:4, :-1]).clone()
+    if stats is not None and getattr(opt, "trust_ratios", None) is not None:
+        stats["trust_ratios"] = opt.trust_ratios.clone()
     return {k: v.detach().clone() for k, v in net.state_dict().items()}, logits
 
 

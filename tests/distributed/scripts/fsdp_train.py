@@ -131,7 +131,7 @@ class Observe(pl.Callback):
 
 
 def run_case(case: str, out: Path, resume_root: Path | None, world: int, accelerator: str) -> None:
-    from lightning_effi.callbacks import AccumulationScheduler
+    from lightning_effi.callbacks import AccumulationScheduler, TrainingHealthMonitor
     from lightning_effi.plugins import LossScalingPrecision
 
     spec = fc.ALL_CASES[case]
@@ -148,6 +148,9 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int, acceler
         callbacks.append(SaveAtEpochEnd(fc.SAVE_AT, target / "step5"))
     if "schedule" in spec:
         callbacks.append(AccumulationScheduler(spec["schedule"], unit="step"))
+    health = TrainingHealthMonitor(log_every_n_steps=1) if spec.get("health") else None
+    if health is not None:
+        callbacks.append(health)
     plugins = [LossScalingPrecision("16-mixed", init_scale=2.0**10, growth_interval=1000)] if spec.get("fp16") else []
     trainer = pl.Trainer(
         accelerator=accelerator,
@@ -176,6 +179,9 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int, acceler
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     info = {k: sorted(v) if isinstance(v, set) else v for k, v in observe.info.items()}
     info.update(global_step=trainer.global_step, world_size=trainer.world_size)
+    if health is not None:
+        info["health"] = dict(health.last_metrics)
+        info["health_skips"] = [[step, names] for step, _, names in health.skip_events]
     (target / f"rank{rank}.json").write_text(json.dumps(info))
     if trainer.global_rank == 0:
         torch.save({k.removeprefix("net."): v for k, v in full.items()}, target / "final.pt")
