@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.launch import SCRIPTS, run_script
+from tests.distributed.launch import REPO, SCRIPTS, run_script
 
 sys.path.insert(0, str(SCRIPTS))
 from ds_common import make_dataset, make_gpt, reference_run  # noqa: E402
@@ -39,9 +39,16 @@ class Run(str):
     device: str
 
 
+def _env(device: str) -> dict:
+    # run_script sets PYTHONPATH to the repository; keep what was there too (on the GPU machine deepspeed is
+    # installed with `pip --target` and found through PYTHONPATH).
+    return {"EFFI_DS_ACCELERATOR": device,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
+
+
 def _run(tmp_path_factory, script: str, device: str) -> Run:
     out = tmp_path_factory.mktemp(f"{Path(script).stem}_{device}")
-    run_script(script, str(out), torchrun=2, timeout=600, env={"EFFI_DS_ACCELERATOR": device})
+    run_script(script, str(out), torchrun=2, timeout=600, env=_env(device))
     run = Run(out)
     run.device = device
     return run
@@ -213,8 +220,7 @@ def test_resume_on_one_process_from_universal_checkpoint(ds_checkpoints, tmp_pat
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run_script("ds_universal.py", str(ckpt), str(tmp_path), torchrun=1, timeout=600,
-               env={"EFFI_DS_ACCELERATOR": ds_checkpoints.device})
+    run_script("ds_universal.py", str(ckpt), str(tmp_path), torchrun=1, timeout=600, env=_env(ds_checkpoints.device))
     res = torch.load(tmp_path / "universal.pt", weights_only=False)
     restored = res["restored"]
     assert restored["global_step"] == 5 and res["final_step"] == 6
