@@ -20,6 +20,12 @@ callbacks and precision-plugin (loss scaler) state. It overrides only:
   (upstream raises ``TypeError`` without it); derives the FSDP2 ``MixedPrecisionPolicy`` from the precision plugin;
   under ``cpu_offload`` skips moving the model to the GPU (upstream always does, which would undo the offload).
 
+fp16: pass ``plugins=[LossScalingPrecision("16-mixed")]`` (CPU and GPU; parameters all-gathered in fp16, fp32
+gradients, every rank skips an overflowing step together). Lightning's accelerator connector rejects
+``Trainer(strategy=EffiFSDPStrategy(...), precision="16-mixed")`` before any strategy code runs (an ``isinstance``
+check on ``ModelParallelStrategy``); ``strategy="effi_fsdp", precision="16-mixed"`` passes it and gets Lightning's
+``GradScaler`` (CUDA only; torch's DTensor handler makes its overflow flag agree across ranks).
+
 Sharding plan: every module whose class name is in ``wrap`` becomes one FSDP unit (all-gathered before its
 forward, resharded after), then every direct child of the LightningModule that holds parameters becomes a root
 unit for the remaining parameters (embeddings, final norm, heads). The LightningModule itself is not wrapped:
@@ -244,8 +250,8 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         assert module is not None
         if self.cpu_offload and self.root_device.type != "cuda":
             raise RuntimeError(
-                f"EffiFSDPStrategy(cpu_offload=True) moves sharded state from the GPU to the CPU, but the accelerator is "
-                f"{self.root_device.type!r}; set cpu_offload=False (on CPU everything already is in host memory)."
+                "EffiFSDPStrategy(cpu_offload=True) moves sharded state from the GPU to the CPU, but the accelerator "
+                f"is {self.root_device.type!r}; set cpu_offload=False (on CPU everything already is in host memory)."
             )
         if not getattr(module, _SHARDED_FLAG, False):
             self.model = self.precision_plugin.convert_module(self.model)
@@ -289,13 +295,19 @@ class EffiFSDPStrategy(ModelParallelStrategy):
     def _shard(self, module: LightningModule) -> None:
         from torch.distributed._composable import checkpoint
         from torch.distributed.tensor import DTensor
-        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            FSDPModule,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
 
         if any(isinstance(m, FSDPModule) for m in module.modules()):
             where = "configure_model" if is_overridden("configure_model", module) else "your code"
             raise RuntimeError(
-                f"{type(module).__name__} is already sharded with fully_shard (in {where}). EffiFSDPStrategy shards the "
-                "module itself: remove those fully_shard calls, or use Lightning's ModelParallelStrategy."
+                f"{type(module).__name__} is already sharded with fully_shard (in {where}). EffiFSDPStrategy shards "
+                "the module itself: remove those fully_shard calls, or use Lightning's ModelParallelStrategy."
             )
         direct = [name for name, _ in module.named_parameters(recurse=False)]
         if direct:

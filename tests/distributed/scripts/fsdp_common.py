@@ -29,7 +29,8 @@ CASES: dict[str, dict] = {
     "adamw": {"optimizer": "adamw"},
     "lamb": {"optimizer": "lamb", "health": True},
     "adamw_accum": {"optimizer": "adamw", "accumulate": 2},  # micro-batch halved, same global batch per step
-    "adamw_ac": {"optimizer": "adamw", "strategy": {"activation_checkpointing": ["Block"], "reshard_after_forward": False}},
+    "adamw_ac": {"optimizer": "adamw",
+                 "strategy": {"activation_checkpointing": ["Block"], "reshard_after_forward": False}},
     "adamw_bf16": {"optimizer": "adamw", "precision": "bf16-mixed"},
     "adamw_fp16": {"optimizer": "adamw", "fp16": True, "skip": [SKIP_AT], "health": True},
     "lamb_sched": {"optimizer": "lamb", "schedule": {0: 1, 2: 2}, "windows": SCHEDULED_WINDOWS},

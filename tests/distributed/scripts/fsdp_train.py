@@ -217,7 +217,8 @@ def run_gpt_module(out: Path, world: int, accelerator: str) -> None:
         logits = model(tokens[:4, :-1].to(trainer.strategy.root_device)).cpu()
     if rank == 0:
         torch.save(logits, target / "logits.pt")
-        (target / "info.json").write_text(json.dumps({"fsdp_units": units, "strategy": type(trainer.strategy).__name__}))
+        info = {"fsdp_units": units, "strategy": type(trainer.strategy).__name__}
+        (target / "info.json").write_text(json.dumps(info))
 
 
 def main() -> None:
