@@ -1,11 +1,12 @@
 import os
 
-import pytest
-import torch
-
 # Multi-process CPU tests and the suite itself share 2 cores: one intra-op thread per process keeps them from
-# oversubscribing (CPU_DISTRIBUTED.md: 6 s jobs took 17-26 s under contention).
+# oversubscribing (CPU_DISTRIBUTED.md: 6 s jobs took 17-26 s under contention). Set before torch is imported,
+# which reads it once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
