@@ -1,6 +1,6 @@
 """AccumulationScheduler under 2-process CPU DDP (gloo): several fits in one process pair (one launch, ~4 s saved each).
 
-Writes ``<out>/ddp.pt`` on rank 0 with, per case: final weights, micro-batches per optimizer step, and (tokens case)
+Usage: accum_ddp.py OUT_DIR [cpu|cuda]. Writes ``<out>/ddp.pt`` on rank 0 with, per case: final weights, micro-batches per optimizer step, and (tokens case)
 the global micro-batch index of every DDP all-reduce bucket hook call. The test compares with float64 references.
 
 Cases:
@@ -29,6 +29,7 @@ from _common import clean_exit  # noqa: E402
 from lightning_effi.callbacks import AccumulationScheduler  # noqa: E402
 from tests.callbacks._toy import ListLoader, TinyLM, make_batches  # noqa: E402
 
+ACCELERATOR = sys.argv[2] if len(sys.argv) > 2 else "cpu"  # "cuda": the same cases under NCCL (multi_gpu tests)
 N_PER_RANK = 9
 SCHEDULE = {0: 2, 1: 3}
 TOKEN_SCHEDULE = {0: 1, 60: 3}
@@ -86,12 +87,12 @@ def fit(normalize: str, *, optimizer: str = "sgd", callbacks=(), ckpt=None, hook
     module = TinyLM(loss_reduction=reduction, lr=LR if optimizer == "sgd" else 0.02, optimizer=optimizer)
     rec = Recorder(hook_comm)
     trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
+        accelerator=ACCELERATOR, devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         callbacks=[scheduler or AccumulationScheduler(SCHEDULE, normalize=normalize), rec, *callbacks],
     )
     trainer.fit(module, ListLoader(mine), ckpt_path=ckpt)
-    weights = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+    weights = {k: v.detach().cpu().clone() for k, v in module.net.state_dict().items()}
     return {"weights": weights, "sizes": rec.sizes, "allreduce_at": rec.allreduce_at, "losses": module.losses}
 
 
