@@ -137,8 +137,12 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
 
     Precision: ``precision="bf16-mixed"``/``"bf16-true"`` enables DeepSpeed's bf16 (bf16 weights, fp32 master
     weights in the optimizer); ``"16-mixed"`` enables DeepSpeed's fp16 with dynamic loss scaling, configured from
-    ``plugins=[LossScalingPrecision(...)]`` if given (DeepSpeed's scaler raises instead of flooring when an
-    overflow happens at ``min_scale``). On CPU, DeepSpeed gates fp16 on a CPU feature probe; when fp16 is asked
+    ``plugins=[LossScalingPrecision(...)]`` if given: ``init_scale`` (a power of two), ``growth_interval``,
+    ``hysteresis``, ``consecutive_hysteresis``, ``min_scale`` map onto DeepSpeed's keys, ``max_scale`` is enforced by
+    the strategy after each step, and values DeepSpeed cannot express (growth/backoff factors other than 2 and 0.5,
+    ``on_min_scale="skip"``) raise. Two differences remain, both DeepSpeed's rule: its window counts from the step
+    after an overflow, so the first growth after one comes one clean step later than with LossScalingPrecision, and
+    an overflow at ``min_scale`` raises. On CPU, DeepSpeed gates fp16 on a CPU feature probe; when fp16 is asked
     for, this strategy makes DeepSpeed's CPU accelerator report fp16 support (PyTorch runs fp16 on any CPU, more
     slowly without native support), so behaviour does not depend on the CPU model.
 
