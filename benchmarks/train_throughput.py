@@ -1,8 +1,8 @@
 """Training throughput, MFU and peak GPU memory of the example GPT under different strategies, side by side.
 
     # every case on all visible GPUs (each case in its own torchrun job, one JSON line per case)
-    python benchmarks/train_throughput.py --cases ddp,model_parallel,effi_fsdp_adamw,effi_fsdp_lamb \
-        --out benchmarks/results/train_throughput_h200x2.jsonl
+    python benchmarks/train_throughput.py --out benchmarks/results/train_throughput_h200x2.jsonl
+    python benchmarks/train_throughput.py --cases effi_fsdp_adamw,effi_fsdp_lamb --steps 30   # a subset
 
 Default workload (the sharding issue's): GPT d_model=2048, 24 layers, 16 heads, block 1024, vocab 50304, micro-batch
 8 per GPU, bf16-mixed, no accumulation, no clipping. Same model, data, optimizer hyper-parameters and allocator
@@ -15,7 +15,8 @@ settings for every case; only the strategy (and AdamW vs LAMB) changes. Cases:
 - ``effi_fsdp_adamw_compile``: the same with ``compile=True`` (each Block's forward compiled; compile time is in the
   untimed warmup steps).
 
-Adding a strategy is one entry in ``CASES``. Metrics, measured over ``--steps`` optimizer steps after ``--warmup``:
+Adding a strategy is one entry in ``CASES``, e.g.
+``"effi_deepspeed_stage_2_adamw": Case(_effi("EffiDeepSpeedStrategy", stage=2), "adamw"),``. Metrics, measured over ``--steps`` optimizer steps after ``--warmup``:
 ``tokens_per_s`` (all GPUs), ``mfu = 6 * n_params * tokens_per_s / (n_gpus * peak_flops)`` with ``n_params`` the
 model's unique parameters (the tied embedding counted once: it is the output projection's matmul) and
 ``peak_flops = 989e12`` (H100/H200 dense bf16), and ``mfu_untied_count`` with the output head counted a second
@@ -45,7 +46,7 @@ class Case:
     """One benchmark case: how to build the strategy, which optimizer, and how the module is built."""
 
     strategy: Callable[[int], object]  # world_size -> Trainer(strategy=...)
-    optimizer: str = "adamw"  # key of OPTIMIZERS
+    optimizer: str = "adamw"  # "adamw" or "lamb" (see _make_optimizer)
     hand_sharded: bool = False  # the module applies fully_shard itself in configure_model
     empty_init: bool = False  # build the module on the meta device; the strategy materialises the shards
 
@@ -62,51 +63,24 @@ def _model_parallel(world: int):
     return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
 
 
-def _effi_fsdp(world: int):
-    from lightning_effi.strategies import EffiFSDPStrategy
+def _effi(class_name: str, **kwargs) -> Callable[[int], object]:
+    """A lightning_effi strategy by class name and keyword arguments (imported in the benchmark process only)."""
 
-    return EffiFSDPStrategy(wrap=["Block"])
-
-
-def _effi_fsdp_compiled(world: int):
-    from lightning_effi.strategies import EffiFSDPStrategy
-
-    return EffiFSDPStrategy(wrap=["Block"], compile=True)
-
-
-def _effi_deepspeed(stage: int) -> Callable[[int], object]:
     def build(world: int):
-        from lightning_effi.strategies import EffiDeepSpeedStrategy
+        import lightning_effi.strategies as strategies
 
-        return EffiDeepSpeedStrategy(stage=stage)
+        return getattr(strategies, class_name)(**kwargs)
 
     return build
 
 
-def _stock_deepspeed(stage: int) -> Callable[[int], object]:
-    def build(world: int):
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(stage=stage)
-
-    return build
-
-
+# One line per case.
 CASES: dict[str, Case] = {
     "ddp": Case(_ddp),
     "model_parallel": Case(_model_parallel, hand_sharded=True, empty_init=True),
-    "effi_fsdp_adamw": Case(_effi_fsdp, "adamw", empty_init=True),
-    "effi_fsdp_lamb": Case(_effi_fsdp, "lamb", empty_init=True),
-    "effi_fsdp_adamw_compile": Case(_effi_fsdp_compiled, "adamw", empty_init=True),
-    # DeepSpeed ZeRO (deepspeed is not in the GPU image: see DEVELOPERS.md for the wheel). Stage 3 refuses
-    # init_module(empty_init=False) and builds the module on the CPU either way (DeepSpeed partitions it at setup).
-    "deepspeed_stage_2": Case(_stock_deepspeed(2)),
-    "deepspeed_stage_3": Case(_stock_deepspeed(3), empty_init=True),
-    "effi_ds1_adamw": Case(_effi_deepspeed(1), "adamw"),
-    "effi_ds2_adamw": Case(_effi_deepspeed(2), "adamw"),
-    "effi_ds2_lamb": Case(_effi_deepspeed(2), "lamb"),
-    "effi_ds3_adamw": Case(_effi_deepspeed(3), "adamw", empty_init=True),
-    "effi_ds3_lamb": Case(_effi_deepspeed(3), "lamb", empty_init=True),
+    "effi_fsdp_adamw": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "adamw", empty_init=True),
+    "effi_fsdp_lamb": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "lamb", empty_init=True),
+    "effi_fsdp_adamw_compile": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "adamw", empty_init=True),
 }
 
 
