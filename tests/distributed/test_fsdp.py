@@ -196,9 +196,12 @@ def test_export_sharded_checkpoint_loads_into_gpt(runs, tmp_path):
     d = fc.case_dir(runs["two"], "gpt_module")
     info = json.loads((d / "info.json").read_text())
     assert info["strategy"] == "EffiFSDPStrategy" and info["fsdp_units"] == ["FSDPBlock", "FSDPBlock", "FSDPGPT"]
-    out = export_checkpoint(d / "ckpt", tmp_path / "gpt.pt", strip_prefix="model.")
-    gpt = GPT(vocab_size=fc.VOCAB, block_size=fc.BLOCK, n_layer=2, n_head=2, d_model=32)
-    gpt.load_state_dict(torch.load(out), strict=True)
-    with torch.no_grad():
-        tol = 1e-6 if runs["acc"] == "cpu" else 1e-4  # the sharded logits came from GPU kernels there
-        torch.testing.assert_close(gpt(fc.dataset()[:4, :-1]), torch.load(d / "logits.pt"), rtol=10 * tol, atol=tol)
+    assert (d / "ckpt").is_dir() and (d / "full.ckpt").is_file()  # sharded DCP directory / one gathered file
+    for ckpt in ("ckpt", "full.ckpt"):
+        out = export_checkpoint(d / ckpt, tmp_path / "gpt.pt", strip_prefix="model.")
+        gpt = GPT(vocab_size=fc.VOCAB, block_size=fc.BLOCK, n_layer=2, n_head=2, d_model=32)
+        gpt.load_state_dict(torch.load(out), strict=True)
+        with torch.no_grad():
+            tol = 1e-6 if runs["acc"] == "cpu" else 1e-4  # the sharded logits came from GPU kernels there
+            logits = gpt(fc.dataset()[:4, :-1])
+            torch.testing.assert_close(logits, torch.load(d / "logits.pt"), rtol=10 * tol, atol=tol, msg=ckpt)

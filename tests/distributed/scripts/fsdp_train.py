@@ -209,6 +209,9 @@ def run_gpt_module(out: Path, world: int, accelerator: str) -> None:
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, train_dataloaders=loader)
     trainer.save_checkpoint(target / "ckpt")
+    # save_distributed_checkpoint=False: the full state gathered into one .ckpt file on rank 0
+    trainer.strategy._save_distributed_checkpoint = False
+    trainer.save_checkpoint(target / "full.ckpt")
     from torch.distributed.fsdp import FSDPModule
 
     units = sorted(type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule))
