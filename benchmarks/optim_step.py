@@ -222,8 +222,8 @@ def main():
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--blocks", default="2048:4,4096:4,8192:8,16384:16,16384:32",
-                    help="Triton BLOCK:num_warps configurations to sweep (cuda)")
+    ap.add_argument("--blocks", default="65536:1024:4,65536:2048:8,131072:2048:8,32768:4096:8,8192:8192:8",
+                    help="fused kernel CHUNK:BLOCK:num_warps configurations to sweep (cuda)")
     ap.add_argument("--compile-layers", type=int, default=4, help="layers for the compiled-vs-Triton check (cuda)")
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
@@ -267,14 +267,13 @@ def main():
         import lightning_effi.optim.fused as fused_mod
 
         sweep = {}
-        default = fused_mod.BLOCK, fused_mod.NUM_WARPS
+        default = fused_mod.CHUNK, fused_mod.BLOCK, fused_mod.NUM_WARPS
         for cfg in args.blocks.split(","):
-            blk, warps = (int(v) for v in cfg.split(":"))
-            fused_mod.BLOCK, fused_mod.NUM_WARPS = blk, warps
+            fused_mod.CHUNK, fused_mod.BLOCK, fused_mod.NUM_WARPS = (int(v) for v in cfg.split(":"))
             f = {"fused": lambda ps: Lamb(ps, fused=True, lr=1e-3, weight_decay=0.01)}
             m, _ = bench(shapes, device, ["fused"], f, max(5, reps // 3), args.warmup)
             sweep[cfg] = m["fused"] * 1e3 if "fused" in m else None
-        fused_mod.BLOCK, fused_mod.NUM_WARPS = default
+        fused_mod.CHUNK, fused_mod.BLOCK, fused_mod.NUM_WARPS = default
         result["fused_block_sweep_ms"] = sweep
         result["fused_breakdown"] = fused_breakdown(shapes, device)
         if not args.no_compile:

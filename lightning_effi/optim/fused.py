@@ -29,8 +29,10 @@ except ImportError as e:  # pragma: no cover - exercised on machines without tri
     triton = None
     _TRITON_ERROR = e
 
-# Elements per program; a launch covers all units. Tuned on an H200 (benchmarks/optim_step.py sweeps it).
-BLOCK = 8192
+# A program handles CHUNK elements of one unit, BLOCK at a time, with NUM_WARPS warps. benchmarks/optim_step.py
+# sweeps these on the GPU (--blocks CHUNK:BLOCK:WARPS).
+CHUNK = 65536
+BLOCK = 2048
 NUM_WARPS = 8
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -81,73 +83,83 @@ if triton is not None:
     @triton.jit
     def _phase1_kernel(
         PB, GB, MB, VB, OFF, NUMEL, HP, BLK_UNIT, BLK_START, BLK_ID, COEF, SKIP, PARTIAL, n_units,
-        DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr, ALIGN: tl.constexpr,
-        IS64: tl.constexpr,
+        DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
+        ALIGN: tl.constexpr, IS64: tl.constexpr,
     ):
+        # One program = one CHUNK of one unit, walked BLOCK elements at a time (the multi-tensor-apply shape: few
+        # registers per thread, so many programs per SM hide memory latency; per-chunk table lookups amortised).
         # Pointers are a base tensor plus a per-unit element offset (not raw addresses cast to pointers), and offsets
-        # carry alignment hints, so that full blocks compile to unmasked 16-byte vector loads.
+        # carry alignment hints, so that full chunks compile to unmasked 16-byte vector loads.
         pid = tl.program_id(0)
         if tl.load(SKIP) == 0:
             u = tl.load(BLK_UNIT + pid)
-            start = tl.multiple_of(tl.load(BLK_START + pid), BLOCK)
+            start = tl.multiple_of(tl.load(BLK_START + pid), CHUNK)
             bid = tl.load(BLK_ID + pid)
             po = tl.multiple_of(tl.load(OFF + u), ALIGN)
             go = tl.multiple_of(tl.load(OFF + n_units + u), ALIGN)
             mo = tl.multiple_of(tl.load(OFF + 2 * n_units + u), ALIGN)
             vo = tl.multiple_of(tl.load(OFF + 3 * n_units + u), ALIGN)
-            idx = start + tl.arange(0, BLOCK)
-            mask = idx < tl.load(NUMEL + u)
+            n = tl.load(NUMEL + u)
             b1 = tl.load(HP + u * 8 + 0).to(CT)
             b2 = tl.load(HP + u * 8 + 1).to(CT)
             eps = tl.load(HP + u * 8 + 2).to(CT)
             wd = tl.load(HP + u * 8 + 3).to(CT)
-            bc1 = tl.load(HP + u * 8 + 4).to(CT)
-            bc2 = tl.load(HP + u * 8 + 5).to(CT)
+            rbc1 = 1.0 / tl.load(HP + u * 8 + 4).to(CT)
+            rbc2 = 1.0 / tl.load(HP + u * 8 + 5).to(CT)
             coef = tl.load(COEF).to(CT)
-            x = _ld(PB + po + idx, mask, MASKED).to(CT)
-            g = _ld(GB + go + idx, mask, MASKED).to(CT) * coef
-            m = _ld(MB + mo + idx, mask, MASKED).to(CT)
-            v = _ld(VB + vo + idx, mask, MASKED).to(CT)
-            m = m + (1.0 - b1) * (g - m)
-            v = b2 * v + (1.0 - b2) * g * g
-            m_s = m.to(DT)
-            v_s = v.to(DT)
-            _st(MB + mo + idx, m_s, mask, MASKED)
-            _st(VB + vo + idx, v_s, mask, MASKED)
-            # The norm must see the moments as stored (rounded to the param dtype), as phase 2 will.
-            m = m_s.to(CT)
-            v = v_s.to(CT)
-            upd = (m / bc1) / (_sqrt(v / bc2, IS64) + eps) + wd * x
-            if MASKED:
-                upd = tl.where(mask, upd, 0.0)
-            tl.store(PARTIAL + bid * 2, tl.sum(x * x, axis=0))
-            tl.store(PARTIAL + bid * 2 + 1, tl.sum(upd * upd, axis=0))
+            acc_x = tl.zeros([BLOCK], dtype=CT)
+            acc_u = tl.zeros([BLOCK], dtype=CT)
+            # A static trip count; in a unit's last (masked) chunk the iterations past its end load and store nothing.
+            for off in range(0, CHUNK, BLOCK):
+                idx = start + off + tl.arange(0, BLOCK)
+                mask = idx < n
+                x = _ld(PB + po + idx, mask, MASKED).to(CT)
+                g = _ld(GB + go + idx, mask, MASKED).to(CT) * coef
+                m = _ld(MB + mo + idx, mask, MASKED).to(CT)
+                v = _ld(VB + vo + idx, mask, MASKED).to(CT)
+                m = m + (1.0 - b1) * (g - m)
+                v = b2 * v + (1.0 - b2) * g * g
+                m_s = m.to(DT)
+                v_s = v.to(DT)
+                _st(MB + mo + idx, m_s, mask, MASKED)
+                _st(VB + vo + idx, v_s, mask, MASKED)
+                # The norm must see the moments as stored (rounded to the param dtype), as phase 2 will.
+                upd = (m_s.to(CT) * rbc1) / (_sqrt(v_s.to(CT) * rbc2, IS64) + eps) + wd * x
+                if MASKED:
+                    upd = tl.where(mask, upd, 0.0)
+                acc_x += x * x
+                acc_u += upd * upd
+            tl.store(PARTIAL + bid * 2, tl.sum(acc_x, axis=0))
+            tl.store(PARTIAL + bid * 2 + 1, tl.sum(acc_u, axis=0))
 
     @triton.jit
     def _phase2_kernel(
         PB, MB, VB, OFF, NUMEL, HP, BLK_UNIT, BLK_START, SCALE, SKIP, n_units,
-        DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr, ALIGN: tl.constexpr,
-        IS64: tl.constexpr,
+        DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
+        ALIGN: tl.constexpr, IS64: tl.constexpr,
     ):
         pid = tl.program_id(0)
         if tl.load(SKIP) == 0:
             u = tl.load(BLK_UNIT + pid)
-            start = tl.multiple_of(tl.load(BLK_START + pid), BLOCK)
+            start = tl.multiple_of(tl.load(BLK_START + pid), CHUNK)
             po = tl.multiple_of(tl.load(OFF + u), ALIGN)
             mo = tl.multiple_of(tl.load(OFF + 2 * n_units + u), ALIGN)
             vo = tl.multiple_of(tl.load(OFF + 3 * n_units + u), ALIGN)
-            idx = start + tl.arange(0, BLOCK)
-            mask = idx < tl.load(NUMEL + u)
+            n = tl.load(NUMEL + u)
             eps = tl.load(HP + u * 8 + 2).to(CT)
             wd = tl.load(HP + u * 8 + 3).to(CT)
-            bc1 = tl.load(HP + u * 8 + 4).to(CT)
-            bc2 = tl.load(HP + u * 8 + 5).to(CT)
+            rbc1 = 1.0 / tl.load(HP + u * 8 + 4).to(CT)
+            rbc2 = 1.0 / tl.load(HP + u * 8 + 5).to(CT)
             scale = tl.load(SCALE + u).to(CT)
-            x = _ld(PB + po + idx, mask, MASKED).to(CT)
-            m = _ld(MB + mo + idx, mask, MASKED).to(CT)
-            v = _ld(VB + vo + idx, mask, MASKED).to(CT)
-            x = x + scale * ((m / bc1) / (_sqrt(v / bc2, IS64) + eps) + wd * x)
-            _st(PB + po + idx, x.to(DT), mask, MASKED)
+            # A static trip count; in a unit's last (masked) chunk the iterations past its end load and store nothing.
+            for off in range(0, CHUNK, BLOCK):
+                idx = start + off + tl.arange(0, BLOCK)
+                mask = idx < n
+                x = _ld(PB + po + idx, mask, MASKED).to(CT)
+                m = _ld(MB + mo + idx, mask, MASKED).to(CT)
+                v = _ld(VB + vo + idx, mask, MASKED).to(CT)
+                x = x + scale * ((m * rbc1) / (_sqrt(v * rbc2, IS64) + eps) + wd * x)
+                _st(PB + po + idx, x.to(DT), mask, MASKED)
 
 
 _TL = {}
@@ -271,7 +283,7 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         for dtype, ks in by_dtype.items():
             dt, ct = _tl_types(dtype)
             numels = tuple(plan.p[k].numel() for k in ks)
-            bt = _block_table(numels, BLOCK, device)
+            bt = _block_table(numels, CHUNK, device)
             if bt["total"] == 0:
                 continue
             bases, offsets, aligned = [], [], True
@@ -287,7 +299,7 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
             t_hp = (table64 if is64 else table)[sel].contiguous()
             t_coef = coef64 if is64 else coef_t
             partial = torch.zeros(bt["total"], 2, dtype=torch.float64 if is64 else torch.float32, device=device)
-            consts = dict(DT=dt, CT=ct, BLOCK=BLOCK, ALIGN=(16 // dtype.itemsize) if aligned else 1, IS64=is64,
+            consts = dict(DT=dt, CT=ct, BLOCK=BLOCK, CHUNK=CHUNK, ALIGN=(16 // dtype.itemsize) if aligned else 1, IS64=is64,
                           num_warps=NUM_WARPS)
             for which, masked in (("full", False), ("tail", True)):
                 b_unit, b_start, b_id, nblk = bt[which]
