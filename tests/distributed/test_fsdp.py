@@ -90,6 +90,8 @@ def test_two_ranks_match_single_process_reference(runs, case):
 def test_parameters_and_gradients_are_sharded_fp32(runs):
     for case in fc.CASES:
         _, ranks = _load(runs, "two", case)
+        # the 1-element gain really has an empty shard on rank 1 (and only there)
+        assert ranks[0]["empty_local_shards"] == [] and ranks[1]["empty_local_shards"] == ["net.gain"], case
         # fp32 sharded master parameters and fp32 gradients after the reduce-scatter, whatever the compute dtype
         assert ranks[0]["param_types"] == ["DTensor:torch.float32"], case
         assert ranks[0]["grad_types"] == ["DTensor:torch.float32"], case

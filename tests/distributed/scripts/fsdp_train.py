@@ -80,6 +80,9 @@ class Observe(pl.Callback):
         self._calls = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.info["empty_local_shards"] = [
+            n for n, p in pl_module.named_parameters() if hasattr(p, "to_local") and p.to_local().numel() == 0
+        ]
         qkv = pl_module.net.gpt.blocks[0].attn.qkv
 
         def pre_hook(mod, args):
