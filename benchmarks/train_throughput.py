@@ -15,8 +15,8 @@ settings for every case; only the strategy (and AdamW vs LAMB) changes. Cases:
 - ``effi_fsdp_adamw_compile``: the same with ``compile=True`` (each Block's forward compiled; compile time is in the
   untimed warmup steps).
 
-Adding a strategy is one entry in ``CASES``, e.g.
-``"effi_deepspeed_stage_2_adamw": Case(_effi("EffiDeepSpeedStrategy", stage=2), "adamw"),``. Metrics, measured over ``--steps`` optimizer steps after ``--warmup``:
+Adding a strategy is one entry in ``CASES``, e.g. ``"x": Case(_effi("EffiDeepSpeedStrategy", stage=2), "adamw")``.
+Metrics, measured over ``--steps`` optimizer steps after ``--warmup``:
 ``tokens_per_s`` (all GPUs), ``mfu = 6 * n_params * tokens_per_s / (n_gpus * peak_flops)`` with ``n_params`` the
 model's unique parameters (the tied embedding counted once: it is the output projection's matmul) and
 ``peak_flops = 989e12`` (H100/H200 dense bf16), and ``mfu_untied_count`` with the output head counted a second
@@ -74,6 +74,24 @@ def _effi(class_name: str, **kwargs) -> Callable[[int], object]:
     return build
 
 
+def _effi_deepspeed(stage: int) -> Callable[[int], object]:
+    def build(world: int):
+        from lightning_effi.strategies import EffiDeepSpeedStrategy
+
+        return EffiDeepSpeedStrategy(stage=stage)
+
+    return build
+
+
+def _stock_deepspeed(stage: int) -> Callable[[int], object]:
+    def build(world: int):
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(stage=stage)
+
+    return build
+
+
 # One line per case.
 CASES: dict[str, Case] = {
     "ddp": Case(_ddp),
@@ -81,6 +99,15 @@ CASES: dict[str, Case] = {
     "effi_fsdp_adamw": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "adamw", empty_init=True),
     "effi_fsdp_lamb": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "lamb", empty_init=True),
     "effi_fsdp_adamw_compile": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "adamw", empty_init=True),
+    # DeepSpeed ZeRO (deepspeed is not in the GPU image: see DEVELOPERS.md for the wheel). Stage 3 refuses
+    # init_module(empty_init=False) and builds the module on the CPU either way (DeepSpeed partitions it at setup).
+    "deepspeed_stage_2": Case(_stock_deepspeed(2)),
+    "deepspeed_stage_3": Case(_stock_deepspeed(3), empty_init=True),
+    "effi_ds1_adamw": Case(_effi_deepspeed(1), "adamw"),
+    "effi_ds2_adamw": Case(_effi_deepspeed(2), "adamw"),
+    "effi_ds2_lamb": Case(_effi_deepspeed(2), "lamb"),
+    "effi_ds3_adamw": Case(_effi_deepspeed(3), "adamw", empty_init=True),
+    "effi_ds3_lamb": Case(_effi_deepspeed(3), "lamb", empty_init=True),
 }
 
 
