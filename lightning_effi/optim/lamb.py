@@ -183,6 +183,15 @@ class Lamb(Optimizer):
             g.pop("flat_layouts", None)
         return sd
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch replaces the param groups with the saved ones, which never carry flat_layouts (strategy wiring);
+        # keep the live layouts, or a ZeRO optimizer reloaded in place would treat flat partitions as plain tensors.
+        layouts = [g.get("flat_layouts") for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for g, lay in zip(self.param_groups, layouts):
+            if lay is not None:
+                g["flat_layouts"] = lay
+
     def _init_group(self, group: dict, path: str, lists: dict) -> None:
         layouts = group.get("flat_layouts")
         cpu = torch.device("cpu")

@@ -47,7 +47,11 @@ def test_flat_layout_single_process_matches_reference(device, path):
         {"idx": groups_idx[g], "lr": 0.05, "betas": (0.9, 0.999), "eps": 1e-6, "bias_correction": True,
          "trust_clip": None, "weight_norm_clip": None, **hyper[g]} for g in range(2)
     ], max_grad_norm=2.0)
-    for _ in range(5):
+    for step in range(5):
+        if step == 2:
+            # Reloading in place (what a ZeRO engine does on resume) must keep the live flat_layouts.
+            opt.load_state_dict(opt.state_dict())
+            assert all("flat_layouts" in g for g in opt.param_groups)
         grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
         for gi, flat in enumerate(flats):
             fg = torch.full_like(flat, 1e6)  # huge padding grads: must not leak into norms or clipping
