@@ -94,7 +94,7 @@ def export_checkpoint(ckpt_path: str | Path, out_path: str | Path, strip_prefix:
         out_path: destination ``.pt`` file; written to a temporary name first, then renamed, so a crash never
             leaves a truncated file behind.
         strip_prefix: keep only the keys under this prefix, without it (e.g. ``"model."`` to load into the bare
-            ``GPT``; module-level buffers such as ``tokens_seen`` are dropped).
+            ``GPT``; entries outside the prefix are dropped).
     """
     sd = export_state_dict(ckpt_path)
     if strip_prefix:

@@ -168,7 +168,10 @@ class _LMModule(pl.LightningModule):
             check_positive("max_steps", max_steps)
         self.optimizer_factory = optimizer
         self.loss_reduction = loss_reduction
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=True)
+        # A device tensor (no host sync per step) created on the first step, not a buffer: a buffer would be left
+        # uninitialised when a strategy builds the module on the meta device. Checkpointed by the hooks below.
+        self.tokens_seen: torch.Tensor | None = None
+        self._tokens_seen_loaded = 0
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):  # pragma: no cover - abstract
         """Return ``(summed token loss, number of valid tokens)`` for ``batch``."""
@@ -180,6 +183,8 @@ class _LMModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss_sum, n = self.compute_loss(batch)
+        if self.tokens_seen is None:
+            self.tokens_seen = torch.full((), self._tokens_seen_loaded, dtype=torch.long, device=n.device)
         self.tokens_seen += n
         mean = loss_sum.detach() / n.clamp_min(1)
         self.log("train/loss", mean, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["labels"].shape[0])
@@ -188,6 +193,14 @@ class _LMModule(pl.LightningModule):
                  sync_dist=True)
         loss = loss_sum if self.loss_reduction == "sum" else loss_sum / n.clamp_min(1)
         return {"loss": loss, "num_tokens": n}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        local = int(self.tokens_seen) if self.tokens_seen is not None else self._tokens_seen_loaded
+        checkpoint["tokens_seen_local"] = local  # this rank's count; the logged value sums over ranks
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._tokens_seen_loaded = int(checkpoint.get("tokens_seen_local", 0))
+        self.tokens_seen = None
 
     def validation_step(self, batch: dict, batch_idx: int):
         loss_sum, n = self.compute_loss(batch, generator=self.val_generator(batch, batch_idx))

@@ -29,7 +29,9 @@ def run_script(name: str, *args: str, timeout: float = 300.0, env: dict | None =
             (for scripts that use torch.distributed directly, without Lightning's launcher).
     """
     full_env = dict(os.environ)
-    full_env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
+    # Keep the caller's PYTHONPATH after the repo: on the GPU machine deepspeed lives in a --target prefix there.
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full_env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath})
     # Lightning's launcher picks a free port from this range per job; tests run serially so no clash.
     full_env.pop("MASTER_PORT", None)
     full_env.pop("LOCAL_RANK", None)
