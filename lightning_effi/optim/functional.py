@@ -20,6 +20,10 @@ global gradient norm (one all_reduce); (2) moments, ``u`` and the per-parameter 
 depends on the clipping coefficient, which depends on every shard's gradients; without ``max_grad_norm`` a step
 issues exactly one all_reduce per process group.
 
+Paths: ``single`` (a loop of plain tensor ops), ``foreach`` (multi-tensor ops on CUDA; on the CPU, where foreach
+ops are per-tensor loops anyway and the step is memory bound, unsharded tensors are finished one at a time while in
+cache, and sharded units in cache-sized batches), ``fused`` (Triton, CUDA; see :mod:`.fused`).
+
 Skipped steps: a non-finite global gradient norm (with ``max_grad_norm``) or ``found_inf != 0`` (AMP) skips the
 step entirely: weights, moments and step counts stay as they were, and the returned trust ratios are NaN. The
 single-tensor and foreach paths read that decision on the host (one scalar sync, only when ``max_grad_norm``,
