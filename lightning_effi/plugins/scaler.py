@@ -183,7 +183,15 @@ class DynamicLossScaler:
                     torch.full((1,), 1.0 / self._scale, dtype=torch.float32, device=dev),
                 )
             dev_found, inv_scale = per_device[dev]
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, dev_found, inv_scale)
+            if dev.type == "cuda" and grads[0].dtype == torch.bfloat16:
+                # torch's fused CUDA kernel has no bf16 instantiation (bf16 grads appear with bf16-true/master-weight
+                # models); the same check in two foreach launches, still with no host sync. A NaN makes the max-norm
+                # NaN, so the isfinite test catches it as well as an inf.
+                norms = torch._foreach_norm(grads, float("inf"))
+                dev_found.copy_(torch.maximum(dev_found, (~torch.stack(norms).isfinite()).any().float().view(1)))
+                torch._foreach_mul_(grads, inv_scale.to(torch.bfloat16).reshape(()))
+            else:
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, dev_found, inv_scale)
         for dev_found, _ in per_device.values():
             found_inf = torch.maximum(found_inf, dev_found.to(device, non_blocking=True))
         if self._should_sync():

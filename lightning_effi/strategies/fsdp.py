@@ -14,7 +14,7 @@ callbacks and precision-plugin (loss scaler) state. It overrides only:
 
 - ``__init__``: the sharding options, validated before anything runs;
 - ``setup_environment``: the data-parallel size is the world size (upstream: ``num_nodes``), no tensor parallelism;
-- ``_get_process_group_backend``: adds a gloo backend for CPU tensors under ``cpu_offload``;
+- ``_get_process_group_backend``: on CUDA adds a gloo backend for CPU tensors (``cpu_offload`` shards);
 - ``optimizer_step``: frees the gradients right after the step (see ``free_gradients_after_step``);
 - ``setup``: applies activation checkpointing and ``fully_shard`` itself instead of requiring ``configure_model``
   (upstream raises ``TypeError`` without it); derives the FSDP2 ``MixedPrecisionPolicy`` from the precision plugin;
@@ -234,8 +234,10 @@ class EffiFSDPStrategy(ModelParallelStrategy):
 
     @override
     def _get_process_group_backend(self) -> str:
-        if self._process_group_backend is None and self.cpu_offload and self.root_device.type == "cuda":
-            # NCCL alone cannot reduce the CPU-resident shards that clipping and LAMB take norms of.
+        if self._process_group_backend is None and self.root_device.type == "cuda":
+            # NCCL alone cannot reduce CPU tensors: the CPU-resident shards under cpu_offload that clipping and LAMB
+            # take norms of. The gloo half is always added on CUDA, because the default group is created once per
+            # process and a later Trainer with cpu_offload=True reuses it (its cost: one small gloo group at init).
             return "cpu:gloo,cuda:nccl"
         return super()._get_process_group_backend()
 

@@ -76,7 +76,7 @@ def test_master_weights_cuda_memory_and_accuracy():
         fit(module, max_steps=N_STEPS, accelerator="cuda", **kw)
         if name != "fp32" and name != "bf16-true":
             assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
-            assert all(p.is_cuda for p in module.model.parameters())
+            # (Lightning's teardown moves a single-device module back to the CPU, so the device is not checked here.)
         runs[name] = (w0, _model_weights(module).cpu())
     w32 = runs["fp32"][1]
     travel = (w32 - runs["fp32"][0].cpu()).norm()
