@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from jsonargparse import lazy_instance
 
 
@@ -29,11 +30,23 @@ class EffiCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # The always-on callbacks above would make Lightning reject `--trainer.enable_progress_bar=false` and
+        # `--trainer.enable_checkpointing=false` ("found RichProgressBar in callbacks list"): honour the flags instead.
+        drop = []
+        if config.get("enable_progress_bar") is False:
+            drop.append(RichProgressBar)
+        if config.get("enable_checkpointing") is False:
+            drop.append(ModelCheckpoint)
+        callbacks = [c for c in callbacks if not isinstance(c, tuple(drop))] if drop else callbacks
+        return super()._instantiate_trainer(config, callbacks)
+
     def after_fit(self) -> None:
         trainer, model, dm = self.trainer, self.model, self.datamodule
         if trainer.interrupted:
             return
-        if trainer.num_val_batches and any(n > 0 for n in trainer.num_val_batches) or trainer.limit_val_batches:
+        has_val_data = (dm is not None and is_overridden("val_dataloader", dm)) or is_overridden("val_dataloader", model)
+        if is_overridden("validation_step", model) and has_val_data and trainer.limit_val_batches != 0:
             trainer.validate(model, datamodule=dm, verbose=False)
         # trainer.log_dir broadcasts from rank 0 (a collective): every rank must ask before the others return.
         log_dir = trainer.log_dir if trainer.logger is not None else None
@@ -68,16 +81,21 @@ def _export_main(argv: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console-script entry point (returns None so ``sys.exit(main())`` exits 0)."""
+    """Console-script entry point (returns None so ``sys.exit(main())`` exits 0).
+
+    ``args=None`` reads ``sys.argv`` (LightningCLI does so itself, without its "args given both ways" warning).
+    """
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "export":
         _export_main(argv[1:])
         return
-    cli(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("effi export CKPT OUT.pt [--strip-prefix model.]   write a single-file state_dict (see effi export -h)")
+    cli(args)
 
 
-def cli(argv: list[str]) -> EffiCLI:
-    """Build and run the LightningCLI on ``argv``; returns it (for tests and notebooks)."""
+def cli(argv: list[str] | None) -> EffiCLI:
+    """Build and run the LightningCLI on ``argv`` (None: ``sys.argv``); returns it (for tests and notebooks)."""
     import lightning_effi.strategies  # noqa: F401  (registers effi_fsdp / effi_deepspeed_stage_N)
 
     return EffiCLI(

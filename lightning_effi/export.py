@@ -17,7 +17,14 @@ import torch
 
 
 def _export_file(path: Path) -> dict[str, torch.Tensor]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only=False as Lightning itself loads checkpoints (they hold hyper-parameters and callback state):
+    # export only checkpoints you trust.
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same actionable message
+        raise ValueError(f"{str(path)!r} could not be read as a checkpoint ({type(e).__name__}: {e}); pass a "
+                         "Lightning .ckpt file, an FSDP (DCP) checkpoint directory or a DeepSpeed checkpoint "
+                         "directory") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict' key); pass a .ckpt file "
                          "or a sharded checkpoint directory")
@@ -97,6 +104,8 @@ def export_checkpoint(ckpt_path: str | Path, out_path: str | Path, strip_prefix:
             ``GPT``; entries outside the prefix are dropped).
     """
     sd = export_state_dict(ckpt_path)
+    if strip_prefix and not strip_prefix.endswith("."):
+        strip_prefix += "."  # "model" means the submodule "model.", never a partial key like "model_x"
     if strip_prefix:
         sd = {k[len(strip_prefix):]: v for k, v in sd.items() if k.startswith(strip_prefix)}
         if not sd:

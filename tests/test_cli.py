@@ -70,3 +70,43 @@ def test_export_rejects_missing_and_foreign_files(tmp_path):
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a Lightning checkpoint"):
         export_checkpoint(tmp_path / "foreign.pt", tmp_path / "o.pt")
+
+
+def test_trainer_flags_that_disable_default_callbacks_are_honoured(tmp_path):
+    proc = _effi(["fit", "--config", str(REPO / "configs/gpt_tiny.yaml"), "--trainer.max_steps=1",
+                  "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
+                  "--trainer.limit_val_batches=1"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "effi: training finished" in proc.stdout
+    assert not list(tmp_path.glob("runs/lightning_logs/version_0/checkpoints/*.ckpt"))
+
+
+def test_module_without_validation_finishes_cleanly(tmp_path):
+    (tmp_path / "mymod.py").write_text(
+        "import torch, lightning.pytorch as pl\n"
+        "class M(pl.LightningModule):\n"
+        "    def __init__(self):\n        super().__init__(); self.w = torch.nn.Linear(2, 1)\n"
+        "    def training_step(self, b, i):\n        return self.w(b).sum()\n"
+        "    def configure_optimizers(self):\n        return torch.optim.SGD(self.parameters(), lr=0.1)\n"
+        "class D(pl.LightningDataModule):\n"
+        "    def train_dataloader(self):\n        return torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2)\n"
+    )
+    env_path = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_path}
+    proc = subprocess.run([sys.executable, "-m", "lightning_effi.cli", "fit", "--model", "mymod.M", "--data", "mymod.D",
+                           "--trainer.max_steps=2"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "effi: training finished" in proc.stdout and "final val loss" not in proc.stdout
+
+
+def test_export_errors_name_the_file_and_prefix_gets_its_dot(tmp_path):
+    from lightning_effi.export import export_checkpoint
+
+    bad = tmp_path / "garbage.ckpt"
+    bad.write_text("garbage\n")
+    with pytest.raises(ValueError, match="garbage.ckpt' could not be read as a checkpoint"):
+        export_checkpoint(bad, tmp_path / "o.pt")
+    torch.save({"state_dict": {"model.w": torch.ones(1), "model_x.w": torch.zeros(1)}}, tmp_path / "a.ckpt")
+    export_checkpoint(tmp_path / "a.ckpt", tmp_path / "o.pt", strip_prefix="model")
+    assert list(torch.load(tmp_path / "o.pt")) == ["w"]

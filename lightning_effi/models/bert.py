@@ -75,6 +75,8 @@ class BertMLMLightningModule(_LMModule):
     normalisation weights.
     """
 
+    data_task = "mlm"
+
     def __init__(self, vocab_size: int = VOCAB_SIZE, block_size: int = 128, n_layer: int = 2, n_head: int = 2,
                  d_model: int = 64, dropout: float = 0.0, mask_prob: float = 0.15,
                  optimizer: OptimizerCallable | None = None, weight_decay: float = 0.01,

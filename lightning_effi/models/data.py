@@ -116,6 +116,7 @@ class CorpusDataModule(pl.LightningDataModule):
             raise FileNotFoundError(f"CorpusDataModule.path {path!r} does not exist; give an existing text file or "
                                     "folder, or leave path unset to use the Python standard library's sources")
         self.save_hyperparameters()
+        self.vocab_size = VOCAB_SIZE  # 256 bytes + PAD/BOS/EOS/MASK: a model's vocab_size must be at least this
         self.path, self.pattern, self.block_size, self.batch_size = path, pattern, block_size, batch_size
         self.val_fraction, self.max_bytes, self.seed, self.task = val_fraction, max_bytes, seed, task
         self.num_workers = num_workers

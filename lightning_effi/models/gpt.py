@@ -153,6 +153,8 @@ class _LMModule(pl.LightningModule):
     """
 
     model: nn.Module
+    #: the ``CorpusDataModule.task`` this objective needs ("causal": labels shifted by one; "mlm": labels = inputs)
+    data_task = "causal"
 
     def __init__(self, optimizer: OptimizerCallable | None, weight_decay: float, no_decay: Sequence[str],
                  no_adapt: Sequence[str], warmup_steps: int, min_lr_ratio: float, max_steps: int | None,
@@ -172,6 +174,19 @@ class _LMModule(pl.LightningModule):
         # uninitialised when a strategy builds the module on the meta device. Checkpointed by the hooks below.
         self.tokens_seen: torch.Tensor | None = None
         self._tokens_seen_loaded = 0
+
+    def setup(self, stage: str) -> None:
+        # Mismatches that would otherwise train silently wrong (a GPT on MLM blocks learns to copy its input) or crash
+        # many steps in (a token id >= vocab_size appears only once a rare byte or EOS is sampled).
+        dm = getattr(self.trainer, "datamodule", None)
+        task, vocab = getattr(dm, "task", None), getattr(dm, "vocab_size", None)
+        name = type(self).__name__
+        if task is not None and task != self.data_task:
+            raise ValueError(f"{name} needs data with task={self.data_task!r}, but {type(dm).__name__}.task is "
+                             f"{task!r}; set the data module's task to {self.data_task!r}")
+        if vocab is not None and self.hparams.vocab_size < vocab:
+            raise ValueError(f"{name}.vocab_size {self.hparams.vocab_size} is smaller than the data's vocabulary "
+                             f"({type(dm).__name__}.vocab_size={vocab}); set vocab_size >= {vocab}")
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):  # pragma: no cover - abstract
         """Return ``(summed token loss, number of valid tokens)`` for ``batch``."""
@@ -211,10 +226,21 @@ class _LMModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         m = self.trainer.callback_metrics
         if "val/loss_sum" in m and float(m["val/tokens"]) > 0:
-            self.log("val/loss", m["val/loss_sum"] / m["val/tokens"], prog_bar=True, sync_dist=False)
+            # Already reduced over ranks (the two sums above); sync_dist=True only averages identical values.
+            self.log("val/loss", m["val/loss_sum"] / m["val/tokens"], prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         h = self.hparams
+        from lightning_effi.callbacks.accumulation import AccumulationScheduler  # AutoMicroBatch subclasses it
+
+        if h.min_lr_ratio < 1.0 and not h.max_steps and self.trainer.max_steps in (-1, None) and any(
+            isinstance(cb, AccumulationScheduler) for cb in self.trainer.callbacks
+        ):
+            # Lightning's estimate counts micro-batches / accumulate_grad_batches, which is 1 when the callback sets
+            # the factor per window: the cosine would be stretched by the accumulation factor.
+            raise ValueError(f"{type(self).__name__}: the LR schedule's length cannot be estimated with an "
+                             "accumulation schedule in an epoch-based run; set Trainer(max_steps=...) or the "
+                             "module's max_steps")
         total = h.max_steps or int(self.trainer.estimated_stepping_batches)
         return build_optimizers(self.model, self.optimizer_factory, weight_decay=h.weight_decay,
                                 no_decay=h.no_decay, no_adapt=h.no_adapt, warmup_steps=h.warmup_steps,
@@ -248,7 +274,9 @@ class GPTLightningModule(_LMModule):
                          loss_reduction)
         self.save_hyperparameters(ignore=["optimizer"])
         self.model = GPT(vocab_size, block_size, n_layer, n_head, d_model, dropout)
-        self._forward = torch.compile(self.model) if compile else self.model
+        # Not a registered submodule (nn.Module.__setattr__ would add the network a second time to state_dict,
+        # under keys that change with `compile`).
+        object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self._forward(idx)

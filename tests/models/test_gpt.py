@@ -125,3 +125,47 @@ def test_lr_schedule_warmup_then_cosine():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_module_state_dict_holds_the_network_once():
+    for compile_ in (False, True):
+        keys = list(GPTLightningModule(compile=compile_).state_dict())
+        assert keys and all(k.startswith("model.") for k in keys), keys[:5]
+
+
+def _fit_one_step(module, dm, **trainer_kw):
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         limit_val_batches=0, enable_model_summary=False, **trainer_kw)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: (GPTLightningModule(vocab_size=200), {}), "vocab_size 200 is smaller than the data's vocabulary"),
+        (lambda: (GPTLightningModule(), {"task": "mlm"}), "needs data with task='causal'"),
+    ],
+)
+def test_data_mismatch_raises_before_training(make, match):
+    from lightning_effi.models import CorpusDataModule
+
+    module, dm_kw = make()
+    w0 = module.model.wte.weight.detach().clone()
+    with pytest.raises(ValueError, match=match):
+        _fit_one_step(module, CorpusDataModule(max_bytes=100_000, block_size=32, **dm_kw))
+    assert torch.equal(module.model.wte.weight, w0)
+
+
+def test_epoch_run_with_accumulation_schedule_needs_max_steps():
+    from lightning_effi.callbacks import AccumulationScheduler
+    from lightning_effi.models import CorpusDataModule
+
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[AccumulationScheduler({0: 4})], enable_model_summary=False)
+    with pytest.raises(ValueError, match="set Trainer\\(max_steps=...\\)"):
+        trainer.fit(GPTLightningModule(block_size=32), datamodule=CorpusDataModule(max_bytes=100_000, block_size=32))
