@@ -55,6 +55,13 @@ __all__ = ["lamb", "resolve_path"]
 # memory bound; without this it makes ~11 passes over DRAM per step instead of ~2).
 _CPU_CHUNK = 1 << 16
 _CPU_BATCH = 1 << 18
+# The unsharded CPU path (see _cpu_adam_core): tensors up to _CPU_SMALL elements are stepped together in batches of
+# at most _CPU_PIECE elements; larger tensors in pieces of _CPU_PIECE. Chosen by a sweep on a 27.6M-parameter GPT on
+# the 2-core CI machine (pieces of 2^16..2^20: larger pieces won, per-op overhead dominates below 2^18).
+_CPU_SMALL = 1 << 16
+_CPU_PIECE = 1 << 20
+# A step count at which beta**t is exactly 0.0 in double for any beta < 1: bias corrections become 1.
+_NO_BIAS_CORRECTION_STEP = 1e12
 
 
 def _per_param(name: str, value, n: int, *, pair: bool = False) -> list:
@@ -274,6 +281,7 @@ def lamb(
     found_inf: Tensor | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
+    workspace: dict | None = None,
 ) -> Tensor | None:
     """One LAMB step over all given parameters (see the module docstring for the algorithm).
 
@@ -288,6 +296,8 @@ def lamb(
         grad_scale: gradients are scaled by this (AMP); the step divides it out (never touching ``grads``).
         found_inf: nonzero means skip the step (AMP overflow).
         foreach / fused: implementation path; see :func:`resolve_path`.
+        workspace: a dict the caller keeps between steps (never saved) where the CPU path caches its scratch
+            buffer; without it the buffer is allocated every step (slower on the CPU, same result).
 
     Returns:
         The trust ratios used, one float32 entry per logical parameter (NaN on a skipped step); None if there
@@ -320,7 +330,7 @@ def lamb(
         from lightning_effi.optim.fused import fused_step
 
         return fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, _ctx())
-    return _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, path)
+    return _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, path, workspace)
 
 
 def _ctx():
@@ -353,7 +363,7 @@ def _decode_lid_params(plan: _Plan, enc: list[Tensor]) -> Tensor | None:
     return (torch.where(cnt > 0, idx / cnt.clamp_min(1), torch.zeros_like(idx)).round() - 1).long()
 
 
-def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, path) -> Tensor:
+def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, path, workspace=None) -> Tensor:
     num = plan.num_lids
     # --- phase 1: skip decision and clipping coefficient (host scalars on these paths) ---
     inv_scale = 1.0
@@ -370,11 +380,10 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
             coef = inv_scale * min(1.0, max_grad_norm / norm) if norm > 0 else inv_scale
     if skip:
         return torch.full((num,), math.nan, dtype=torch.float32, device=device)
-    for i, s in enumerate(state_steps):
+    for s in state_steps:
         if s.device.type != "cpu":
             raise RuntimeError("the single-tensor/foreach paths keep 'step' on the CPU; got one on " + str(s.device))
-        s += 1
-    steps = [float(s) for s in state_steps]
+    torch._foreach_add_(state_steps, 1.0)
 
     def unit_key(k: int):
         i = plan.param[k]
@@ -387,7 +396,10 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
     if chunked and one_unit_per_lid and not _distinct_groups(plan.lid_group):
         # Unsharded on the CPU: each trust ratio depends on its own tensor only, so each tensor can be finished
         # while it is still in cache (measured ~30% faster than the batched two-pass path on a 27M-param GPT).
-        return _cpu_per_tensor(plan, hp, steps, coef, acc)
+        if _cpu_adam_core_ok(plan):
+            return _cpu_adam_core(plan, hp, state_steps, coef, acc, workspace)
+        return _cpu_per_tensor(plan, hp, [float(s) for s in state_steps], coef, acc)
+    steps = [float(s) for s in state_steps]
     units = list(range(len(plan.p)))
     views = _chunk_views(plan, units) if chunked else [(k, plan.p[k], plan.g[k], plan.m[k], plan.v[k]) for k in units]
     # Batches of views sharing hyperparameters; on the chunked CPU path each batch is cache-sized.
@@ -458,6 +470,124 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
             torch._foreach_mul_(us, list(scale.unbind(0)))
             torch._foreach_add_(ps, us)
     return ratio.to(torch.float32)
+
+
+def _host_ratio(hp: dict, i: int, xn: float, un: float) -> float:
+    """The trust ratio from host norms (the CPU paths), same rule as :func:`_trust_ratio`."""
+    if not (hp["adapt"][i] and xn > 0 and un > 0):
+        return 1.0
+    lo, hi = hp["weight_norm_clip"][i] or (0.0, math.inf)
+    r = min(max(xn, lo), hi) / un
+    if hp["trust_clip"][i] is not None:
+        r = min(max(r, hp["trust_clip"][i][0]), hp["trust_clip"][i][1])
+    return r
+
+
+def _cpu_adam_core_ok(plan: _Plan) -> bool:
+    if not hasattr(torch, "_fused_adamw_"):
+        return False
+    for t in (*plan.p, *plan.g, *plan.m, *plan.v):
+        if t.dtype not in (torch.float32, torch.float64) or not t.is_contiguous():
+            return False
+    return all(p.dtype == g.dtype == m.dtype == v.dtype for p, g, m, v in zip(plan.p, plan.g, plan.m, plan.v))
+
+
+def _cpu_adam_core(plan: _Plan, hp: dict, state_steps: list[Tensor], coef: float, acc, workspace) -> Tensor:
+    """Unsharded CPU path built on torch's fused CPU AdamW kernel (``torch._fused_adamw_``).
+
+    Eager CPU ops cost one pass over memory each (a LAMB step written with them is ~10 passes and op-bound); torch's
+    fused AdamW kernel does Adam's moment updates and the bias-corrected ``m̂ / (√v̂ + eps)`` in one vectorised,
+    multi-threaded pass. It is used here on a scratch copy ``y`` of the parameter, never on the parameter:
+    AdamW's rule ``y <- y (1 - lr wd') - (lr / bc1) m / (√v / √bc2 + eps)`` with ``lr = -1`` and
+    ``wd' = weight_decay - 1`` turns ``y = x`` into exactly LAMB's ``u = r + weight_decay x``. Then the sums of
+    squares of ``x`` and ``u`` (while the piece is in cache) and, once the whole tensor's norms are known, one pass
+    ``x <- x - lr ratio u``. Bias correction off: the kernel is handed a step count at which ``beta**t == 0``.
+    Measured on the 2-core CI machine: 2.0-2.3x torch.optim.AdamW(fused=True), against 5-6x for the eager ops.
+    """
+    ratios = [1.0] * plan.num_lids
+    need: dict[torch.dtype, int] = {}
+    small_total: dict[torch.dtype, int] = {}
+    small: dict[tuple, list[int]] = {}
+    large: list[int] = []
+    for k, p in enumerate(plan.p):
+        if p.numel() <= _CPU_SMALL:
+            i = plan.param[k]
+            key = (p.dtype, hp["beta1"][i], hp["beta2"][i], hp["eps"][i], hp["weight_decay"][i], hp["bias_correction"][i])
+            small.setdefault(key, []).append(k)
+            small_total[p.dtype] = small_total.get(p.dtype, 0) + p.numel()
+        else:
+            large.append(k)
+            need[p.dtype] = max(need.get(p.dtype, 0), p.numel())
+    for dtype, n in small_total.items():  # a batch of small tensors spans at most _CPU_PIECE elements
+        need[dtype] = max(need.get(dtype, 0), min(n, _CPU_PIECE))
+    buffers = {}
+    for dtype, n in need.items():
+        key = ("lamb_cpu_u", dtype)
+        buf = None if workspace is None else workspace.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype)
+            if workspace is not None:
+                workspace[key] = buf
+        buffers[dtype] = buf
+    no_bc = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32)
+
+    def adam_u(ys, ps, gs, ms, vs, steps, i):
+        # y <- x (unless the caller did), then the fused kernel turns y into u (see the docstring).
+        if ps is not None:
+            torch._foreach_copy_(ys, ps)
+        if coef != 1.0:
+            gs = torch._foreach_mul(gs, coef)
+        torch._fused_adamw_(
+            ys, gs, ms, vs, [], steps if hp["bias_correction"][i] else [no_bc] * len(ys), amsgrad=False, lr=-1.0,
+            beta1=hp["beta1"][i], beta2=hp["beta2"][i], weight_decay=hp["weight_decay"][i] - 1.0, eps=hp["eps"][i],
+            maximize=False,
+        )
+
+    for items in small.values():
+        start = 0
+        while start < len(items):
+            batch, total = [], 0
+            while start < len(items) and (not batch or total + plan.p[items[start]].numel() <= _CPU_PIECE):
+                batch.append(items[start])
+                total += plan.p[items[start]].numel()
+                start += 1
+            ps = [plan.p[k] for k in batch]
+            buf, off, ys = buffers[ps[0].dtype], 0, []
+            for p in ps:
+                ys.append(buf[off : off + p.numel()].view_as(p))
+                off += p.numel()
+            i0 = plan.param[batch[0]]
+            adam_u(ys, ps, [plan.g[k] for k in batch], [plan.m[k] for k in batch], [plan.v[k] for k in batch],
+                   [state_steps[plan.param[k]] for k in batch], i0)
+            xn = torch.stack(torch._foreach_norm(ps, 2, dtype=acc)).tolist()
+            un = torch.stack(torch._foreach_norm(ys, 2, dtype=acc)).tolist()
+            scale = []
+            for k, a, b in zip(batch, xn, un):
+                i = plan.param[k]
+                r = _host_ratio(hp, i, a, b)
+                ratios[plan.lid[k]] = r
+                scale.append(-hp["lr"][i] * r)
+            torch._foreach_mul_(ys, scale)
+            torch._foreach_add_(ps, ys)
+
+    for k in large:
+        i = plan.param[k]
+        p, g, m, v = plan.p[k], plan.g[k], plan.m[k], plan.v[k]
+        n = p.numel()
+        y = buffers[p.dtype][:n]
+        fp, fg, fm, fv = p.view(-1), g.view(-1), m.view(-1), v.view(-1)
+        xsq = usq = 0.0
+        for s in range(0, n, _CPU_PIECE):
+            sl = slice(s, min(n, s + _CPU_PIECE))
+            pp, yy = fp[sl], y[sl]
+            yy.copy_(pp)
+            xsq += float(torch.dot(yy, yy))  # while the piece is in cache
+            adam_u([yy], None, [fg[sl]], [fm[sl]], [fv[sl]], [state_steps[i]], i)
+            usq += float(torch.dot(yy, yy))
+        r = _host_ratio(hp, i, math.sqrt(xsq), math.sqrt(usq))
+        ratios[plan.lid[k]] = r
+        fp.add_(y, alpha=-hp["lr"][i] * r)
+    return torch.tensor(ratios, dtype=torch.float32)
 
 
 def _cpu_per_tensor(plan: _Plan, hp: dict, steps: list[float], coef: float, acc) -> Tensor:

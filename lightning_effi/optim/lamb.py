@@ -278,6 +278,14 @@ class Lamb(Optimizer):
             found_inf=found_inf,
             foreach=path == "foreach",
             fused=path == "fused",
+            workspace=self._workspace(),
         )
         return loss
+
+    def _workspace(self) -> dict:
+        # Scratch buffers of the CPU path, reused across steps; not optimizer state (never saved or copied).
+        ws = self.__dict__.get("_effi_workspace")
+        if ws is None:
+            ws = self.__dict__["_effi_workspace"] = {}
+        return ws
 

@@ -196,6 +196,44 @@ def test_foreach_chunking_matches_single_in_float64(monkeypatch):
         torch.testing.assert_close(oa.trust_ratios, ob.trust_ratios, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name,opt_kwargs,b_overrides", SPECS, ids=[s[0] for s in SPECS])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_cpu_fused_adam_core_pieces_and_batches(monkeypatch, name, opt_kwargs, b_overrides, dtype):
+    """The CPU default path (torch's fused AdamW kernel on a scratch copy, see _cpu_adam_core) with thresholds
+    small enough that tensors are cut into pieces and small tensors share batches: equals the single-tensor path,
+    which the tests above hold to the float64 reference."""
+    import lightning_effi.optim.functional as F
+
+    monkeypatch.setattr(F, "_CPU_SMALL", 10)
+    monkeypatch.setattr(F, "_CPU_PIECE", 64)
+    calls = []
+    real = F._cpu_adam_core
+    monkeypatch.setattr(F, "_cpu_adam_core", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(4)
+    a = _make_params(dtype, "cpu", gen)
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    oa = _build(a, opt_kwargs, b_overrides, "single")
+    ob = _build(b, opt_kwargs, b_overrides, "foreach")
+    tol = dict(atol=1e-12, rtol=1e-11) if dtype == torch.float64 else dict(atol=2e-6, rtol=2e-6)
+    for step in range(6):
+        grads = _make_grads(a, step, gen)
+        for pa, pb, g in zip(a, b, grads):
+            pa.grad = g
+            pb.grad = None if g is None else g.clone()
+        oa.step()
+        ob.step()
+        for pa, pb in zip(a, b):
+            torch.testing.assert_close(pa, pb, **tol)
+        torch.testing.assert_close(oa.trust_ratios, ob.trust_ratios, **tol)
+    assert len(calls) == 6
+    for pa, pb in zip(a, b):
+        sa, sb = oa.state[pa], ob.state[pb]
+        if sa:
+            torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], **tol)
+            torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], **tol)
+            assert float(sa["step"]) == float(sb["step"])
+
+
 def test_functional_matches_class():
     """lamb() with scalar hyperparameters is the same step as Lamb with one group."""
     gen = torch.Generator().manual_seed(3)
