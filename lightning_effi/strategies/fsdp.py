@@ -29,7 +29,10 @@ check on ``ModelParallelStrategy``); ``strategy="effi_fsdp", precision="16-mixed
 Sharding plan: every module whose class name is in ``wrap`` becomes one FSDP unit (all-gathered before its
 forward, resharded after), then every direct child of the LightningModule that holds parameters becomes a root
 unit for the remaining parameters (embeddings, final norm, heads). The LightningModule itself is not wrapped:
-Lightning calls ``training_step``, not ``forward``, and FSDP2 hooks ``forward``.
+Lightning calls ``training_step``, not ``forward``, and FSDP2 hooks ``forward``. With the default
+``reshard_after_forward=True`` this is the layout of a hand-written FSDP2 setup (``fully_shard`` per block, then on
+the model with FSDP2's defaults): wrapped units reshard after forward, root units keep their parameters until
+backward, which starts with them (the output head).
 """
 
 from __future__ import annotations
@@ -131,10 +134,13 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             full parameters at a time. ``None`` (default): the classes of the children of every ``nn.ModuleList``
             (the transformer blocks of most models), logged at setup. ``[]``: only the root units. A name that
             matches no module raises ``ValueError`` listing the classes present.
-        reshard_after_forward: free the all-gathered parameters of each unit after its forward (ZeRO-3 memory,
-            one more all-gather in backward). ``False`` keeps them until backward (ZeRO-2 like: faster, more
-            memory). An int reshards to that smaller group size (e.g. the GPUs of one node). With ``True`` the last
-            wrapped unit is still kept, because backward needs it immediately.
+        reshard_after_forward: free the all-gathered parameters of each wrapped unit after its forward (ZeRO-3
+            memory, one more all-gather in backward). ``False`` keeps them until backward (ZeRO-2 like: faster, more
+            memory). An int reshards to that smaller group size (e.g. the GPUs of one node). With ``True`` (default)
+            the root units (embeddings, final norm, output head) are not resharded, as FSDP2 does for a root by
+            default: backward starts with the output head, so resharding them would only add an all-gather that
+            nothing can hide; the root's pre-backward prefetches the last wrapped unit instead. ``False``/int apply
+            to root units too.
         activation_checkpointing: class names of modules whose activations are recomputed in backward instead of
             stored (torch's composable ``checkpoint``, so parameter names and checkpoints are unchanged).
         compile: ``torch.compile`` the ``forward`` of every wrapped unit (each ``Block``), keeping FSDP2's
@@ -322,7 +328,6 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         units = _find_modules(module, wrap, "wrap") if wrap else []
         unit_classes = sorted({type(u).__name__ for u in units})  # before fully_shard renames them FSDP<cls>
         names = {id(m): name for name, m in module.named_modules()}
-        outer = [u for u in units if not any(names[id(u)].startswith(names[id(o)] + ".") for o in units if o is not u)]
         ac_modules = _find_modules(module, self.activation_checkpointing, "activation_checkpointing")
         param_dtype, reduce_dtype = self.mixed_precision_dtypes()
         kwargs: dict[str, Any] = {
@@ -334,12 +339,15 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             checkpoint(m)
         # Innermost units first: fully_shard on a parent only takes the parameters its sharded children left over.
         ordered = sorted(units, key=lambda m: -names[id(m)].count("."))
-        last = outer[-1] if outer else None
+        # True -> None for units that end up FSDP roots (direct children of the LightningModule: the root units
+        # below, or a wrapped unit such as wrap=["GPT"]): FSDP2's default, which keeps a root's parameters from
+        # forward to backward. Backward starts with them (the output head), so resharding would only add an
+        # all-gather of embedding + head per step that nothing can hide.
+        root_reshard = None if self.reshard_after_forward is True else self.reshard_after_forward
         for unit in ordered:
-            # Backward starts with the last unit of forward; resharding it would be undone at once (torchtitan does
-            # the same). Only matters for True: False/int already keep parameters longer.
-            reshard = False if (unit is last and self.reshard_after_forward is True) else self.reshard_after_forward
-            fully_shard(unit, reshard_after_forward=reshard, **kwargs)
+            top_level = "." not in names[id(unit)]
+            fully_shard(unit, reshard_after_forward=root_reshard if top_level else self.reshard_after_forward,
+                        **kwargs)
             if self.compile:
                 # An instance attribute: nn.Module.__call__ runs FSDP2's hooks eagerly around it.
                 unit.forward = torch.compile(unit.forward)
@@ -348,7 +356,7 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         roots = [c for c in module.children() if any(not isinstance(p, DTensor) for p in c.parameters())]
         root_classes = [type(c).__name__ for c in roots]
         for child in roots:
-            fully_shard(child, reshard_after_forward=self.reshard_after_forward, **kwargs)
+            fully_shard(child, reshard_after_forward=root_reshard, **kwargs)
         object.__setattr__(module, _SHARDED_FLAG, True)
         rank_zero_info(
             f"EffiFSDPStrategy: {len(units)} unit(s) of {unit_classes} + {len(roots)} root(s) {root_classes} over "

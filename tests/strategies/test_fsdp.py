@@ -34,6 +34,10 @@ from lightning_effi.strategies.fsdp import _auto_wrap_names, _find_modules
         ({"cpu_offload": "yes"}, TypeError, r"Invalid cpu_offload 'yes'"),
         ({"param_dtype": "fp16"}, ValueError, r"Invalid param_dtype 'fp16': must be 'auto' or one of"),
         ({"reduce_dtype": torch.float32}, ValueError, r"Invalid reduce_dtype torch.float32"),
+        ({"compile": "yes"}, TypeError, r"Invalid compile 'yes': must be True or False"),
+        ({"compile": 1}, TypeError, r"Invalid compile 1: must be True or False"),
+        ({"compile": True, "activation_checkpointing": ["Block"]}, ValueError,
+         r"compile=True with activation_checkpointing=\['Block'\] is not supported"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -161,3 +165,32 @@ def test_bad_setup_raises_before_training(one_process_fit, strategy_kwargs, modu
     with pytest.raises(exc, match=match):
         one_process_fit(EffiFSDPStrategy(**strategy_kwargs), module, **trainer_kwargs)
     assert module.steps_run == 0
+
+
+@pytest.mark.parametrize(
+    ("reshard_after_forward", "wrap", "expected"),
+    [
+        # default: the layout of hand-written FSDP2 (fully_shard per Block, then the model with FSDP2's defaults)
+        (True, None, {"root": True, "blocks": [False, False]}),
+        (False, None, {"root": True, "blocks": [True, True]}),
+        # a wrapped unit that is a direct child of the LightningModule is the FSDP root: kept like a root unit
+        (True, ["GPT"], {"root": True, "blocks": [True, True]}),
+    ],
+    ids=["default", "no-reshard", "wrap-root"],
+)
+def test_which_units_keep_parameters_from_forward_to_backward(one_process_fit, reshard_after_forward, wrap, expected):
+    from torch.distributed.tensor import DTensor
+
+    seen = {}
+
+    class Probe(pl.Callback):
+        # Between forward and backward: an unsharded (all-gathered) parameter is a plain tensor, a resharded one is
+        # the DTensor shard again.
+        def on_before_backward(self, trainer, pl_module, loss):
+            gpt = pl_module.model
+            seen["root"] = not isinstance(gpt.wte.weight, DTensor)
+            seen["blocks"] = [not isinstance(b.attn.qkv.weight, DTensor) for b in gpt.blocks]
+
+    one_process_fit(EffiFSDPStrategy(wrap=wrap, reshard_after_forward=reshard_after_forward), _LM(),
+                    callbacks=[Probe()])
+    assert seen == expected
