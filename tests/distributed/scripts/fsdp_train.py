@@ -72,8 +72,9 @@ class Observe(pl.Callback):
     """What the tests check besides the weights: compute dtype, parameter/gradient types, all_reduce calls inside
     each optimizer step, forward calls per micro-batch (activation checkpointing recomputes), skipped steps."""
 
-    def __init__(self, inject_overflow_at: int | None = None) -> None:
+    def __init__(self, inject_overflow_at: int | None = None, hook_qkv: bool = True) -> None:
         self.inject_overflow_at = inject_overflow_at
+        self.hook_qkv = hook_qkv  # False under compile: a hook inside one Block would give it a graph of its own
         self.info: dict = {"compute_dtypes": set(), "grad_types": set(), "param_types": set(),
                            "allreduce_per_step": [], "qkv_calls_per_batch": [], "skipped": [], "scales": [],
                            "grads_freed": []}
@@ -89,7 +90,8 @@ class Observe(pl.Callback):
             self.info["compute_dtypes"].add(str(mod.weight.dtype))
             self._calls += 1
 
-        qkv.register_forward_pre_hook(pre_hook)
+        if self.hook_qkv:
+            qkv.register_forward_pre_hook(pre_hook)
         optimizer = trainer.optimizers[0]
         step = optimizer.step
 
@@ -139,13 +141,22 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int, acceler
 
     spec = fc.ALL_CASES[case]
     rank = int(os.environ.get("RANK", 0))
+    compiled = spec.get("strategy", {}).get("compile", False)
+    real_compile = torch.compile
+    if compiled:
+        import functools
+
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        if accelerator == "cpu":  # the strategy calls torch.compile(unit.forward); aot_eager needs no C++ compiler
+            torch.compile = functools.partial(real_compile, backend="aot_eager")
     accumulate = spec.get("accumulate", 1)
     target = fc.case_dir(out, case + ("_resumed" if resume_root else ""))
     target.mkdir(parents=True, exist_ok=True)
     data = Rows(fc.dataset())
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
     loader = DataLoader(data, batch_size=fc.GLOBAL_BATCH // world // accumulate, sampler=sampler)
-    observe = Observe(inject_overflow_at=fc.SKIP_AT if spec.get("fp16") else None)
+    observe = Observe(inject_overflow_at=fc.SKIP_AT if spec.get("fp16") else None, hook_qkv=not compiled)
     callbacks: list = [observe]
     if not resume_root:
         callbacks.append(SaveAtEpochEnd(fc.SAVE_AT, target / "step5"))
@@ -175,13 +186,24 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int, acceler
     )
     model = LM(spec["optimizer"])
     ckpt = str(fc.case_dir(resume_root, case) / "step5") if resume_root else None
-    trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt)
+    try:
+        trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt)
+    finally:
+        torch.compile = real_compile
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     info = {k: sorted(v) if isinstance(v, set) else v for k, v in observe.info.items()}
     info.update(global_step=trainer.global_step, world_size=trainer.world_size)
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        # one graph for every Block (parameters are graph inputs), captured once per call, no fallback to eager
+        info["dynamo"] = {"unique_graphs": counters["stats"]["unique_graphs"],
+                          "graph_breaks": sum(counters["graph_break"].values()),
+                          "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0,
+                          "compiled_forwards": sum(1 for m in model.modules() if "forward" in vars(m))}
     if health is not None:
         info["health"] = dict(health.last_metrics)
         info["health_skips"] = [[step, names] for step, _, names in health.skip_events]
