@@ -14,6 +14,8 @@ settings for every case; only the strategy (and AdamW vs LAMB) changes. Cases:
 - ``effi_fsdp_adamw`` / ``effi_fsdp_lamb``: EffiFSDPStrategy(wrap=["Block"]), no per-module code.
 - ``effi_fsdp_adamw_compile``: the same with ``compile=True`` (each Block's forward compiled; compile time is in the
   untimed warmup steps).
+- ``effi_fsdp_adamw_compile_bf16_reduce``: and gradients reduce-scattered in bf16 (``reduce_dtype="bfloat16"``: half
+  the reduce-scatter bytes; the sums of 2 ranks lose little, but it is a numerics choice, not the default).
 
 Adding a strategy is one entry in ``CASES``, e.g. ``"x": Case(_effi("EffiDeepSpeedStrategy", stage=2), "adamw")``.
 Metrics, measured over ``--steps`` optimizer steps after ``--warmup``:
@@ -99,6 +101,8 @@ CASES: dict[str, Case] = {
     "effi_fsdp_adamw": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "adamw", empty_init=True),
     "effi_fsdp_lamb": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "lamb", empty_init=True),
     "effi_fsdp_adamw_compile": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "adamw", empty_init=True),
+    "effi_fsdp_adamw_compile_bf16_reduce": Case(
+        _effi("EffiFSDPStrategy", wrap=["Block"], compile=True, reduce_dtype="bfloat16"), "adamw", empty_init=True),
     # DeepSpeed ZeRO (deepspeed is not in the GPU image: see DEVELOPERS.md for the wheel). Stage 3 refuses
     # init_module(empty_init=False) and builds the module on the CPU either way (DeepSpeed partitions it at setup).
     "deepspeed_stage_2": Case(_stock_deepspeed(2)),
