@@ -142,6 +142,7 @@ def run(case: str, steps: int, warmup: int, micro: int, tiny: bool) -> dict:
     flops_per_token = 6 * psi + 12 * shape["n_layer"] * shape["d_model"] * shape["block_size"]
     gib = 2.0**30
     return {
+        "_rank": trainer.global_rank,
         "case": case, "params": psi, "world_size": world, "micro_batch": micro, "seq_len": shape["block_size"],
         "tokens_per_s": round(tps, 1), "mfu": round(tps * flops_per_token / (world * H200_BF16_FLOPS), 4),
         "model_state_gib": round(meter.result["model_state_bytes"] / gib, 2),
@@ -166,7 +167,8 @@ def main() -> None:
     except Exception as err:  # recorded, so the remaining cases of a sweep still run
         result = {"case": args.case, "error": f"{type(err).__name__}: {err}",
                   "traceback": traceback.format_exc()[-3000:]}
-    rank = int(os.environ.get("RANK", "0"))
+    # Lightning's rank (set on every process it drives); the environment's RANK only when the run failed early.
+    rank = result.pop("_rank", int(os.environ.get("RANK", "0")))
     if rank == 0:
         result.update({"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                        else "cpu", "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})

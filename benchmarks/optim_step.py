@@ -10,6 +10,11 @@ optimizer here writes them), repetitions are interleaved across optimizers (one 
 on a shared machine hits all alike, and the report gives medians and ratios. A peer that is not installed is
 skipped and named in the output. Raw JSON goes to --out.
 
+On CUDA two timings per optimizer: one step between CUDA events after a full sync (includes the host latency before
+the first kernel: the GPU idles while Python prepares the step), and the steady state, 5 steps back to back between
+events (as in training, where the step's launches queue behind the backward pass and its host work overlaps the
+GPU), with the host time per step measured around the launches.
+
 Extra candidates on CUDA, for choosing the fused implementation by measurement: the Triton kernel at several block
 sizes, and a torch.compile'd LAMB step (measured on a subset of layers, since compiling hundreds of tensors takes
 minutes).
@@ -100,6 +105,9 @@ def make_tensors(shapes, device, seed=0):
 
 
 FAILED: dict[str, str] = {}
+# CUDA: per optimizer (steady-state step seconds, host seconds per step) of the last bench() call.
+STEADY_RESULTS: dict[str, tuple[float, float]] = {}
+STEADY = 5
 
 
 def bench(shapes, device, names, factories, reps, warmup):
@@ -123,10 +131,26 @@ def bench(shapes, device, names, factories, reps, warmup):
             del opts[name]
     FAILED.update(failed)
     times = {name: [] for name in names}
+    steady = {name: [] for name in names}
+    host = {name: [] for name in names}
     sync(device)
     for _ in range(reps):
         for name in names:
             if device.type == "cuda":
+                # Steady state: STEADY steps back to back, as in training, where the optimizer's launches queue
+                # behind the backward pass and its host work overlaps the GPU. perf_counter around the launches
+                # alone is the host time per step.
+                sync(device)
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                h0 = time.perf_counter()
+                for _ in range(STEADY):
+                    opts[name].step()
+                h1 = time.perf_counter()
+                b.record()
+                b.synchronize()
+                steady[name].append(a.elapsed_time(b) / 1e3 / STEADY)
+                host[name].append((h1 - h0) / STEADY)
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
                 opts[name].step()
@@ -138,6 +162,9 @@ def bench(shapes, device, names, factories, reps, warmup):
                 opts[name].step()
                 times[name].append(time.perf_counter() - t0)
     del opts
+    if any(steady.values()):
+        STEADY_RESULTS.clear()
+        STEADY_RESULTS.update({n: (statistics.median(steady[n]), statistics.median(host[n])) for n in names})
     return {name: statistics.median(ts) for name, ts in times.items()}, {n: ts for n, ts in times.items()}
 
 
@@ -212,6 +239,21 @@ def fused_breakdown(shapes, device):
             lambda: real[name][grid](*a, **k), warmup=50, rep=300, return_mode="median")
     out["kernels_ms"] = sum(v for key, v in out.items() if ":" in key)
     out["host_and_small_ops_ms"] = out["step_ms"] - out["kernels_ms"]
+    # Where the host time goes (Python functions by own time, per step), for the sync-after-each-step gap.
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(20):
+        opt.step()
+    prof.disable()
+    torch.cuda.synchronize()
+    st = pstats.Stats(prof)
+    rows = sorted(st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:12]
+    out["host_profile_ms_per_step"] = {f"{Path(k[0]).name}:{k[1]}:{k[2]}": round(v[2] / 20 * 1e3, 4) for k, v in rows}
+    out["host_total_ms_per_step_profiled"] = round(st.total_tt / 20 * 1e3, 4)
     del opt, ps, params, grads
     return out
 
@@ -244,6 +286,7 @@ def main():
     missing = {n: why for n, (f, why) in facts.items() if f is None}
     factories = {n: f for n, (f, _) in facts.items() if f is not None}
     medians, raw = bench(shapes, device, names, factories, reps, args.warmup)
+    steady = dict(STEADY_RESULTS)
     missing.update({n: f"failed: {why}" for n, why in FAILED.items()})
     names = [n for n in names if n in medians]
     result = {
@@ -263,6 +306,11 @@ def main():
     }
     ref = "torch.AdamW(fused)"
     result["x_adamw_fused"] = {n: t / medians[ref] for n, t in medians.items()}
+    if steady:
+        result["steady_ms"] = {n: v[0] * 1e3 for n, v in steady.items()}
+        result["steady_x_floor"] = {n: v[0] / floor for n, v in steady.items()}
+        result["steady_x_adamw_fused"] = {n: v[0] / steady[ref][0] for n, v in steady.items()}
+        result["host_ms_per_step"] = {n: v[1] * 1e3 for n, v in steady.items()}
     if device.type == "cuda":
         import lightning_effi.optim.fused as fused_mod
 
@@ -300,9 +348,15 @@ def main():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     print(f"{label}: {n_params / 1e6:.1f}M params, copy bandwidth {bw / 1e9:.0f} GB/s, floor {floor * 1e3:.2f} ms")
+    if steady:
+        print("  one step after a sync (host latency included)                   | steady state, steps back to back")
     for n in names:
-        print(f"  {n:24s} {medians[n] * 1e3:9.2f} ms  {medians[n] / floor:6.2f}x floor  "
-              f"{medians[n] / medians[ref]:5.2f}x AdamW(fused)")
+        line = (f"  {n:24s} {medians[n] * 1e3:9.2f} ms  {medians[n] / floor:6.2f}x floor  "
+                f"{medians[n] / medians[ref]:5.2f}x AdamW(fused)")
+        if n in steady:
+            line += (f" | {steady[n][0] * 1e3:7.2f} ms {steady[n][0] / floor:5.2f}x floor "
+                     f"{steady[n][0] / steady[ref][0]:5.2f}x AdamW(fused), host {steady[n][1] * 1e3:5.2f} ms/step")
+        print(line)
     for n, why in missing.items():
         print(f"  {n:24s} skipped: {why}")
     for k in ("fused_block_sweep_ms", "fused_breakdown", "compiled_vs_triton"):

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from lightning_effi.optim.norms import (
     FlatLayout,
+    _dtensor_type,
     all_reduce_parts,
     dtensor_reduce_group,
     is_dtensor,
@@ -149,7 +150,13 @@ def _build_plan(params, grads, exp_avgs, exp_avg_sqs, flat_layouts, norm_process
                 plan.param.append(i)
                 plan.lid_param[lid] = i
         return plan
-    plan.num_lids = len(params)
+    plan.num_lids = n = len(params)
+    dt = _dtensor_type()
+    if dt is None or not any(isinstance(x, dt) for x in params):  # plain tensors: no per-parameter work
+        plan.p, plan.g, plan.m, plan.v = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
+        plan.lid, plan.param, plan.lid_param = list(range(n)), list(range(n)), list(range(n))
+        plan.lid_group = [None] * n
+        return plan
     for i, (x, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         if is_dtensor(x):
             if not is_dtensor(g):
@@ -282,6 +289,7 @@ def lamb(
     foreach: bool | None = None,
     fused: bool | None = None,
     workspace: dict | None = None,
+    _resolved_path: str | None = None,
 ) -> Tensor | None:
     """One LAMB step over all given parameters (see the module docstring for the algorithm).
 
@@ -308,7 +316,8 @@ def lamb(
         raise ValueError("params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length")
     if n == 0:
         return None
-    path = resolve_path(params, foreach, fused)
+    # Lamb passes the path it resolved when it built its cached lists (resolve_path inspects every tensor).
+    path = _resolved_path or resolve_path(params, foreach, fused)
     hp = dict(
         lr=_per_param("lr", lr, n),
         beta1=_per_param("beta1", beta1, n),
@@ -329,7 +338,7 @@ def lamb(
     if path == "fused":
         from lightning_effi.optim.fused import fused_step
 
-        return fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, _ctx())
+        return fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, _ctx(), workspace)
     return _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, path, workspace)
 
 

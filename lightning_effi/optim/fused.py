@@ -1,24 +1,30 @@
-"""The fused CUDA path of LAMB: two Triton kernels over every parameter at once.
+"""The fused CUDA path of LAMB: Triton kernels over every parameter at once.
 
 LAMB cannot be one pass: the update of each parameter needs the norm of its whole update direction first. The
 least memory traffic is two passes over a "chunk table" covering all parameters (or all shards / flat segments):
 phase 1 reads x, g, m, v, writes m, v and per-chunk partial sums of x² and u²; phase 2 reads x, m, v, recomputes u
 and writes x. That is 40 bytes per fp32 parameter (28 is the floor of one read-modify-write of x, m, v plus reading
-g), in 2 launches (4 with the masked tail chunks) regardless of the number of tensors: pointers are a base tensor
-plus per-unit element offsets from a device table, so there is no per-tensor launch. Per-parameter sums are formed
-deterministically (float64 cumulative sums over the per-chunk partials), so runs are bitwise reproducible.
+g). Pointers are a base tensor plus per-unit element offsets from a device table, so there is no per-tensor launch.
+Between the phases a reduce kernel (one program per unit) sums each unit's chunk partials in a fixed order (runs are
+bitwise reproducible) and, when every unit is a whole unsharded parameter, computes the trust ratio and the step
+scale ``-lr * ratio`` itself; sharded units instead go through one all_reduce of the per-parameter sums (see
+:mod:`.functional`). Bias corrections are computed in the kernels from the device-resident step counts.
+
+A step is therefore, unsharded: one multi-tensor add (step counts), one stack, and per dtype 2 + 1 + 2 launches
+(full and masked tail chunks of each phase, and the reduce). Everything that depends only on tensor addresses,
+sizes and hyperparameters (offset tables, block tables, hyperparameter rows) is built once and cached in the
+optimizer's workspace under a signature of those; only the learning rates are re-sent when they change. Before this
+cache the host spent ~1.7 ms per step on 292 tensors (H200 machine) building tables, which the GPU waited for.
 
 No host synchronisation: the skip decision (AMP ``found_inf`` or a non-finite clipping norm), the clipping
-coefficient, bias corrections (from device-resident step counts) and trust ratios are device tensors read by the
-kernels; a skipped step writes nothing and leaves the step counts unchanged.
+coefficient, bias corrections and trust ratios are device tensors read by the kernels; a skipped step writes
+nothing and leaves the step counts unchanged.
 
-Measured on an H200 (benchmarks/results/optim_step_h200*.json), on a 103M-parameter subset: a ``torch.compile``'d
-LAMB step 2.5-3.8 ms, the first Triton version 5.0-5.2 ms, fused AdamW 1.2-1.4 ms. So the compiled step beat that
-first kernel; Triton is kept because (a) the sharded step needs the per-parameter sums, one all_reduce, then the
-update, which a compiled graph would break around anyway, and (b) the first kernel's slowness has a found cause: one
-program per 8192-element block needed 165 registers per thread, one resident block per SM. This version walks
-64K-element chunks 2048 elements at a time with 60 registers per thread (the multi-tensor-apply shape); it matches the
-float64 reference (Triton interpreter) but has NOT been timed on the GPU yet.
+Why Triton and not ``torch.compile``: measured on an H200 (benchmarks/results/optim_step_h200*.json) a compiled
+LAMB step on a 103M-parameter subset took 2.5-3.8 ms against 1.2-1.4 ms for fused AdamW, and the sharded step needs
+the per-parameter sums, one all_reduce, then the update, which a compiled graph would break around anyway. The
+kernel shape (64K-element chunks walked 2048 elements at a time, 8 warps) was chosen by the block sweep in
+benchmarks/optim_step.py.
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ except ImportError as e:  # pragma: no cover - exercised on machines without tri
 CHUNK = 65536
 BLOCK = 2048
 NUM_WARPS = 8
+# Row width of the per-unit float64 hyperparameter table: b1, b2, eps, wd, bias_correction on, adapt,
+# weight_norm_clip lo/hi, trust_clip lo/hi (clips absent: 0, inf), padding.
+HPW = 16
+# Partials summed per iteration by the reduce kernel.
+REDUCE_BLOCK = 256
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -89,10 +100,22 @@ if triton is not None:
         return r
 
     @triton.jit
+    def _rbc(HP, STEPS, UPARAM, u, CT: tl.constexpr, HPW: tl.constexpr):
+        # 1 / bias corrections from the unit's device-resident step count, in float64 (1 - 0.999 is off by 1e-5
+        # relative in float32); b**t = exp(t log b), and log(0) = -inf gives 0**t = 0. Host-free: nothing per step.
+        t = tl.load(STEPS + tl.load(UPARAM + u)).to(tl.float64)
+        on = tl.load(HP + u * HPW + 4)
+        bc1 = 1.0 - tl.exp(t * tl.log(tl.load(HP + u * HPW + 0)))
+        bc2 = 1.0 - tl.exp(t * tl.log(tl.load(HP + u * HPW + 1)))
+        rbc1 = tl.where(on > 0, 1.0 / bc1, 1.0)
+        rbc2 = tl.where(on > 0, 1.0 / bc2, 1.0)
+        return rbc1.to(CT), rbc2.to(CT)
+
+    @triton.jit
     def _phase1_kernel(
-        PB, GB, MB, VB, OFF, NUMEL, HP, BLK_UNIT, BLK_START, BLK_ID, COEF, SKIP, PARTIAL, n_units,
+        PB, GB, MB, VB, OFF, NUMEL, HP, STEPS, UPARAM, BLK_UNIT, BLK_START, BLK_ID, COEF, SKIP, PARTIAL, n_units,
         DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
-        ALIGN: tl.constexpr, IS64: tl.constexpr,
+        ALIGN: tl.constexpr, IS64: tl.constexpr, HPW: tl.constexpr,
     ):
         # One program = one CHUNK of one unit, walked BLOCK elements at a time (the multi-tensor-apply shape: few
         # registers per thread, so many programs per SM hide memory latency; per-chunk table lookups amortised).
@@ -108,12 +131,11 @@ if triton is not None:
             mo = tl.multiple_of(tl.load(OFF + 2 * n_units + u), ALIGN)
             vo = tl.multiple_of(tl.load(OFF + 3 * n_units + u), ALIGN)
             n = tl.load(NUMEL + u)
-            b1 = tl.load(HP + u * 8 + 0).to(CT)
-            b2 = tl.load(HP + u * 8 + 1).to(CT)
-            eps = tl.load(HP + u * 8 + 2).to(CT)
-            wd = tl.load(HP + u * 8 + 3).to(CT)
-            rbc1 = 1.0 / tl.load(HP + u * 8 + 4).to(CT)
-            rbc2 = 1.0 / tl.load(HP + u * 8 + 5).to(CT)
+            b1 = tl.load(HP + u * HPW + 0).to(CT)
+            b2 = tl.load(HP + u * HPW + 1).to(CT)
+            eps = tl.load(HP + u * HPW + 2).to(CT)
+            wd = tl.load(HP + u * HPW + 3).to(CT)
+            rbc1, rbc2 = _rbc(HP, STEPS, UPARAM, u, CT, HPW)
             coef = tl.load(COEF).to(CT)
             acc_x = tl.zeros([BLOCK], dtype=CT)
             acc_u = tl.zeros([BLOCK], dtype=CT)
@@ -141,10 +163,45 @@ if triton is not None:
             tl.store(PARTIAL + bid * 2 + 1, tl.sum(acc_u, axis=0))
 
     @triton.jit
+    def _reduce_kernel(
+        PARTIAL, FIRST, NB, SUMSQ, HP, LR, UPARAM, LID, SCALE, RATIO, SKIP, RB: tl.constexpr, FAST: tl.constexpr,
+        HPW: tl.constexpr,
+    ):
+        # One program per unit: its sums of squares from its chunks' partials (a fixed order: deterministic), and,
+        # when every unit is a whole unsharded parameter (FAST), its trust ratio and step scale -lr*ratio right here
+        # instead of ~20 small torch ops between the two phases.
+        u = tl.program_id(0)
+        if tl.load(SKIP) == 0:
+            f = tl.load(FIRST + u)
+            nb = tl.load(NB + u)
+            ax = tl.zeros([RB], dtype=tl.float64)
+            au = tl.zeros([RB], dtype=tl.float64)
+            s = 0
+            while s < nb:  # (a while loop: the Triton interpreter cannot range() over a loaded bound)
+                j = s + tl.arange(0, RB)
+                msk = j < nb
+                ax += tl.load(PARTIAL + (f + j) * 2, mask=msk, other=0.0).to(tl.float64)
+                au += tl.load(PARTIAL + (f + j) * 2 + 1, mask=msk, other=0.0).to(tl.float64)
+                s += RB
+            xsq = tl.sum(ax, axis=0)
+            usq = tl.sum(au, axis=0)
+            tl.store(SUMSQ + u * 2, xsq)
+            tl.store(SUMSQ + u * 2 + 1, usq)
+            if FAST:
+                xn = tl.sqrt(xsq)
+                un = tl.sqrt(usq)
+                phi = tl.minimum(tl.maximum(xn, tl.load(HP + u * HPW + 6)), tl.load(HP + u * HPW + 7))
+                r = tl.minimum(tl.maximum(phi / un, tl.load(HP + u * HPW + 8)), tl.load(HP + u * HPW + 9))
+                ok = (tl.load(HP + u * HPW + 5) > 0) & (xn > 0) & (un > 0)
+                r = tl.where(ok, r, 1.0)
+                tl.store(SCALE + u, -tl.load(LR + tl.load(UPARAM + u)) * r)
+                tl.store(RATIO + tl.load(LID + u), r.to(tl.float32))
+
+    @triton.jit
     def _phase2_kernel(
-        PB, MB, VB, OFF, NUMEL, HP, BLK_UNIT, BLK_START, SCALE, SKIP, n_units,
+        PB, MB, VB, OFF, NUMEL, HP, STEPS, UPARAM, BLK_UNIT, BLK_START, SCALE, SKIP, n_units,
         DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
-        ALIGN: tl.constexpr, IS64: tl.constexpr,
+        ALIGN: tl.constexpr, IS64: tl.constexpr, HPW: tl.constexpr,
     ):
         pid = tl.program_id(0)
         if tl.load(SKIP) == 0:
@@ -154,10 +211,9 @@ if triton is not None:
             mo = tl.multiple_of(tl.load(OFF + 2 * n_units + u), ALIGN)
             vo = tl.multiple_of(tl.load(OFF + 3 * n_units + u), ALIGN)
             n = tl.load(NUMEL + u)
-            eps = tl.load(HP + u * 8 + 2).to(CT)
-            wd = tl.load(HP + u * 8 + 3).to(CT)
-            rbc1 = 1.0 / tl.load(HP + u * 8 + 4).to(CT)
-            rbc2 = 1.0 / tl.load(HP + u * 8 + 5).to(CT)
+            eps = tl.load(HP + u * HPW + 2).to(CT)
+            wd = tl.load(HP + u * HPW + 3).to(CT)
+            rbc1, rbc2 = _rbc(HP, STEPS, UPARAM, u, CT, HPW)
             scale = tl.load(SCALE + u).to(CT)
             # A static trip count; in a unit's last (masked) chunk the iterations past its end load and store nothing.
             for off in range(0, CHUNK, BLOCK):
@@ -217,131 +273,190 @@ def _h2d(values, dtype, device) -> Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _bases_and_offsets(tensors: list[Tensor]):
-    """A base tensor and each tensor's element offset from it; and whether every tensor is 16-byte aligned."""
-    base = next((t for t in tensors if t.numel() > 0), tensors[0])
-    b = base.data_ptr()
-    es = base.element_size()
+class _Launch:
+    """One dtype's launch arguments. Valid while the signature (addresses, sizes, hyperparameters, sharding
+    structure) is unchanged: built once, not every step (the per-step host work was 1.7 ms on 292 tensors)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class _Cache:
+    def __init__(self, key, launches, fast, lids, lr_index, lid_hyper, device):
+        self.key, self.launches, self.fast, self.lids, self.lr_index = key, launches, fast, lids, lr_index
+        self.lid_hyper = lid_hyper
+        self.lr_key, self.lr_t = None, None
+        self.zero_i32 = torch.zeros(1, dtype=torch.int32, device=device)
+        self.one32 = torch.ones(1, dtype=torch.float32, device=device)
+        self.one64 = torch.ones(1, dtype=torch.float64, device=device)
+
+
+def _signature(plan, hp) -> tuple:
+    return (
+        tuple(t.data_ptr() for t in plan.p), tuple(t.data_ptr() for t in plan.g),
+        tuple(t.data_ptr() for t in plan.m), tuple(t.data_ptr() for t in plan.v),
+        tuple(t.numel() for t in plan.p), tuple(t.dtype for t in plan.p),
+        tuple(hp["beta1"]), tuple(hp["beta2"]), tuple(hp["eps"]), tuple(hp["weight_decay"]),
+        tuple(hp["bias_correction"]), tuple(hp["adapt"]), tuple(hp["trust_clip"]), tuple(hp["weight_norm_clip"]),
+        tuple(plan.lid), tuple(plan.param), plan.num_lids, tuple(plan.lid_param),
+        tuple(id(g) for g in plan.lid_group), id(plan.flat_group),
+    )
+
+
+def _offsets(tensors: list[Tensor]):
+    """Index of the base tensor, each tensor's element offset from it, and whether all are 16-byte aligned."""
+    kb = next((k for k, t in enumerate(tensors) if t.numel() > 0), 0)
+    b = tensors[kb].data_ptr()
+    es = tensors[kb].element_size()
     offs, aligned = [], True
     for t in tensors:
         a = t.data_ptr()
         if t.numel() > 0 and a % 16:
             aligned = False
         offs.append((a - b) // es if t.numel() > 0 else 0)
-    return base, offs, aligned
+    return kb, offs, aligned
 
 
-def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, ctx) -> Tensor:
-    num = plan.num_lids
+def _build_cache(key, plan, hp, acc, device, ctx) -> _Cache:
     for kind, ts in (("gradient", plan.g), ("exp_avg", plan.m), ("exp_avg_sq", plan.v), ("parameter", plan.p)):
         if not all(t.is_contiguous() for t in ts):
             raise RuntimeError(f"Lamb(fused): a {kind} is not contiguous (the kernel indexes flat memory); "
                                "use foreach=True for such parameters")
-    for s in state_steps:
-        if s.device != device:
-            raise RuntimeError(f"the fused path keeps 'step' on the parameters' device; got one on {s.device}")
-    # --- skip decision and clipping coefficient, on the device ---
-    one = torch.ones((), dtype=acc, device=device)
-    inv_scale = one if grad_scale is None else 1.0 / grad_scale.reshape(()).to(acc)
-    skip = torch.zeros((), dtype=torch.bool, device=device)
-    if found_inf is not None:
-        skip = skip | (found_inf.reshape(()) != 0)
-    coef = inv_scale
-    if max_grad_norm is not None:
-        norm = ctx["grad_total_sumsq"](plan, acc, device).sqrt() * inv_scale
-        finite = torch.isfinite(norm)
-        skip = skip | ~finite
-        clip = torch.clamp(max_grad_norm / norm, max=1.0)
-        coef = torch.where(finite, clip * inv_scale, torch.zeros_like(norm))
-    keep_f = (~skip).to(torch.float32)
-    # The list overload: the single-Tensor overload of _foreach_add_ reads the scalar on the host.
-    torch._foreach_add_(state_steps, [keep_f] * len(state_steps))
-    # Bias corrections in float64: 1 - 0.999 in float32 is off by 1e-5 relative, visible in fp32 results.
-    step_vec = torch.stack(state_steps).to(torch.float64)
-
-    # --- per-unit hyperparameters: host values for this step, one copy to the device ---
     n_units = len(plan.p)
-    host = [
-        (hp["beta1"][i], hp["beta2"][i], hp["eps"][i], hp["weight_decay"][i], hp["lr"][i],
-         1.0 if hp["bias_correction"][i] else 0.0)
-        for i in plan.param
-    ]
-    hp_dev = _h2d(host, torch.float64, device).reshape(n_units, 6) if n_units else None
-    unit_param = _h2d(plan.param, torch.long, device)
-    xsq = torch.zeros(num, dtype=torch.float64, device=device)
-    usq = torch.zeros(num, dtype=torch.float64, device=device)
-    scale_all = None
+    fast = (n_units == plan.num_lids and all(lid == k for k, lid in enumerate(plan.lid))
+            and plan.flat_group is None and all(grp is None for grp in plan.lid_group))
+    inf = math.inf
+    rows = []
+    for i in plan.param:
+        w = hp["weight_norm_clip"][i] or (0.0, inf)
+        t = hp["trust_clip"][i] or (0.0, inf)
+        rows.append([hp["beta1"][i], hp["beta2"][i], hp["eps"][i], hp["weight_decay"][i],
+                     1.0 if hp["bias_correction"][i] else 0.0, 1.0 if hp["adapt"][i] else 0.0,
+                     w[0], w[1], t[0], t[1]] + [0.0] * (HPW - 10))
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for k, t in enumerate(plan.p):
+        by_dtype.setdefault(t.dtype, []).append(k)
     launches = []
-    if n_units:
-        b1, b2, eps, wd, lr, bc_on = hp_dev.unbind(1)
-        st = step_vec[unit_param]
-        bc1 = torch.where(bc_on > 0, 1.0 - torch.pow(b1, st), torch.ones_like(b1))
-        bc2 = torch.where(bc_on > 0, 1.0 - torch.pow(b2, st), torch.ones_like(b2))
-        zeros = torch.zeros_like(b1)
-        table = torch.stack([b1, b2, eps, wd, bc1, bc2, zeros, zeros], 1).to(torch.float32).contiguous()
-        table64 = torch.stack([b1, b2, eps, wd, bc1, bc2, zeros, zeros], 1).to(torch.float64).contiguous()
-        coef_t = coef.reshape(1).to(torch.float32)
-        coef64 = coef.reshape(1).to(torch.float64)
+    for dtype, ks in by_dtype.items():
+        dt, ct = _tl_types(dtype)
+        numels = tuple(plan.p[k].numel() for k in ks)
+        bt = _block_table(numels, CHUNK, device)
+        kbs, offsets, aligned = [], [], True
+        for kind in (plan.p, plan.g, plan.m, plan.v):
+            kb, off, al = _offsets([kind[k] for k in ks])
+            kbs.append(ks[kb])
+            offsets += off
+            aligned = aligned and al
+        is64 = dtype == torch.float64
+        launches.append(_Launch(
+            dtype=dtype, ks=ks, kbs=kbs, bt=bt, n=len(ks), is64=is64,
+            off_t=_h2d(offsets, torch.int64, device), numel_t=_h2d(list(numels), torch.int64, device),
+            hp_t=_h2d([rows[k] for k in ks], torch.float64, device).reshape(-1).contiguous(),
+            uparam_t=_h2d([plan.param[k] for k in ks], torch.int32, device),
+            lid_t=_h2d([plan.lid[k] for k in ks], torch.int32, device),
+            lids=_h2d([plan.lid[k] for k in ks], torch.long, device),
+            uparam=_h2d([plan.param[k] for k in ks], torch.long, device),
+            consts=dict(DT=dt, CT=ct, BLOCK=BLOCK, CHUNK=CHUNK, ALIGN=(16 // dtype.itemsize) if aligned else 1,
+                        IS64=is64, HPW=HPW, num_warps=NUM_WARPS),
+        ))
+    lid_hyper = None
+    if not fast and plan.flat_group is None:  # the lid -> param map is static outside flat mode
+        lid_hyper = ctx["lid_hyper"](plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"],
+                                     torch.float64, device, None)
+    return _Cache(key, launches, fast, None, None, lid_hyper, device)
+
+
+def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, ctx, workspace=None) -> Tensor:
+    num = plan.num_lids
+    key = _signature(plan, hp)
+    cache = None if workspace is None else workspace.get("lamb_fused")
+    if cache is None or cache.key != key:
+        for s in state_steps:
+            if s.device != device:
+                raise RuntimeError(f"the fused path keeps 'step' on the parameters' device; got one on {s.device}")
+        cache = _build_cache(key, plan, hp, acc, device, ctx)
+        if workspace is not None:
+            workspace["lamb_fused"] = cache
+    # --- skip decision and clipping coefficient, on the device ---
+    skip = None
+    if grad_scale is None and found_inf is None and max_grad_norm is None:
+        skip_t, coef32, coef64 = cache.zero_i32, cache.one32, cache.one64
+        torch._foreach_add_(state_steps, 1.0)
+    else:
+        one = torch.ones((), dtype=acc, device=device)
+        inv_scale = one if grad_scale is None else 1.0 / grad_scale.reshape(()).to(acc)
+        skip = torch.zeros((), dtype=torch.bool, device=device)
+        if found_inf is not None:
+            skip = skip | (found_inf.reshape(()) != 0)
+        coef = inv_scale
+        if max_grad_norm is not None:
+            norm = ctx["grad_total_sumsq"](plan, acc, device).sqrt() * inv_scale
+            finite = torch.isfinite(norm)
+            skip = skip | ~finite
+            clip = torch.clamp(max_grad_norm / norm, max=1.0)
+            coef = torch.where(finite, clip * inv_scale, torch.zeros_like(norm))
+        # The list overload: the single-Tensor overload of _foreach_add_ reads the scalar on the host.
+        keep_f = (~skip).to(torch.float32)
+        torch._foreach_add_(state_steps, [keep_f] * len(state_steps))
         skip_t = skip.reshape(1).to(torch.int32)
-        lids = _h2d(plan.lid, torch.long, device)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for k, t in enumerate(plan.p):
-            by_dtype.setdefault(t.dtype, []).append(k)
-        unit_sumsq = torch.zeros(n_units, 2, dtype=torch.float64, device=device)
-        for dtype, ks in by_dtype.items():
-            dt, ct = _tl_types(dtype)
-            numels = tuple(plan.p[k].numel() for k in ks)
-            bt = _block_table(numels, CHUNK, device)
-            if bt["total"] == 0:
-                continue
-            bases, offsets, aligned = [], [], True
-            for kind in (plan.p, plan.g, plan.m, plan.v):
-                base, off, al = _bases_and_offsets([kind[k] for k in ks])
-                bases.append(base)
-                offsets += off
-                aligned = aligned and al
-            off_t = _h2d(offsets, torch.int64, device)
-            numel_t = _h2d(list(numels), torch.int64, device)
-            sel = _h2d(ks, torch.long, device)
-            is64 = dtype == torch.float64
-            t_hp = (table64 if is64 else table)[sel].contiguous()
-            t_coef = coef64 if is64 else coef_t
-            partial = torch.zeros(bt["total"], 2, dtype=torch.float64 if is64 else torch.float32, device=device)
-            consts = dict(DT=dt, CT=ct, BLOCK=BLOCK, CHUNK=CHUNK, ALIGN=(16 // dtype.itemsize) if aligned else 1, IS64=is64,
-                          num_warps=NUM_WARPS)
-            for which, masked in (("full", False), ("tail", True)):
-                b_unit, b_start, b_id, nblk = bt[which]
-                if nblk:
-                    _phase1_kernel[(nblk,)](
-                        *bases, off_t, numel_t, t_hp, b_unit, b_start, b_id, t_coef, skip_t, partial, len(ks),
-                        MASKED=masked, **consts,
-                    )
-            first, nb = bt["first"], bt["nb"]
-            cs = torch.cat([torch.zeros(1, 2, dtype=torch.float64, device=device), partial.double().cumsum(0)])
-            unit_sumsq[sel] = cs[first + nb] - cs[first]
-            launches.append((dtype, ks, sel, bases, off_t, numel_t, t_hp, bt, consts))
-        if all(lid == k for k, lid in enumerate(plan.lid)) and n_units == num:
-            xsq.copy_(unit_sumsq[:, 0])
-            usq.copy_(unit_sumsq[:, 1])
+        coef32, coef64 = coef.reshape(1).to(torch.float32), coef.reshape(1).to(torch.float64)
+    steps = torch.stack(state_steps)
+    lr_key = tuple(hp["lr"])
+    if cache.lr_key != lr_key:
+        cache.lr_t, cache.lr_key = _h2d(list(lr_key), torch.float64, device), lr_key
+    lr_t = cache.lr_t
+
+    # --- phase 1 and the per-unit sums (and, on the fast path, ratios and step scales) ---
+    ratio = torch.empty(num, dtype=torch.float32, device=device) if cache.fast else None
+    live = []
+    for L in cache.launches:
+        bases = [plan.p[L.kbs[0]], plan.g[L.kbs[1]], plan.m[L.kbs[2]], plan.v[L.kbs[3]]]
+        bt = L.bt
+        partial = torch.empty(max(bt["total"], 1), 2, dtype=torch.float64 if L.is64 else torch.float32,
+                              device=device)
+        coef_t = coef64 if L.is64 else coef32
+        for which, masked in (("full", False), ("tail", True)):
+            b_unit, b_start, b_id, nblk = bt[which]
+            if nblk:
+                _phase1_kernel[(nblk,)](
+                    *bases, L.off_t, L.numel_t, L.hp_t, steps, L.uparam_t, b_unit, b_start, b_id, coef_t, skip_t,
+                    partial, L.n, MASKED=masked, **L.consts,
+                )
+        sumsq = torch.empty(L.n, 2, dtype=torch.float64, device=device)
+        scale = torch.empty(L.n, dtype=torch.float64, device=device)
+        _reduce_kernel[(L.n,)](
+            partial, bt["first"], bt["nb"], sumsq, L.hp_t, lr_t, L.uparam_t, L.lid_t, scale,
+            ratio if ratio is not None else scale, skip_t, RB=REDUCE_BLOCK, FAST=cache.fast, HPW=HPW,
+        )
+        live.append((L, bases, sumsq, scale))
+
+    if not cache.fast:
+        xsq = torch.zeros(num, dtype=torch.float64, device=device)
+        usq = torch.zeros(num, dtype=torch.float64, device=device)
+        for L, _, sumsq, _ in live:
+            xsq.index_add_(0, L.lids, sumsq[:, 0])
+            usq.index_add_(0, L.lids, sumsq[:, 1])
+        enc = ctx["encode_lid_params"](plan, torch.float64, device)
+        ctx["reduce_lid_vectors"]([xsq, usq, *enc], plan)
+        lid_param = ctx["decode_lid_params"](plan, enc)
+        if cache.lid_hyper is not None and lid_param is None:
+            adapt_t, wclip, tclip = cache.lid_hyper
         else:
-            xsq.index_add_(0, lids, unit_sumsq[:, 0])
-            usq.index_add_(0, lids, unit_sumsq[:, 1])
-    enc = ctx["encode_lid_params"](plan, torch.float64, device)
-    ctx["reduce_lid_vectors"]([xsq, usq, *enc], plan)
-    lid_param = ctx["decode_lid_params"](plan, enc)
-    adapt_t, wclip, tclip = ctx["lid_hyper"](plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"],
-                                             torch.float64, device, lid_param)
-    ratio = ctx["trust_ratio"](xsq, usq, adapt_t, wclip, tclip)
-    ratio = torch.where(skip, torch.full_like(ratio, math.nan), ratio)
-    if n_units:
-        scale_all = -(lr * ratio[lids])
-        for dtype, ks, sel, bases, off_t, numel_t, t_hp, bt, consts in launches:
-            scale = scale_all[sel].to(torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
-            for which, masked in (("full", False), ("tail", True)):
-                b_unit, b_start, _, nblk = bt[which]
-                if nblk:
-                    _phase2_kernel[(nblk,)](
-                        bases[0], bases[2], bases[3], off_t, numel_t, t_hp, b_unit, b_start, scale, skip_t, len(ks),
-                        MASKED=masked, **consts,
-                    )
-    return ratio.to(torch.float32)
+            adapt_t, wclip, tclip = ctx["lid_hyper"](plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"],
+                                                     torch.float64, device, lid_param)
+        ratio = ctx["trust_ratio"](xsq, usq, adapt_t, wclip, tclip)
+        for L, _, _, scale in live:
+            torch.mul(lr_t[L.uparam], ratio[L.lids], out=scale).neg_()
+    if skip is not None:
+        ratio = torch.where(skip, torch.full_like(ratio, math.nan), ratio)
+
+    # --- phase 2: x <- x + scale * u ---
+    for L, bases, _, scale in live:
+        for which, masked in (("full", False), ("tail", True)):
+            b_unit, b_start, _, nblk = L.bt[which]
+            if nblk:
+                _phase2_kernel[(nblk,)](
+                    bases[0], bases[2], bases[3], L.off_t, L.numel_t, L.hp_t, steps, L.uparam_t, b_unit, b_start,
+                    scale, skip_t, L.n, MASKED=masked, **L.consts,
+                )
+    return ratio if ratio.dtype == torch.float32 else ratio.to(torch.float32)
