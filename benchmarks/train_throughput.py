@@ -12,8 +12,8 @@ settings for every case; only the strategy (and AdamW vs LAMB) changes. Cases:
 - ``model_parallel``: Lightning's ModelParallelStrategy with a hand-written ``configure_model`` applying
   ``fully_shard`` to each Block and the root with a bf16 MixedPrecisionPolicy (the "FSDP2 by hand" baseline).
 - ``effi_fsdp_adamw`` / ``effi_fsdp_lamb``: EffiFSDPStrategy(wrap=["Block"]), no per-module code.
-- ``effi_fsdp_adamw_compile``: the same with ``compile=True`` (each Block's forward compiled; compile time is in the
-  untimed warmup steps).
+- ``effi_fsdp_adamw_compile`` / ``effi_fsdp_lamb_compile``: the same with ``compile=True`` (each Block's forward
+  compiled; compile time is in the untimed warmup steps).
 - ``effi_fsdp_adamw_compile_bf16_reduce``: and gradients reduce-scattered in bf16 (``reduce_dtype="bfloat16"``: half
   the reduce-scatter bytes; the sums of 2 ranks lose little, but it is a numerics choice, not the default).
 
@@ -101,6 +101,7 @@ CASES: dict[str, Case] = {
     "effi_fsdp_adamw": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "adamw", empty_init=True),
     "effi_fsdp_lamb": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "lamb", empty_init=True),
     "effi_fsdp_adamw_compile": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "adamw", empty_init=True),
+    "effi_fsdp_lamb_compile": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "lamb", empty_init=True),
     "effi_fsdp_adamw_compile_bf16_reduce": Case(
         _effi("EffiFSDPStrategy", wrap=["Block"], compile=True, reduce_dtype="bfloat16"), "adamw", empty_init=True),
     # DeepSpeed ZeRO (deepspeed is not in the GPU image: see DEVELOPERS.md for the wheel). Stage 3 refuses

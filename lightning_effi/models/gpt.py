@@ -135,6 +135,20 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+def _logs_this_step(trainer) -> bool:
+    """Whether Lightning writes on_step metrics at this optimizer step (the rule of its logger connector's
+    ``should_update_logs``: every ``log_every_n_steps`` optimizer steps, and when stopping). True when unsure."""
+    if trainer is None or trainer.world_size == 1:
+        return True
+    if trainer.logger is None and trainer.progress_bar_callback is None:
+        return False
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    if not isinstance(stepped, int):
+        return True
+    return (stepped + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.should_stop
+
+
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over valid tokens (labels != -100) and the number of valid tokens (a device tensor)."""
     if logits.dtype not in (torch.float32, torch.float64):
@@ -203,9 +217,12 @@ class _LMModule(pl.LightningModule):
         self.tokens_seen += n
         mean = loss_sum.detach() / n.clamp_min(1)
         self.log("train/loss", mean, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["labels"].shape[0])
-        # Local counters summed over ranks: the global number of valid tokens trained on so far.
-        self.log("train/tokens", self.tokens_seen.float(), on_step=True, on_epoch=False, reduce_fx="sum",
-                 sync_dist=True)
+        # Local counters summed over ranks: the global number of valid tokens trained on so far. Summed only on the
+        # steps where Lightning writes on_step metrics: its sync_dist is a barrier plus an all_reduce, which on every
+        # step would block the host in the middle of the step (the GPU queue drains while it waits).
+        if _logs_this_step(self._trainer):
+            self.log("train/tokens", self.tokens_seen.float(), on_step=True, on_epoch=False, reduce_fx="sum",
+                     sync_dist=True)
         loss = loss_sum if self.loss_reduction == "sum" else loss_sum / n.clamp_min(1)
         return {"loss": loss, "num_tokens": n}
 

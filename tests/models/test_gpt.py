@@ -169,3 +169,21 @@ def test_epoch_run_with_accumulation_schedule_needs_max_steps():
                          callbacks=[AccumulationScheduler({0: 4})], enable_model_summary=False)
     with pytest.raises(ValueError, match="set Trainer\\(max_steps=...\\)"):
         trainer.fit(GPTLightningModule(block_size=32), datamodule=CorpusDataModule(max_bytes=100_000, block_size=32))
+
+
+def test_tokens_counter_syncs_only_on_logging_steps():
+    """train/tokens is summed over ranks (a barrier + all_reduce in Lightning) only where the logger writes."""
+    from types import SimpleNamespace
+
+    from lightning_effi.models.gpt import _logs_this_step
+
+    def trainer(world=2, stepped=0, every=50, logger=True, stop=False):
+        loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=stepped))
+        return SimpleNamespace(world_size=world, logger=object() if logger else None, progress_bar_callback=None,
+                               fit_loop=loop, log_every_n_steps=every, should_stop=stop)
+
+    assert _logs_this_step(None) and _logs_this_step(trainer(world=1, stepped=3))
+    assert _logs_this_step(trainer(stepped=49)) and _logs_this_step(trainer(stepped=99))
+    assert not _logs_this_step(trainer(stepped=48)) and not _logs_this_step(trainer(stepped=50))
+    assert _logs_this_step(trainer(stepped=7, stop=True))
+    assert not _logs_this_step(trainer(stepped=49, logger=False))
