@@ -30,6 +30,7 @@ benchmarks/optim_step.py.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -53,6 +54,11 @@ NUM_WARPS = 8
 HPW = 16
 # Partials summed per iteration by the reduce kernel.
 REDUCE_BLOCK = 256
+# Unsharded steps without a scaler or clipping are captured as one CUDA graph after this many steps with an unchanged
+# signature (the first steps compile the kernels; a capture costs one device synchronisation). Set
+# LIGHTNING_EFFI_LAMB_CUDA_GRAPHS=0 to always launch eagerly.
+CUDA_GRAPHS = os.environ.get("LIGHTNING_EFFI_LAMB_CUDA_GRAPHS", "1") != "0"
+GRAPH_AFTER = 3
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -286,13 +292,15 @@ class _Cache:
         self.key, self.launches, self.fast, self.lids, self.lr_index = key, launches, fast, lids, lr_index
         self.lid_hyper = lid_hyper
         self.lr_key, self.lr_t = None, None
+        self.hits, self.graph, self.graph_ratio = 0, None, None
         self.zero_i32 = torch.zeros(1, dtype=torch.int32, device=device)
         self.one32 = torch.ones(1, dtype=torch.float32, device=device)
         self.one64 = torch.ones(1, dtype=torch.float64, device=device)
 
 
-def _signature(plan, hp) -> tuple:
+def _signature(plan, hp, state_steps) -> tuple:
     return (
+        tuple(t.data_ptr() for t in state_steps),
         tuple(t.data_ptr() for t in plan.p), tuple(t.data_ptr() for t in plan.g),
         tuple(t.data_ptr() for t in plan.m), tuple(t.data_ptr() for t in plan.v),
         tuple(t.numel() for t in plan.p), tuple(t.dtype for t in plan.p),
@@ -368,7 +376,7 @@ def _build_cache(key, plan, hp, acc, device, ctx) -> _Cache:
 
 def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, ctx, workspace=None) -> Tensor:
     num = plan.num_lids
-    key = _signature(plan, hp)
+    key = _signature(plan, hp, state_steps)
     cache = None if workspace is None else workspace.get("lamb_fused")
     if cache is None or cache.key != key:
         for s in state_steps:
@@ -379,7 +387,29 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
             workspace["lamb_fused"] = cache
     # --- skip decision and clipping coefficient, on the device ---
     skip = None
-    if grad_scale is None and found_inf is None and max_grad_norm is None:
+    plain = grad_scale is None and found_inf is None and max_grad_norm is None
+    lr_key = tuple(hp["lr"])
+    if cache.lr_key != lr_key:
+        if cache.lr_t is None:
+            cache.lr_t = _h2d(list(lr_key), torch.float64, device)
+        else:  # in place: a captured graph reads this address
+            cache.lr_t.copy_(_h2d(list(lr_key), torch.float64, device), non_blocking=True)
+        cache.lr_key = lr_key
+    if plain and cache.fast and device.type == "cuda" and CUDA_GRAPHS:
+        # The whole step as one CUDA graph once the signature has held for GRAPH_AFTER steps: host work per step
+        # drops to the signature check and one replay (5 Triton launches + the torch ops cost ~1 ms of host time).
+        cache.hits += 1
+        if cache.graph is None and cache.hits >= GRAPH_AFTER:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                torch._foreach_add_(state_steps, 1.0)
+                out = _launch_all(cache, plan, hp, state_steps, None, cache.zero_i32, cache.one32, cache.one64,
+                                  num, device, ctx)
+            cache.graph, cache.graph_ratio = graph, out
+        if cache.graph is not None:
+            cache.graph.replay()
+            return cache.graph_ratio.clone()
+    if plain:
         skip_t, coef32, coef64 = cache.zero_i32, cache.one32, cache.one64
         torch._foreach_add_(state_steps, 1.0)
     else:
@@ -400,10 +430,12 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         torch._foreach_add_(state_steps, [keep_f] * len(state_steps))
         skip_t = skip.reshape(1).to(torch.int32)
         coef32, coef64 = coef.reshape(1).to(torch.float32), coef.reshape(1).to(torch.float64)
+    return _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num, device, ctx)
+
+
+def _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num, device, ctx) -> Tensor:
+    """Everything after the step counts were advanced: phase 1, the reduce (or the sharded reduction), phase 2."""
     steps = torch.stack(state_steps)
-    lr_key = tuple(hp["lr"])
-    if cache.lr_key != lr_key:
-        cache.lr_t, cache.lr_key = _h2d(list(lr_key), torch.float64, device), lr_key
     lr_t = cache.lr_t
 
     # --- phase 1 and the per-unit sums (and, on the fast path, ratios and step scales) ---

@@ -130,3 +130,48 @@ def test_fused_is_default_on_cuda_and_needs_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
     assert r.is_cuda and r.shape == (2,) and math.isfinite(float(r.sum()))
     assert opt.state[p[0]]["step"].is_cuda
+
+
+@pytest.mark.gpu
+def test_fused_cuda_graph_replay_equals_eager_launches(monkeypatch):
+    """After GRAPH_AFTER steps with an unchanged signature the fused step is replayed from a CUDA graph: bitwise the
+    same as launching the kernels eagerly, with the learning rate changed every step and the gradients moved to new
+    tensors mid-run (a new signature: the old graph is dropped and a new one captured)."""
+    import lightning_effi.optim.fused as FU
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(300, 70), (5,), (1,), (70000,), (0,)]
+    a = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    c = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    oa, ob, oc = (Lamb(ps, lr=1e-2, weight_decay=0.1, fused=True) for ps in (a, b, c))
+    oc_foreach = Lamb(c, lr=1e-2, weight_decay=0.1, foreach=True)
+    del oc
+    grads = [torch.empty(s, device="cuda") for s in shapes]
+    captured = []
+    for step in range(10):
+        if step == 6:
+            grads = [g.clone() for g in grads]
+        for g in grads:
+            g.normal_(generator=gen)
+        for ps in (a, b, c):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone() if ps is c else g
+        for o in (oa, ob, oc_foreach):
+            o.param_groups[0]["lr"] = 1e-2 * (1 + step)
+        oa.step()
+        monkeypatch.setattr(FU, "CUDA_GRAPHS", False)
+        ob.step()
+        monkeypatch.setattr(FU, "CUDA_GRAPHS", True)
+        oc_foreach.step()
+        captured.append(oa._workspace()["lamb_fused"].graph is not None)
+        assert torch.equal(oa.trust_ratios, ob.trust_ratios), step
+        for pa, pb, pc in zip(a, b, c):
+            assert torch.equal(pa, pb), step
+            torch.testing.assert_close(pa, pc, rtol=2e-5, atol=2e-6)
+        for pa, pb in zip(a, b):
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(oa.state[pa][key], ob.state[pb][key]), (step, key)
+    assert ob._workspace()["lamb_fused"].graph is None
+    # captured at the 3rd step of each signature: steps 2-5 and 8-9 replayed
+    assert captured == [False, False, True, True, True, True, False, False, True, True]
