@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # One 2xH200 call (kind nvidia-h200-x2, carry .whl): LAMB step benchmark, FSDP and ZeRO-2 throughput repeats, and
 # the multi-GPU FSDP tests. Usage on the GPU machine: OUT=... bash benchmarks/gpu_call_final.sh
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 { date -u; nvidia-smi -L; nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv; lscpu | grep "Model name"; } > $OUT/gpu_env.txt 2>&1
 CUDA_VISIBLE_DEVICES=0 timeout 100 python3 benchmarks/optim_step.py --device cuda --no-compile --blocks 65536:2048:8,32768:4096:8 \
   --out $OUT/optim_step_h200_v4.json > $OUT/optim_step_h200_v4.txt 2>&1

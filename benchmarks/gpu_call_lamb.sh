@@ -2,9 +2,7 @@
 # One 2xH200 call (kind nvidia-h200-x2, carry .whl): LAMB's CUDA tests (incl. the CUDA-graph replay), the sharded
 # LAMB NCCL tests (FSDP2 DTensors and ZeRO flat partitions take the fused path's sharded branch), and the step
 # benchmark. Usage on the GPU machine: OUT=... bash benchmarks/gpu_call_lamb.sh
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 { date -u; nvidia-smi -L; lscpu | grep "Model name"; } > $OUT/gpu_env.txt 2>&1
 CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -p no:cacheprovider -q -rs -m gpu tests/optim > $OUT/optim_gpu_tests.txt 2>&1
 tail -3 $OUT/optim_gpu_tests.txt

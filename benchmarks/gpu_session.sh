@@ -4,9 +4,7 @@
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session.sh "$OUT"
 out=${1:-benchmarks/results}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 { date -u; nvidia-smi -L; python3 -c "import torch, lightning, deepspeed; print(torch.__version__, lightning.__version__, deepspeed.__version__)"; } > "$out/gpu_env.txt" 2>&1
 cases=${CASES:-model_parallel,effi_fsdp_adamw,effi_fsdp_lamb,deepspeed_stage_2,effi_ds2_adamw,effi_ds2_lamb,ddp,deepspeed_stage_3,effi_ds3_adamw}
 timeout "${BENCH_S:-330}" python3 benchmarks/train_throughput.py --cases "$cases" --steps "${STEPS:-10}" --warmup "${WARMUP:-4}" \

@@ -4,9 +4,7 @@
 # Usage (on the GPU machine, repo root): bash benchmarks/gpu_session_lamb_ds.sh "$OUT"
 out=${1:-benchmarks/results}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export TORCH_CUDA_ARCH_LIST=9.0 PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 { date -u; nvidia-smi -L; python3 -c "import torch, lightning, triton, deepspeed; print(torch.__version__, lightning.__version__, triton.__version__, deepspeed.__version__)"; } > "$out/gpu_env.txt" 2>&1
 cat "$out/gpu_env.txt"
 CUDA_VISIBLE_DEVICES=0 timeout "${OPT_TEST_S:-150}" python3 -m pytest -p no:cacheprovider -q -rs -m gpu tests/optim > "$out/optim_gpu_tests.txt" 2>&1
