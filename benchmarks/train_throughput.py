@@ -14,6 +14,8 @@ settings for every case; only the strategy (and AdamW vs LAMB) changes. Cases:
 - ``effi_fsdp_adamw`` / ``effi_fsdp_lamb``: EffiFSDPStrategy(wrap=["Block"]), no per-module code.
 - ``effi_fsdp_adamw_compile`` / ``effi_fsdp_lamb_compile``: the same with ``compile=True`` (each Block's forward
   compiled; compile time is in the untimed warmup steps).
+- ``model_parallel_nosync`` / ``effi_fsdp_adamw_compile_nosync``: an experiment, not a configuration: the same
+  without Lightning's per-batch SIGTERM broadcast (a host sync at every batch start), to see how host-bound a case is.
 - ``effi_fsdp_adamw_compile_bf16_reduce``: and gradients reduce-scattered in bf16 (``reduce_dtype="bfloat16"``: half
   the reduce-scatter bytes; the sums of 2 ranks lose little, but it is a numerics choice, not the default).
 
@@ -51,6 +53,10 @@ class Case:
     optimizer: str = "adamw"  # "adamw" or "lamb" (see _make_optimizer)
     hand_sharded: bool = False  # the module applies fully_shard itself in configure_model
     empty_init: bool = False  # build the module on the meta device; the strategy materialises the shards
+    # Experiment only: skip Lightning's per-batch SIGTERM broadcast, whose .item() makes the host wait for the GPU at
+    # the start of every batch (the GPU queue drains each step). Measures how host-bound a case is; SIGTERM is then
+    # not handled in that benchmark process.
+    no_sigterm_sync: bool = False
 
 
 def _ddp(world: int):
@@ -101,6 +107,9 @@ CASES: dict[str, Case] = {
     "effi_fsdp_adamw": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "adamw", empty_init=True),
     "effi_fsdp_lamb": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "lamb", empty_init=True),
     "effi_fsdp_adamw_compile": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "adamw", empty_init=True),
+    "model_parallel_nosync": Case(_model_parallel, hand_sharded=True, empty_init=True, no_sigterm_sync=True),
+    "effi_fsdp_adamw_compile_nosync": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "adamw",
+                                           empty_init=True, no_sigterm_sync=True),
     "effi_fsdp_lamb_compile": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "lamb", empty_init=True),
     "effi_fsdp_adamw_compile_bf16_reduce": Case(
         _effi("EffiFSDPStrategy", wrap=["Block"], compile=True, reduce_dtype="bfloat16"), "adamw", empty_init=True),
@@ -141,6 +150,10 @@ def run_case(args) -> None:
     from lightning_effi.models import GPTLightningModule
 
     case = CASES[args.case]
+    if case.no_sigterm_sync:
+        from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+        _TrainingEpochLoop._broadcast_sigterm_tensor = lambda self: None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     torch.backends.cuda.matmul.allow_tf32 = True
