@@ -622,13 +622,7 @@ def _cpu_per_tensor(plan: _Plan, hp: dict, steps: list[float], coef: float, acc)
             xsq += float(torch.linalg.vector_norm(pp, dtype=acc)) ** 2
             usq += float(torch.linalg.vector_norm(u, dtype=acc)) ** 2
             kept = u if len(pieces) == 1 else None
-        xn, un = math.sqrt(xsq), math.sqrt(usq)
-        r = 1.0
-        if hp["adapt"][i] and xn > 0 and un > 0:
-            lo, hi = hp["weight_norm_clip"][i] or (0.0, math.inf)
-            r = min(max(xn, lo), hi) / un
-            if hp["trust_clip"][i] is not None:
-                r = min(max(r, hp["trust_clip"][i][0]), hp["trust_clip"][i][1])
+        r = _host_ratio(hp, i, math.sqrt(xsq), math.sqrt(usq))
         ratios[plan.lid[k]] = r
         step_size = -hp["lr"][i] * r
         if kept is not None:

@@ -288,8 +288,8 @@ class _Launch:
 
 
 class _Cache:
-    def __init__(self, key, launches, fast, lids, lr_index, lid_hyper, device):
-        self.key, self.launches, self.fast, self.lids, self.lr_index = key, launches, fast, lids, lr_index
+    def __init__(self, key, launches, fast, lid_hyper, device):
+        self.key, self.launches, self.fast = key, launches, fast
         self.lid_hyper = lid_hyper
         self.lr_key, self.lr_t = None, None
         self.hits, self.graph, self.graph_ratio = 0, None, None
@@ -325,7 +325,7 @@ def _offsets(tensors: list[Tensor]):
     return kb, offs, aligned
 
 
-def _build_cache(key, plan, hp, acc, device, ctx) -> _Cache:
+def _build_cache(key, plan, hp, device, ctx) -> _Cache:
     for kind, ts in (("gradient", plan.g), ("exp_avg", plan.m), ("exp_avg_sq", plan.v), ("parameter", plan.p)):
         if not all(t.is_contiguous() for t in ts):
             raise RuntimeError(f"Lamb(fused): a {kind} is not contiguous (the kernel indexes flat memory); "
@@ -371,7 +371,7 @@ def _build_cache(key, plan, hp, acc, device, ctx) -> _Cache:
     if not fast and plan.flat_group is None:  # the lid -> param map is static outside flat mode
         lid_hyper = ctx["lid_hyper"](plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"],
                                      torch.float64, device, None)
-    return _Cache(key, launches, fast, None, None, lid_hyper, device)
+    return _Cache(key, launches, fast, lid_hyper, device)
 
 
 def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, ctx, workspace=None) -> Tensor:
@@ -382,7 +382,7 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         for s in state_steps:
             if s.device != device:
                 raise RuntimeError(f"the fused path keeps 'step' on the parameters' device; got one on {s.device}")
-        cache = _build_cache(key, plan, hp, acc, device, ctx)
+        cache = _build_cache(key, plan, hp, device, ctx)
         if workspace is not None:
             workspace["lamb_fused"] = cache
     # --- skip decision and clipping coefficient, on the device ---
@@ -392,8 +392,8 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
     if cache.lr_key != lr_key:
         if cache.lr_t is None:
             cache.lr_t = _h2d(list(lr_key), torch.float64, device)
-        else:  # in place: a captured graph reads this address
-            cache.lr_t.copy_(_h2d(list(lr_key), torch.float64, device), non_blocking=True)
+        else:  # in place: a captured graph reads this address (pinned source: no host sync)
+            cache.lr_t.copy_(torch.tensor(lr_key, dtype=torch.float64).pin_memory(), non_blocking=True)
         cache.lr_key = lr_key
     if plain and cache.fast and device.type == "cuda" and CUDA_GRAPHS:
         # The whole step as one CUDA graph once the signature has held for GRAPH_AFTER steps: host work per step
