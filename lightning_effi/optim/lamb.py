@@ -327,7 +327,8 @@ class Lamb(Optimizer):
         return path, lists
 
     def _workspace(self) -> dict:
-        # Scratch buffers of the CPU path, reused across steps; not optimizer state (never saved or copied).
+        # Per-optimizer caches reused across steps: the prepared lists (_prepared), the CPU path's scratch buffer,
+        # the fused path's step plan and CUDA graph. Not optimizer state: never saved, copied or pickled.
         ws = self.__dict__.get("_effi_workspace")
         if ws is None:
             ws = self.__dict__["_effi_workspace"] = {}
