@@ -16,6 +16,8 @@ callbacks and precision-plugin (loss scaler) state. It overrides only:
 - ``setup_environment``: the data-parallel size is the world size (upstream: ``num_nodes``), no tensor parallelism;
 - ``_get_process_group_backend``: on CUDA adds a gloo backend for CPU tensors (``cpu_offload`` shards);
 - ``optimizer_step``: frees the gradients right after the step (see ``free_gradients_after_step``);
+- the SIGTERM handler and the fit loop's per-batch SIGTERM check: agreed on over the CPU (gloo) half of the process
+  group instead of with an NCCL broadcast and a GPU sync at every batch start (see ``_agree_on_sigterm``);
 - ``setup``: applies activation checkpointing and ``fully_shard`` itself instead of requiring ``configure_model``
   (upstream raises ``TypeError`` without it); derives the FSDP2 ``MixedPrecisionPolicy`` from the precision plugin;
   under ``cpu_offload`` skips moving the model to the GPU (upstream always does, which would undo the offload).
@@ -41,6 +43,9 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union
 
+import contextlib
+import types
+
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.registry import _StrategyRegistry
@@ -50,6 +55,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
@@ -125,6 +131,73 @@ def _auto_wrap_names(root: nn.Module) -> list[str]:
     return list(names)
 
 
+# Set by _on_sigterm on the trainer's signal connector: this rank was signalled, not yet agreed on by all ranks.
+_SIGTERM_PENDING = "_effi_sigterm_pending"
+
+
+def _on_sigterm(connector: Any, signum: int, frame: Any) -> None:
+    """SIGTERM handler replacing Lightning's ``_SignalConnector._sigterm_notifier_fn``: only notes the signal.
+
+    Lightning's handler broadcasts on the root device from inside the signal handler, at whatever point the main
+    thread was interrupted, and sets ``trainer.received_sigterm``, which makes the signalled rank leave after the
+    current batch on its own; the other ranks learn it by pairing that broadcast with their next per-batch one.
+    Here the signal is only recorded; every rank learns it at the next batch start from ``_agree_on_sigterm``, and all
+    leave before that batch together.
+    """
+    if not getattr(connector, _SIGTERM_PENDING, False) and not connector.received_sigterm:
+        launcher = connector.trainer.strategy.launcher
+        if launcher is not None:
+            launcher.kill(signum)  # as upstream: forward the signal to the processes Lightning started
+    setattr(connector, _SIGTERM_PENDING, True)
+
+
+def _agree_on_sigterm(loop: Any) -> None:
+    """Replacement for ``_TrainingEpochLoop._broadcast_sigterm_tensor``: the same decision, made on the host.
+
+    Lightning broadcasts a one-element tensor on the root device at the start of every training batch and reads it
+    back with ``.item()``. On CUDA that is an NCCL broadcast plus a device sync per batch: the host waits for the
+    previous step's kernels, the GPU queue drains, and the next step's launch overhead is no longer hidden
+    (measured: 1.6% of compiled EffiFSDP throughput and 5.7% of hand-written FSDP2's on 2xH200, BENCHMARKS.md 3a
+    v6). Here a CPU tensor is max-reduced over the gloo half of the process group: no GPU involvement, and a signal
+    on any rank (not only rank 0) stops every rank at the same batch, after which ``trainer.received_sigterm`` is set
+    everywhere (callbacks' ``on_exception`` see it as usual).
+    """
+    trainer = loop.trainer
+    connector = trainer._signal_connector
+    local = bool(getattr(connector, _SIGTERM_PENDING, False) or trainer.received_sigterm)
+    flag = torch.tensor([int(local)], dtype=torch.int32)
+    try:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    except Exception:  # a broken group: fall back to this rank's own flag rather than never stopping
+        flag.fill_(int(local))
+    if int(flag[0]) == 1:
+        connector.received_sigterm = True
+        with contextlib.suppress(Exception):
+            torch.distributed.barrier()  # as upstream: every rank leaves together
+        raise SIGTERMException()
+
+
+def _install_host_sigterm_check(trainer: Trainer) -> bool:
+    """Use ``_on_sigterm`` and ``_agree_on_sigterm`` in ``trainer`` when the default group can reduce CPU tensors.
+
+    Called from ``setup``, before Lightning registers its signal handlers. Returns whether it was installed; a
+    Lightning without these private methods keeps its own behaviour, and so does a group without gloo (e.g.
+    ``process_group_backend="nccl"``).
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    connector = getattr(trainer, "_signal_connector", None)
+    if not (hasattr(type(loop), "_broadcast_sigterm_tensor") and hasattr(type(connector), "_sigterm_notifier_fn")):
+        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if "gloo" not in str(torch.distributed.get_backend()):
+        return False
+    loop._broadcast_sigterm_tensor = types.MethodType(_agree_on_sigterm, loop)
+    connector._sigterm_notifier_fn = types.MethodType(_on_sigterm, connector)
+    setattr(connector, _SIGTERM_PENDING, False)
+    return True
+
+
 class EffiFSDPStrategy(ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2) for any LightningModule, without a ``configure_model``.
 
@@ -163,7 +236,9 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         save_distributed_checkpoint: ``True`` (default) saves a torch.distributed.checkpoint directory, one shard
             file per rank plus metadata, loadable on any world size; ``False`` gathers one full ``.ckpt`` file on
             rank 0. ``lightning_effi.export.export_checkpoint`` turns either into a plain ``state_dict`` file.
-        process_group_backend: ``"nccl"`` / ``"gloo"``; default from the device.
+        process_group_backend: ``"nccl"`` / ``"gloo"``; default from the device (``"cpu:gloo,cuda:nccl"`` on GPUs:
+            the gloo half also carries the fit loop's per-batch SIGTERM agreement, so no batch waits for the GPU;
+            with ``"nccl"`` alone Lightning's device broadcast and sync stay).
         timeout: collective timeout.
     """
 
@@ -242,8 +317,9 @@ class EffiFSDPStrategy(ModelParallelStrategy):
     def _get_process_group_backend(self) -> str:
         if self._process_group_backend is None and self.root_device.type == "cuda":
             # NCCL alone cannot reduce CPU tensors: the CPU-resident shards under cpu_offload that clipping and LAMB
-            # take norms of. The gloo half is always added on CUDA, because the default group is created once per
-            # process and a later Trainer with cpu_offload=True reuses it (its cost: one small gloo group at init).
+            # take norms of; and the per-batch SIGTERM agreement (_agree_on_sigterm). The gloo half is always added
+            # on CUDA, because the default group is created once per process and a later Trainer with cpu_offload=True
+            # reuses it (its cost: one small gloo group at init).
             return "cpu:gloo,cuda:nccl"
         return super()._get_process_group_backend()
 
@@ -270,6 +346,7 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            _install_host_sigterm_check(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING and not self.cpu_offload:
             _optimizers_to_device(self.optimizers, self.root_device)

@@ -55,7 +55,7 @@ def runs(request, tmp_path_factory):
     one, two, back = root / "one", root / "two", root / "back"
     run_script("fsdp_train.py", "--out", one, "--cases", "adamw", *acc)
     # EXTRA_CASES (cpu_offload) run on GPUs only
-    cases = [*fc.CASES, *(fc.EXTRA_CASES if request.param == "cuda" else ()), "gpt_module"]
+    cases = [*fc.CASES, *(fc.EXTRA_CASES if request.param == "cuda" else ()), "gpt_module", "sigterm"]
     run_script("fsdp_train.py", "--out", two, "--cases", ",".join(cases),
                "--resume", one, "--resume-cases", "adamw", *acc, torchrun=2, timeout=600)
     run_script("fsdp_train.py", "--out", back, "--resume", two, "--resume-cases", "lamb", *acc)
@@ -214,3 +214,16 @@ def test_export_sharded_checkpoint_loads_into_gpt(runs, tmp_path):
             tol = 1e-6 if runs["acc"] == "cpu" else 1e-4  # the sharded logits came from GPU kernels there
             logits = gpt(fc.dataset()[:4, :-1])
             torch.testing.assert_close(logits, torch.load(d / "logits.pt"), rtol=10 * tol, atol=tol, msg=ckpt)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_without_device_sync(runs):
+    # Only rank 0 gets a SIGTERM; both ranks must leave fit with Lightning's SIGTERMException before the same batch,
+    # and the per-batch agreement must be a CPU (gloo) all_reduce on GPUs too: Lightning's own check broadcasts on the
+    # device and syncs with .item() at every batch start, and its handler broadcasts from inside the signal handler.
+    d = fc.case_dir(runs["two"], "sigterm")
+    ranks = [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]
+    for info in ranks:
+        assert info["sigterm_exit"] is True and info["received_sigterm"] is True
+        assert info["global_step"] == fc.SIGTERM_AFTER + 1  # the batch after the signal did not run
+        assert info["collectives"] == ["all_reduce:cpu"]
+        assert info["n_collectives"] == fc.SIGTERM_AFTER + 2  # one agreement per batch start, the last one says stop

@@ -17,6 +17,7 @@ VOCAB, BLOCK, N_SAMPLES, GLOBAL_BATCH, SEED = 67, 16, 40, 8, 1234
 PER_EPOCH = N_SAMPLES // GLOBAL_BATCH  # 5 global batches per epoch
 EPOCHS = 2
 SAVE_AT = PER_EPOCH  # the step-5 checkpoint is an end-of-epoch checkpoint
+SIGTERM_AFTER = 2  # the sigterm case: rank 0 is signalled after batch 2, so every rank stops with 3 steps done
 
 # One window per optimizer step: the global batches (indices into an epoch) whose mean gradient it applies.
 PLAIN_WINDOWS = [[i] for i in range(PER_EPOCH)] * EPOCHS

@@ -249,6 +249,61 @@ def run_gpt_module(out: Path, world: int, accelerator: str) -> None:
         (target / "info.json").write_text(json.dumps(info))
 
 
+def run_sigterm(out: Path, world: int, accelerator: str) -> None:
+    """Only rank 0 receives a real SIGTERM (after batch ``SIGTERM_AFTER``); every rank must stop at the start of the
+    next batch together, agreeing over a CPU tensor (no device collective, no GPU sync). Records per rank the step it
+    stopped at, whether fit ended with Lightning's SIGTERMException, and the (collective, device) of every
+    broadcast/all_reduce issued in the training loop (FSDP itself uses all-gather and reduce-scatter)."""
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    target = fc.case_dir(out, "sigterm")
+    target.mkdir(parents=True, exist_ok=True)
+    rank = int(os.environ.get("RANK", 0))
+    data = Rows(fc.dataset())
+    loader = DataLoader(data, batch_size=fc.GLOBAL_BATCH // world,
+                        sampler=DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False))
+
+    calls: list[str] = []
+    armed = [False]  # record from the first training batch on (setup checks dataloader lengths on the device)
+
+    class SigtermOnRank0(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            armed[0] = True
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == fc.SIGTERM_AFTER and trainer.global_rank == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by the handler Lightning registers at fit start
+
+    real = {name: getattr(dist, name) for name in ("broadcast", "all_reduce")}
+
+    def recording(name):
+        def call(tensor, *a, **k):
+            if armed[0]:
+                calls.append(f"{name}:{tensor.device.type}")
+            return real[name](tensor, *a, **k)
+        return call
+
+    trainer = pl.Trainer(accelerator=accelerator, devices=world, strategy=EffiFSDPStrategy(wrap=["Block"]),
+                         max_epochs=fc.EPOCHS, use_distributed_sampler=False, callbacks=[SigtermOnRank0()],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    exited = False
+    for name in real:
+        setattr(dist, name, recording(name))
+    try:
+        trainer.fit(LM("adamw"), train_dataloaders=loader)
+    except SIGTERMException:
+        exited = True
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    info = {"global_step": trainer.global_step, "sigterm_exit": exited, "received_sigterm": trainer.received_sigterm,
+            "collectives": sorted(set(calls)), "n_collectives": len(calls)}
+    (target / f"rank{rank}.json").write_text(json.dumps(info))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -261,6 +316,8 @@ def main() -> None:
     for case in filter(None, args.cases.split(",")):
         if case == "gpt_module":
             run_gpt_module(args.out, world, args.accelerator)
+        elif case == "sigterm":
+            run_sigterm(args.out, world, args.accelerator)
         else:
             run_case(case, args.out, None, world, args.accelerator)
     for case in filter(None, args.resume_cases.split(",")):
