@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_effi.models._common import OptimizerCallable
 from lightning_effi.models.data import MASK_ID, NUM_BYTES, VOCAB_SIZE
-from lightning_effi.models.gpt import IGNORE_INDEX, Block, _check_shapes, _LMModule, token_loss
+from lightning_effi.models.gpt import IGNORE_INDEX, Block, _check_shapes, _LMModule
 
 
 def mlm_mask(input_ids: torch.Tensor, *, mask_id: int = MASK_ID, num_random: int = NUM_BYTES, prob: float = 0.15,
@@ -70,8 +70,8 @@ class BertMLMLightningModule(_LMModule):
     """Masked-LM pre-training of :class:`BertEncoder` (15% of positions, 80/10/10 mask/random/keep).
 
     Validation masks with a generator seeded per batch, so the validation loss of different epochs and runs is
-    computed on the same corrupted inputs. Arguments as :class:`~lightning_effi.models.GPTLightningModule`, plus
-    ``mask_prob`` (default 0.15). Defaults follow BERT + LAMB practice: no decay and no adaptation for biases and
+    computed on the same corrupted inputs. Arguments as :class:`~lightning_effi.models.GPTLightningModule` (``fused_loss``
+    included), plus ``mask_prob`` (default 0.15). Defaults follow BERT + LAMB practice: no decay and no adaptation for biases and
     normalisation weights.
     """
 
@@ -83,9 +83,9 @@ class BertMLMLightningModule(_LMModule):
                  no_decay: list[str] = ["bias", "norm"],  # noqa: B006 (CLI default)
                  no_adapt: list[str] = ["bias", "norm"],  # noqa: B006
                  warmup_steps: int = 100, min_lr_ratio: float = 0.0, max_steps: int | None = None,
-                 loss_reduction: Literal["mean", "sum"] = "mean"):
+                 loss_reduction: Literal["mean", "sum"] = "mean", fused_loss: bool | None = None):
         super().__init__(optimizer, weight_decay, no_decay, no_adapt, warmup_steps, min_lr_ratio, max_steps,
-                         loss_reduction)
+                         loss_reduction, fused_loss)
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"Invalid mask_prob {mask_prob!r}: must be in (0, 1)")
         self.save_hyperparameters(ignore=["optimizer"])
@@ -96,7 +96,7 @@ class BertMLMLightningModule(_LMModule):
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):
         ids, labels = mlm_mask(batch["input_ids"], prob=self.hparams.mask_prob, generator=generator)
-        return token_loss(self(ids), labels)
+        return self.token_loss(self(ids), labels)
 
     def val_generator(self, batch: dict, batch_idx: int) -> torch.Generator:
         return torch.Generator(device=batch["input_ids"].device).manual_seed(10_000 + batch_idx)

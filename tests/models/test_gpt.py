@@ -88,6 +88,67 @@ def test_token_loss_ignores_padding():
     torch.testing.assert_close(s, ref)
 
 
+def _loss_reference(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token cross-entropy written out: sum(logsumexp(logits) - logit[y]) over labels != -100 (float64 x)."""
+    flat, y = x.flatten(0, 1), labels.flatten()
+    keep = y != -100
+    return (torch.logsumexp(flat[keep], dim=-1) - flat[keep].gather(1, y[keep][:, None])[:, 0]).sum()
+
+
+def _fused_loss_case(device: str, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 7, 257, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, 257, (3, 7), generator=g)
+    labels[0, :3] = -100
+    labels[2, 5] = -100
+    return logits, labels.to(device)
+
+
+def _check_fused_loss(logits, labels, grad_atol):
+    from lightning_effi.models.gpt import fused_token_loss
+
+    s, n = fused_token_loss(logits, labels)
+    assert int(n) == int((labels != -100).sum())
+    x = logits.detach().double().requires_grad_()
+    ref = _loss_reference(x, labels)
+    torch.testing.assert_close(s.double(), ref.detach(), rtol=1e-5, atol=0)  # fp32 accuracy
+    (grad,) = torch.autograd.grad(s, logits)
+    (ref_grad,) = torch.autograd.grad(ref, x)
+    assert grad.dtype == logits.dtype  # written in the logits' dtype, no fp32 copy handed back
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=grad_atol)
+
+
+def test_fused_loss_matches_float64_reference_and_module_switch(monkeypatch):
+    import lightning_effi.models.gpt as gpt_mod
+
+    # aot_eager: dynamo + AOTAutograd without a C++ toolchain; inductor's kernels are checked by the GPU test.
+    real = torch.compile
+    monkeypatch.setattr(gpt_mod, "_COMPILED_TOKEN_LOSS", None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="aot_eager", **kw))
+    _check_fused_loss(*_fused_loss_case("cpu", torch.float32), grad_atol=1e-6)
+    # the module's switch: auto is eager on CPU; True goes through the compiled function
+    calls = []
+    monkeypatch.setattr(gpt_mod, "fused_token_loss", lambda *a: calls.append(1) or token_loss(*a))
+    batch = {"input_ids": torch.randint(0, 50, (2, 8)), "labels": torch.randint(0, 50, (2, 8))}
+    for fused, expect in ((None, 0), (False, 0), (True, 1)):
+        calls.clear()
+        GPTLightningModule(vocab_size=50, block_size=16, fused_loss=fused).compute_loss(batch)
+        assert len(calls) == expect, fused
+    with pytest.raises(ValueError, match="fused_loss 'yes'"):
+        GPTLightningModule(fused_loss="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_loss_inductor_on_gpu_matches_float64_reference(dtype):
+    import lightning_effi.models.gpt as gpt_mod
+
+    gpt_mod._COMPILED_TOKEN_LOSS = None
+    # bf16 logits are upcast inside the fused kernel: the loss keeps fp32 accuracy (a bf16 log-softmax would be off
+    # by ~1e-3 relative); the gradient is rounded to bf16 (probabilities <= 1: error <= 2**-9)
+    _check_fused_loss(*_fused_loss_case("cuda", dtype), grad_atol=1e-6 if dtype == torch.float32 else 4e-3)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -182,8 +243,49 @@ def test_tokens_counter_syncs_only_on_logging_steps():
         return SimpleNamespace(world_size=world, logger=object() if logger else None, progress_bar_callback=None,
                                fit_loop=loop, log_every_n_steps=every, should_stop=stop)
 
-    assert _logs_this_step(None) and _logs_this_step(trainer(world=1, stepped=3))
+    assert _logs_this_step(None) and not _logs_this_step(trainer(world=1, stepped=3))
     assert _logs_this_step(trainer(stepped=49)) and _logs_this_step(trainer(stepped=99))
     assert not _logs_this_step(trainer(stepped=48)) and not _logs_this_step(trainer(stepped=50))
     assert _logs_this_step(trainer(stepped=7, stop=True))
     assert not _logs_this_step(trainer(stepped=49, logger=False))
+
+
+@pytest.mark.parametrize("with_logger", [False, True])
+def test_training_step_reads_no_metric_back_except_on_logging_steps(tmp_path, monkeypatch, with_logger):
+    """Lightning calls .item() on prog_bar metrics at the end of every batch once they were logged (a device sync on
+    GPUs). Without a progress bar, train/loss is no prog_bar metric: only the logger reads values back, on its steps,
+    and the CSV still gets both metrics there."""
+    import csv
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": t[:-1], "labels": t[1:]} for t in torch.randint(0, 50, (32, 17), generator=g)]
+    items_per_batch: list[int] = []
+    real_item = torch.Tensor.item
+
+    def counting_item(self):
+        if items_per_batch:  # from the first batch on
+            items_per_batch[-1] += 1
+        return real_item(self)
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, *args) -> None:
+            items_per_batch.append(0)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    logger = CSVLogger(tmp_path) if with_logger else False
+    trainer = pl.Trainer(max_steps=8, log_every_n_steps=4, logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Count()])
+    model = GPTLightningModule(vocab_size=50, block_size=16, warmup_steps=1,
+                               optimizer=lambda params: torch.optim.SGD(params, lr=0.1))  # SGD: no .item() itself
+    trainer.fit(model, DataLoader(rows, batch_size=4))
+    logging_steps = {3, 7} if with_logger else set()  # batch indices whose step is a multiple of 4
+    assert [i for i, n in enumerate(items_per_batch) if n] == sorted(logging_steps)
+    if with_logger:
+        with open(next(tmp_path.rglob("metrics.csv"))) as f:
+            logged = [r for r in csv.DictReader(f) if r.get("train/loss")]
+        assert [int(r["step"]) for r in logged] == [3, 7]
+        assert all(float(r["train/tokens"]) > 0 for r in logged)
