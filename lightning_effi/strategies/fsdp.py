@@ -198,6 +198,15 @@ def _install_host_sigterm_check(trainer: Trainer) -> bool:
     return True
 
 
+def _group_siblings(units: list[nn.Module], names: dict[int, str], size: int) -> list[list[nn.Module]]:
+    """``units`` cut into groups of up to ``size`` consecutive modules of the same parent, in module order (a
+    ``ModuleList``'s blocks run in that order, so a group's modules run back to back)."""
+    by_parent: dict[str, list[nn.Module]] = {}
+    for unit in units:
+        by_parent.setdefault(names[id(unit)].rpartition(".")[0], []).append(unit)
+    return [siblings[i:i + size] for siblings in by_parent.values() for i in range(0, len(siblings), size)]
+
+
 class EffiFSDPStrategy(ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2) for any LightningModule, without a ``configure_model``.
 
@@ -216,7 +225,11 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             to root units too.
         activation_checkpointing: class names of modules whose activations are recomputed in backward instead of
             stored (torch's composable ``checkpoint``, so parameter names and checkpoints are unchanged).
-        compile: ``torch.compile`` the ``forward`` of every wrapped unit (each ``Block``), keeping FSDP2's
+        wrap_group_size: shard this many consecutive wrapped modules of the same parent (e.g. 2 neighbouring
+            ``Block`` of a ``ModuleList``) together as one FSDP unit (default 1: one unit per module). Fewer units mean
+            fewer FSDP hooks on the host and fewer, larger collectives, at the cost of one group's full parameters
+            alive at a time instead of one module's. Parameter names and checkpoints do not change.
+        compile: ``torch.compile`` the ``forward`` of every wrapped module (each ``Block``), keeping FSDP2's
             all-gather/reshard hooks outside the compiled code (torchtitan's per-block layout: one small graph reused
             by every block, no graph breaks at the hooks). Fuses layer norms, activations and residual adds. Parameter
             names and checkpoints are unchanged. Not combinable with ``activation_checkpointing`` yet. Default False.
@@ -249,6 +262,7 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         wrap: Optional[Sequence[str]] = None,
         reshard_after_forward: Union[bool, int] = True,
         activation_checkpointing: Optional[Sequence[str]] = None,
+        wrap_group_size: int = 1,
         compile: bool = False,
         cpu_offload: bool = False,
         param_dtype: _DTypeName = "auto",
@@ -284,6 +298,10 @@ class EffiFSDPStrategy(ModelParallelStrategy):
                 "recomputation hooks would sit inside the compiled forward. Use one of the two."
             )
         self.compile = compile
+        if isinstance(wrap_group_size, bool) or not isinstance(wrap_group_size, int) or wrap_group_size < 1:
+            raise ValueError(f"Invalid wrap_group_size {wrap_group_size!r}: must be a positive int (1: one unit per "
+                             "wrapped module)")
+        self.wrap_group_size = wrap_group_size
         if not isinstance(cpu_offload, bool):
             raise TypeError(f"Invalid cpu_offload {cpu_offload!r}: must be True or False")
         self.cpu_offload = cpu_offload
@@ -414,18 +432,18 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         }
         for m in ac_modules:
             checkpoint(m)
-        # Innermost units first: fully_shard on a parent only takes the parameters its sharded children left over.
-        ordered = sorted(units, key=lambda m: -names[id(m)].count("."))
+        # Innermost groups first: fully_shard on a parent only takes the parameters its sharded children left over.
+        groups = sorted(_group_siblings(units, names, self.wrap_group_size), key=lambda g: -names[id(g[0])].count("."))
         # True -> None for units that end up FSDP roots (direct children of the LightningModule: the root units
         # below, or a wrapped unit such as wrap=["GPT"]): FSDP2's default, which keeps a root's parameters from
         # forward to backward. Backward starts with them (the output head), so resharding would only add an
         # all-gather of embedding + head per step that nothing can hide.
         root_reshard = None if self.reshard_after_forward is True else self.reshard_after_forward
-        for unit in ordered:
-            top_level = "." not in names[id(unit)]
-            fully_shard(unit, reshard_after_forward=root_reshard if top_level else self.reshard_after_forward,
-                        **kwargs)
-            if self.compile:
+        for group in groups:
+            top_level = "." not in names[id(group[0])]
+            fully_shard(group if len(group) > 1 else group[0],
+                        reshard_after_forward=root_reshard if top_level else self.reshard_after_forward, **kwargs)
+            for unit in group if self.compile else ():
                 # An instance attribute: nn.Module.__call__ runs FSDP2's hooks eagerly around it.
                 unit.forward = torch.compile(unit.forward)
         # A child whose parameters are all DTensors already is covered (a wrapped unit, or an alias such as a
@@ -436,7 +454,8 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             fully_shard(child, reshard_after_forward=root_reshard, **kwargs)
         object.__setattr__(module, _SHARDED_FLAG, True)
         rank_zero_info(
-            f"EffiFSDPStrategy: {len(units)} unit(s) of {unit_classes} + {len(roots)} root(s) {root_classes} over "
+            f"EffiFSDPStrategy: {len(groups)} unit(s) of {len(units)} {unit_classes} + {len(roots)} root(s) "
+            f"{root_classes} over "
             f"{self.world_size} rank(s); "
             f"param_dtype={param_dtype}, reduce_dtype={reduce_dtype}, activation checkpointing on "
             f"{len(ac_modules)} module(s), compiled units: {self.compile}"

@@ -167,6 +167,15 @@ def test_compile_one_graph_for_every_block(runs):
         assert r["dynamo"] == {"unique_graphs": 1, "graph_breaks": 0, "recompiles": 0, "compiled_forwards": 2}
 
 
+def test_wrap_group_size_shards_neighbouring_blocks_as_one_unit(runs):
+    # wrap_group_size=2: the two Blocks form one unit (+ the GPT root) instead of two; each Block is still compiled
+    # on its own, and training matches the reference (test_two_ranks_match_single_process_reference[lamb_group2]).
+    assert _load(runs, "two", "adamw")[1][0]["fsdp_units"] == 3
+    for r in _load(runs, "two", "lamb_group2")[1]:
+        assert r["fsdp_units"] == 2
+        assert r["dynamo"]["graph_breaks"] == 0 and r["dynamo"]["compiled_forwards"] == 2
+
+
 def test_accumulation_scheduler_windows(runs):
     _, ranks = _load(runs, "two", "lamb_sched")
     assert ranks[0]["global_step"] == len(fc.SCHEDULED_WINDOWS)

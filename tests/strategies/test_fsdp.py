@@ -34,6 +34,8 @@ from lightning_effi.strategies.fsdp import _auto_wrap_names, _find_modules
         ({"cpu_offload": "yes"}, TypeError, r"Invalid cpu_offload 'yes'"),
         ({"param_dtype": "fp16"}, ValueError, r"Invalid param_dtype 'fp16': must be 'auto' or one of"),
         ({"reduce_dtype": torch.float32}, ValueError, r"Invalid reduce_dtype torch.float32"),
+        ({"wrap_group_size": 0}, ValueError, r"Invalid wrap_group_size 0: must be a positive int"),
+        ({"wrap_group_size": 1.5}, ValueError, r"Invalid wrap_group_size 1.5"),
         ({"compile": "yes"}, TypeError, r"Invalid compile 'yes': must be True or False"),
         ({"compile": 1}, TypeError, r"Invalid compile 1: must be True or False"),
         ({"compile": True, "activation_checkpointing": ["Block"]}, ValueError,
@@ -168,17 +170,20 @@ def test_bad_setup_raises_before_training(one_process_fit, strategy_kwargs, modu
 
 
 @pytest.mark.parametrize(
-    ("reshard_after_forward", "wrap", "expected"),
+    ("reshard_after_forward", "wrap", "expected", "group"),
     [
         # default: the layout of hand-written FSDP2 (fully_shard per Block, then the model with FSDP2's defaults)
-        (True, None, {"root": True, "blocks": [False, False]}),
-        (False, None, {"root": True, "blocks": [True, True]}),
+        (True, None, {"root": True, "blocks": [False, False]}, 1),
+        (False, None, {"root": True, "blocks": [True, True]}, 1),
         # a wrapped unit that is a direct child of the LightningModule is the FSDP root: kept like a root unit
-        (True, ["GPT"], {"root": True, "blocks": [True, True]}),
+        (True, ["GPT"], {"root": True, "blocks": [True, True]}, 1),
+        # both Blocks as one unit: resharded together after the second one's forward
+        (True, None, {"root": True, "blocks": [False, False]}, 2),
     ],
-    ids=["default", "no-reshard", "wrap-root"],
+    ids=["default", "no-reshard", "wrap-root", "group2"],
 )
-def test_which_units_keep_parameters_from_forward_to_backward(one_process_fit, reshard_after_forward, wrap, expected):
+def test_which_units_keep_parameters_from_forward_to_backward(one_process_fit, reshard_after_forward, wrap, expected,
+                                                              group):
     from torch.distributed.tensor import DTensor
 
     seen = {}
@@ -191,6 +196,6 @@ def test_which_units_keep_parameters_from_forward_to_backward(one_process_fit, r
             seen["root"] = not isinstance(gpt.wte.weight, DTensor)
             seen["blocks"] = [not isinstance(b.attn.qkv.weight, DTensor) for b in gpt.blocks]
 
-    one_process_fit(EffiFSDPStrategy(wrap=wrap, reshard_after_forward=reshard_after_forward), _LM(),
-                    callbacks=[Probe()])
+    one_process_fit(EffiFSDPStrategy(wrap=wrap, reshard_after_forward=reshard_after_forward, wrap_group_size=group),
+                    _LM(), callbacks=[Probe()])
     assert seen == expected

@@ -38,6 +38,8 @@ CASES: dict[str, dict] = {
     # Per-block torch.compile. On CPU fsdp_train.py compiles with backend="aot_eager" (inductor's C++ build takes
     # minutes on 2 cores): Dynamo capture and AOTAutograd's joint graph are still exercised; GPUs use inductor.
     "adamw_compile": {"optimizer": "adamw", "strategy": {"compile": True}},
+    # both Blocks sharded as one FSDP unit (one all-gather / reduce-scatter for the pair), compiled per Block
+    "lamb_group2": {"optimizer": "lamb", "strategy": {"wrap_group_size": 2, "compile": True}},
 }
 # GPUs only (the multi_gpu tests run them).
 EXTRA_CASES: dict[str, dict] = {

@@ -195,7 +195,11 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int, acceler
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     info = {k: sorted(v) if isinstance(v, set) else v for k, v in observe.info.items()}
-    info.update(global_step=trainer.global_step, world_size=trainer.world_size)
+    from torch.distributed.fsdp import FSDPModule
+
+    # FSDP units = distinct FSDP states (a group of modules sharded together shares one)
+    states = {id(m._get_fsdp_state()) for m in model.modules() if isinstance(m, FSDPModule)}
+    info.update(global_step=trainer.global_step, world_size=trainer.world_size, fsdp_units=len(states))
     if compiled:
         from torch._dynamo.utils import counters
 
