@@ -16,6 +16,9 @@ settings for every case; only the strategy (and AdamW vs LAMB) changes. Cases:
   compiled; compile time is in the untimed warmup steps).
 - ``model_parallel_nosync`` / ``effi_fsdp_adamw_compile_nosync``: an experiment, not a configuration: the same
   without Lightning's per-batch SIGTERM broadcast (a host sync at every batch start), to see how host-bound a case is.
+- ``model_parallel_eagerloss`` / ``effi_fsdp_adamw_compile_eagerloss``: the GPT's loss in eager fp32
+  (``fused_loss=False``) instead of its CUDA default, the compiled loss: the configuration measured before it existed.
+- ``effi_fsdp_{adamw,lamb}_compile_group{2,4}``: ``wrap_group_size=2`` / ``4`` (neighbouring Blocks as one unit).
 - ``effi_fsdp_adamw_compile_bf16_reduce``: and gradients reduce-scattered in bf16 (``reduce_dtype="bfloat16"``: half
   the reduce-scatter bytes; the sums of 2 ranks lose little, but it is a numerics choice, not the default).
 
@@ -57,6 +60,7 @@ class Case:
     # the start of every batch (the GPU queue drains each step). Measures how host-bound a case is; SIGTERM is then
     # not handled in that benchmark process.
     no_sigterm_sync: bool = False
+    module: tuple = ()  # extra GPTLightningModule keyword arguments, as (name, value) pairs
 
 
 def _ddp(world: int):
@@ -111,6 +115,19 @@ CASES: dict[str, Case] = {
     "effi_fsdp_adamw_compile_nosync": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "adamw",
                                            empty_init=True, no_sigterm_sync=True),
     "effi_fsdp_lamb_compile": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "lamb", empty_init=True),
+    # The GPT's loss is compiled on CUDA by default (fused_loss=None); these keep the eager fp32 loss, as measured
+    # before fused_loss existed (the issue's hand-written baseline is model_parallel_eagerloss).
+    "model_parallel_eagerloss": Case(_model_parallel, hand_sharded=True, empty_init=True,
+                                     module=(("fused_loss", False),)),
+    "effi_fsdp_adamw_compile_eagerloss": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "adamw",
+                                              empty_init=True, module=(("fused_loss", False),)),
+    # wrap_group_size: neighbouring Blocks sharded as one FSDP unit (fewer hooks on the host, fewer collectives)
+    "effi_fsdp_adamw_compile_group2": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True, wrap_group_size=2),
+                                           "adamw", empty_init=True),
+    "effi_fsdp_adamw_compile_group4": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True, wrap_group_size=4),
+                                           "adamw", empty_init=True),
+    "effi_fsdp_lamb_compile_group2": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True, wrap_group_size=2),
+                                          "lamb", empty_init=True),
     "effi_fsdp_adamw_compile_bf16_reduce": Case(
         _effi("EffiFSDPStrategy", wrap=["Block"], compile=True, reduce_dtype="bfloat16"), "adamw", empty_init=True),
     # DeepSpeed ZeRO (deepspeed is not in the GPU image: see DEVELOPERS.md for the wheel). Stage 3 refuses
@@ -202,6 +219,30 @@ def run_case(args) -> None:
                     torch.cuda.synchronize()
                 self.t1 = time.perf_counter()
 
+    class Profile(pl.Callback):
+        """--profile: a torch.profiler trace (CPU + CUDA) of 3 steps right after the warmup, rank 0's written to
+        --profile-dir; the throughput of a profiled run is not a measurement (marked "profiled")."""
+
+        def __init__(self) -> None:
+            self.prof = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == args.warmup and self.prof is None:
+                from torch.profiler import ProfilerActivity, profile
+
+                self.prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+                self.prof.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if self.prof is not None and trainer.global_step == args.warmup + 3:
+                if cuda:
+                    torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                if rank == 0:
+                    args.profile_dir.mkdir(parents=True, exist_ok=True)
+                    self.prof.export_chrome_trace(str(args.profile_dir / f"trace_{args.case}.json"))
+                self.prof = False
+
     timer = Timer()
     trainer = pl.Trainer(
         accelerator=args.accelerator,
@@ -209,7 +250,7 @@ def run_case(args) -> None:
         strategy=case.strategy(world),
         precision="bf16-mixed",
         max_steps=args.warmup + args.steps,
-        callbacks=[timer],
+        callbacks=[timer, *([Profile()] if args.profile else [])],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -221,7 +262,7 @@ def run_case(args) -> None:
     with trainer.init_module(empty_init=case.empty_init):
         model = cls(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                     d_model=args.d_model, dropout=0.0, optimizer=_make_optimizer(case.optimizer, args),
-                    warmup_steps=10, max_steps=args.warmup + args.steps)
+                    warmup_steps=10, max_steps=args.warmup + args.steps, **dict(case.module))
     n_params = sum(p.numel() for p in model.model.parameters())  # unique parameters (tied embedding once)
     n_samples = (args.warmup + args.steps + 1) * args.micro_batch * world
     loader = DataLoader(RandomTokens(n_samples), batch_size=args.micro_batch, num_workers=2, pin_memory=True,
@@ -261,6 +302,8 @@ def run_case(args) -> None:
         "mfu_untied_count": round(6 * untied * tokens_per_s / (world * PEAK_FLOPS), 4),
         "peak_alloc_gib": round(float(stats[0]) / 2**30, 2),
         "peak_reserved_gib": round(float(stats[1]) / 2**30, 2),
+        "module": dict(case.module),
+        "profiled": bool(args.profile),
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -285,6 +328,9 @@ def main() -> None:
     p.add_argument("--accelerator", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: a smoke test of the code paths (use a tiny model and --gpus as the process count)")
     p.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="trace 3 steps after the warmup (torch.profiler; timings of such a run are not measurements)")
+    p.add_argument("--profile-dir", type=Path, default=Path("profiles"), help="where --profile writes its traces")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case under torchrun
     args = p.parse_args()
     if args.case is not None:
@@ -307,8 +353,9 @@ def main() -> None:
     env.setdefault("OMP_NUM_THREADS", "4" if args.accelerator == "cuda" else "1")
     passthrough = []
     for name in ("d_model", "n_layer", "n_head", "block_size", "vocab", "micro_batch", "steps", "warmup", "lr",
-                 "accelerator"):
+                 "accelerator", "profile_dir"):
         passthrough += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    passthrough += ["--profile"] if args.profile else []
     rows = []
     for case in cases:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One 1xH200 call (kind nvidia-h200, carry .whl): per-GPU efficiency of the FSDP cases once the example GPT reads
+# no metric back per step, with neighbouring Blocks grouped into one unit (v9), a profiler trace, GPU tests.
+# Usage on the GPU machine: OUT=... bash benchmarks/gpu_call_v9.sh
+source benchmarks/gpu_env.sh
+{ nvidia-smi -L; lscpu | grep "Model name"; } > $OUT/gpu_env_v9.txt
+timeout 150 python3 -m pytest -q -m gpu tests/models tests/strategies -p no:cacheprovider > $OUT/pytest_gpu_models_v9.txt 2>&1
+tail -3 $OUT/pytest_gpu_models_v9.txt
+timeout 330 python3 benchmarks/train_throughput.py --steps 20 --warmup 6 --timeout 110 \
+  --cases model_parallel,effi_fsdp_adamw_compile,effi_fsdp_adamw_compile_group2,effi_fsdp_adamw_compile_group4,effi_fsdp_lamb_compile_group2 \
+  --out $OUT/train_throughput_h200x1_v9.jsonl > $OUT/train_throughput_h200x1_v9.log 2>&1
+timeout 100 python3 benchmarks/train_throughput.py --steps 3 --warmup 6 --timeout 95 --profile --profile-dir $OUT/prof \
+  --cases effi_fsdp_adamw_compile_group2 >> $OUT/train_throughput_h200x1_v9.log 2>&1
+gzip -1 $OUT/prof/*.json; ls -la $OUT/prof
+python3 -c "
+import json
+for l in open('$OUT/train_throughput_h200x1_v9.jsonl'):
+    r=json.loads(l); print(r.get('strategy'), r.get('tokens_per_s'), r.get('mfu_untied_count'), r.get('peak_alloc_gib'), r.get('error','')[:300], r.get('tail','')[-600:])"
