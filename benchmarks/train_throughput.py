@@ -19,6 +19,7 @@ settings for every case; only the strategy (and AdamW vs LAMB) changes. Cases:
 - ``model_parallel_eagerloss`` / ``effi_fsdp_adamw_compile_eagerloss``: the GPT's loss in eager fp32
   (``fused_loss=False``) instead of its CUDA default, the compiled loss: the configuration measured before it existed.
 - ``effi_fsdp_{adamw,lamb}_compile_group{2,4}``: ``wrap_group_size=2`` / ``4`` (neighbouring Blocks as one unit).
+- ``effi_fsdp_adamw_compile_group2_dtensor_adam``: group2 with ``fused_adam_on_local_shards=False`` (A/B).
 - ``effi_fsdp_adamw_compile_bf16_reduce``: and gradients reduce-scattered in bf16 (``reduce_dtype="bfloat16"``: half
   the reduce-scatter bytes; the sums of 2 ranks lose little, but it is a numerics choice, not the default).
 
@@ -128,6 +129,10 @@ CASES: dict[str, Case] = {
                                            "adamw", empty_init=True),
     "effi_fsdp_lamb_compile_group2": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True, wrap_group_size=2),
                                           "lamb", empty_init=True),
+    # A/B of fused_adam_on_local_shards (default True): torch's fused AdamW through DTensor's dispatcher instead
+    "effi_fsdp_adamw_compile_group2_dtensor_adam": Case(
+        _effi("EffiFSDPStrategy", wrap=["Block"], compile=True, wrap_group_size=2, fused_adam_on_local_shards=False),
+        "adamw", empty_init=True),
     "effi_fsdp_adamw_compile_bf16_reduce": Case(
         _effi("EffiFSDPStrategy", wrap=["Block"], compile=True, reduce_dtype="bfloat16"), "adamw", empty_init=True),
     # DeepSpeed ZeRO (deepspeed is not in the GPU image: see DEVELOPERS.md for the wheel). Stage 3 refuses

@@ -167,6 +167,16 @@ def test_compile_one_graph_for_every_block(runs):
         assert r["dynamo"] == {"unique_graphs": 1, "graph_breaks": 0, "recompiles": 0, "compiled_forwards": 2}
 
 
+def test_fused_adamw_on_local_shards_is_bitwise_the_dtensor_step(runs):
+    # Both match the single-process fused AdamW (test_two_ranks_match_single_process_reference); here: the local-shard
+    # kernel call gives exactly DTensor's result, with clipping and rank 1's empty shard included.
+    local, _ = _load(runs, "two", "adamw_fused")
+    via_dtensor, _ = _load(runs, "two", "adamw_fused_dtensor")
+    assert local.keys() == via_dtensor.keys()
+    for k in local:
+        assert torch.equal(local[k], via_dtensor[k]), k
+
+
 def test_wrap_group_size_shards_neighbouring_blocks_as_one_unit(runs):
     # wrap_group_size=2: the two Blocks form one unit (+ the GPT root) instead of two; each Block is still compiled
     # on its own, and training matches the reference (test_two_ranks_match_single_process_reference[lamb_group2]).

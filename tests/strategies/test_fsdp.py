@@ -36,6 +36,7 @@ from lightning_effi.strategies.fsdp import _auto_wrap_names, _find_modules
         ({"reduce_dtype": torch.float32}, ValueError, r"Invalid reduce_dtype torch.float32"),
         ({"wrap_group_size": 0}, ValueError, r"Invalid wrap_group_size 0: must be a positive int"),
         ({"wrap_group_size": 1.5}, ValueError, r"Invalid wrap_group_size 1.5"),
+        ({"fused_adam_on_local_shards": 1}, TypeError, r"Invalid fused_adam_on_local_shards 1: must be True or"),
         ({"compile": "yes"}, TypeError, r"Invalid compile 'yes': must be True or False"),
         ({"compile": 1}, TypeError, r"Invalid compile 1: must be True or False"),
         ({"compile": True, "activation_checkpointing": ["Block"]}, ValueError,
@@ -199,3 +200,22 @@ def test_which_units_keep_parameters_from_forward_to_backward(one_process_fit, r
     one_process_fit(EffiFSDPStrategy(wrap=wrap, reshard_after_forward=reshard_after_forward, wrap_group_size=group),
                     _LM(), callbacks=[Probe()])
     assert seen == expected
+
+
+@pytest.mark.parametrize("on_local_shards", [True, False])
+def test_fused_adamw_kernel_gets_local_shards(one_process_fit, monkeypatch, on_local_shards):
+    seen: list[set] = []
+    kernel = torch._fused_adamw_
+
+    def recording(*args, **kwargs):
+        seen.append({type(t).__name__ for lst in args[:4] for t in lst})  # params, grads, exp_avgs, exp_avg_sqs
+        return kernel(*args, **kwargs)
+
+    class FusedLM(_LM):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", recording)
+    one_process_fit(EffiFSDPStrategy(fused_adam_on_local_shards=on_local_shards), FusedLM())
+    assert seen == [{"Tensor"} if on_local_shards else {"DTensor"}]
+    assert torch._fused_adamw_ is recording  # put back after the step

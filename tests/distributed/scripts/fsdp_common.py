@@ -38,6 +38,9 @@ CASES: dict[str, dict] = {
     # Per-block torch.compile. On CPU fsdp_train.py compiles with backend="aot_eager" (inductor's C++ build takes
     # minutes on 2 cores): Dynamo capture and AOTAutograd's joint graph are still exercised; GPUs use inductor.
     "adamw_compile": {"optimizer": "adamw", "strategy": {"compile": True}},
+    # torch's fused AdamW kernel on the local shards (the default) and through DTensor's dispatcher: bitwise equal
+    "adamw_fused": {"optimizer": "adamw_fused"},
+    "adamw_fused_dtensor": {"optimizer": "adamw_fused", "strategy": {"fused_adam_on_local_shards": False}},
     # both Blocks sharded as one FSDP unit (one all-gather / reduce-scatter for the pair), compiled per Block
     "lamb_group2": {"optimizer": "lamb", "strategy": {"wrap_group_size": 2, "compile": True}},
 }
@@ -83,6 +86,7 @@ def loss_fn(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 OPTIMIZERS = {
     "adamw": {"clip": 0.05, "no_decay": ["bias", "norm"], "no_adapt": []},
     "lamb": {"clip": None, "no_decay": ["bias", "norm"], "no_adapt": ["1d"]},
+    "adamw_fused": {"clip": 0.05, "no_decay": ["bias", "norm"], "no_adapt": []},  # AdamW(fused=True)
 }
 
 
@@ -91,8 +95,8 @@ def make_optimizer(name: str, module: nn.Module):
 
     spec = OPTIMIZERS[name]
     groups = param_groups(module, weight_decay=0.1, no_decay=spec["no_decay"], no_adapt=spec["no_adapt"])
-    if name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-6)
+    if name in ("adamw", "adamw_fused"):
+        opt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-6, fused=name == "adamw_fused")
     else:
         from lightning_effi.optim import Lamb
 
