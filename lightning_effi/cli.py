@@ -16,6 +16,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from jsonargparse import lazy_instance
 
+from lightning_effi.callbacks import SyncFreeProgressBar
+
 
 class EffiCLI(LightningCLI):
     """LightningCLI with the package's defaults: CSV logs under ``runs/``, a rich progress bar, the corpus' block
@@ -28,7 +30,8 @@ class EffiCLI(LightningCLI):
         # Always-on, configurable callbacks (``--checkpoint.every_n_train_steps=...``, ``--progress_bar.refresh_rate``).
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
-        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        # A RichProgressBar (same options) that makes no device sync per batch (lightning_effi.callbacks.progress).
+        parser.add_lightning_class_args(SyncFreeProgressBar, "progress_bar")
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # The always-on callbacks above would make Lightning reject `--trainer.enable_progress_bar=false` and

@@ -3,3 +3,4 @@
 from lightning_effi.callbacks.accumulation import AccumulationScheduler
 from lightning_effi.callbacks.microbatch import AutoMicroBatch
 from lightning_effi.callbacks.health import TrainingHealthMonitor
+from lightning_effi.callbacks.progress import SyncFreeProgressBar

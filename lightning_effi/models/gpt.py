@@ -210,6 +210,10 @@ class _LMModule(pl.LightningModule):
         # uninitialised when a strategy builds the module on the meta device. Checkpointed by the hooks below.
         self.tokens_seen: torch.Tensor | None = None
         self._tokens_seen_loaded = 0
+        # The training loss for progress bars that read host values (SyncFreeProgressBar): on a GPU, a non-blocking
+        # copy into pinned memory and an event, read only once the copy has finished (never a device sync).
+        self._host_loss: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self._last_loss: float | None = None
 
     def setup(self, stage: str) -> None:
         # Mismatches that would otherwise train silently wrong (a GPT on MLM blocks learns to copy its input) or crash
@@ -242,12 +246,17 @@ class _LMModule(pl.LightningModule):
         if self.tokens_seen is None:
             self.tokens_seen = torch.full((), self._tokens_seen_loaded, dtype=torch.long, device=n.device)
         self.tokens_seen += n
-        # A prog_bar metric only with a progress bar: Lightning turns every prog_bar metric into a Python number
-        # (.item(), a device sync) at the end of every batch once it has been logged, progress bar or not, which
-        # drains the GPU queue at each step boundary (measured on 1xH200 with the benchmark GPT, BENCHMARKS.md).
+        # A prog_bar metric only under a progress bar that needs one: Lightning turns every prog_bar metric into a
+        # Python number (.item(), a device sync) at the end of every batch once it has been logged, progress bar or
+        # not, which drains the GPU queue at each step boundary (measured on 1xH200 with the benchmark GPT,
+        # BENCHMARKS.md 3d). SyncFreeProgressBar shows the loss from progress_bar_host_metrics() instead.
         trainer = self._trainer
-        pbar = trainer is None or trainer.progress_bar_callback is not None
+        bar = trainer.progress_bar_callback if trainer is not None else None
+        host_bar = getattr(bar, "reads_host_metrics", False)
+        pbar = trainer is None or (bar is not None and not host_bar)
         mean = loss_sum.detach() / n.clamp_min(1)
+        if host_bar:
+            self._note_loss(mean)
         self.log("train/loss", mean, prog_bar=pbar, on_step=True, on_epoch=False, batch_size=batch["labels"].shape[0])
         # Local counters summed over ranks: the global number of valid tokens trained on so far. Summed only on the
         # logger's steps: sync_dist is a barrier plus an all_reduce (even on one process under torchrun), which on
@@ -257,6 +266,29 @@ class _LMModule(pl.LightningModule):
                      sync_dist=trainer is not None and trainer.world_size > 1)
         loss = loss_sum if self.loss_reduction == "sum" else loss_sum / n.clamp_min(1)
         return {"loss": loss, "num_tokens": n}
+
+    def _note_loss(self, mean: torch.Tensor) -> None:
+        if mean.is_cuda:
+            if self._host_loss is None:
+                self._host_loss = (torch.empty((), dtype=torch.float32, pin_memory=True), torch.cuda.Event())
+            buf, event = self._host_loss
+            buf.copy_(mean, non_blocking=True)
+            event.record()
+        else:
+            self._last_loss = float(mean)
+
+    def progress_bar_host_metrics(self) -> dict[str, float]:
+        """``{"train/loss": value}`` without a device sync: the newest training loss whose copy to the host has
+        finished (on a GPU a step or two behind the one in flight); ``{}`` before the first. Read by
+        :class:`~lightning_effi.callbacks.SyncFreeProgressBar`."""
+        if self._host_loss is not None:
+            buf, event = self._host_loss
+            if event.query():  # the latest copy landed: reading the pinned buffer is a host read
+                self._last_loss = float(buf)
+        return {} if self._last_loss is None else {"train/loss": self._last_loss}
+
+    def on_train_end(self) -> None:
+        self._host_loss = None  # a CUDA event: keeps the module picklable / deep-copyable after fit
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         local = int(self.tokens_seen) if self.tokens_seen is not None else self._tokens_seen_loaded

@@ -176,6 +176,8 @@ def _fused_adam_on_local_shards() -> Any:
 
     def local(op: Callable) -> Callable:
         def call(*args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():  # a compiled optimizer step: let Dynamo see the real op
+                return op(*args, **kwargs)
             lists = _local_shards(args[:6]) if len(args) >= 6 and args[0] else None
             if lists is None or any(isinstance(v, torch.Tensor) and type(v) is not torch.Tensor
                                     for v in kwargs.values()):

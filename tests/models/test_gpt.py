@@ -250,11 +250,15 @@ def test_tokens_counter_syncs_only_on_logging_steps():
     assert not _logs_this_step(trainer(stepped=49, logger=False))
 
 
-@pytest.mark.parametrize("with_logger", [False, True])
-def test_training_step_reads_no_metric_back_except_on_logging_steps(tmp_path, monkeypatch, with_logger):
+@pytest.mark.parametrize("with_logger, sync_free_bar", [(False, False), (True, False), (True, True)])
+def test_training_step_reads_no_metric_back_except_on_logging_steps(tmp_path, monkeypatch, with_logger,
+                                                                   sync_free_bar):
     """Lightning calls .item() on prog_bar metrics at the end of every batch once they were logged (a device sync on
-    GPUs). Without a progress bar, train/loss is no prog_bar metric: only the logger reads values back, on its steps,
-    and the CSV still gets both metrics there."""
+    GPUs). Without a progress bar, or with SyncFreeProgressBar, train/loss is no prog_bar metric: only the logger reads
+    values back, on its steps, and the CSV still gets both metrics there; SyncFreeProgressBar shows the loss from the
+    module's host-side copy."""
+    from lightning_effi.callbacks import SyncFreeProgressBar
+
     import csv
 
     import lightning.pytorch as pl
@@ -277,8 +281,9 @@ def test_training_step_reads_no_metric_back_except_on_logging_steps(tmp_path, mo
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
     logger = CSVLogger(tmp_path) if with_logger else False
+    bar = [SyncFreeProgressBar()] if sync_free_bar else []
     trainer = pl.Trainer(max_steps=8, log_every_n_steps=4, logger=logger, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Count()])
+                         enable_progress_bar=sync_free_bar, enable_model_summary=False, callbacks=[Count(), *bar])
     model = GPTLightningModule(vocab_size=50, block_size=16, warmup_steps=1,
                                optimizer=lambda params: torch.optim.SGD(params, lr=0.1))  # SGD: no .item() itself
     trainer.fit(model, DataLoader(rows, batch_size=4))
@@ -289,3 +294,18 @@ def test_training_step_reads_no_metric_back_except_on_logging_steps(tmp_path, mo
             logged = [r for r in csv.DictReader(f) if r.get("train/loss")]
         assert [int(r["step"]) for r in logged] == [3, 7]
         assert all(float(r["train/tokens"]) > 0 for r in logged)
+    if sync_free_bar:  # the bar shows the last step's loss (on the CPU the host copy is the current value)
+        shown = bar[0].get_metrics(trainer, model)["train/loss"]
+        assert shown == pytest.approx(float(trainer.callback_metrics["train/loss"]), rel=1e-6)
+
+
+@pytest.mark.gpu
+def test_host_loss_copy_on_gpu_needs_no_sync():
+    model = GPTLightningModule(vocab_size=50, block_size=16)
+    assert model.progress_bar_host_metrics() == {}
+    loss = torch.full((), 2.5, device="cuda")
+    torch.cuda._sleep(50_000_000)  # keep the stream busy: the copy cannot have landed yet
+    model._note_loss(loss)
+    assert model.progress_bar_host_metrics() == {}  # not waited for
+    torch.cuda.synchronize()
+    assert model.progress_bar_host_metrics() == {"train/loss": 2.5}
