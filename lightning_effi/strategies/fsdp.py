@@ -245,15 +245,15 @@ def _install_host_sigterm_check(trainer: Trainer) -> bool:
     """Use ``_on_sigterm`` and ``_agree_on_sigterm`` in ``trainer`` when the default group can reduce CPU tensors.
 
     Called from ``setup``, before Lightning registers its signal handlers. Returns whether it was installed; a
-    Lightning without these private methods keeps its own behaviour, and so does a group without gloo (e.g.
-    ``process_group_backend="nccl"``).
+    Lightning without these private methods keeps its own behaviour, and so do a single process (no per-batch
+    agreement there) and a group without gloo (e.g. ``process_group_backend="nccl"``).
     """
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     connector = getattr(trainer, "_signal_connector", None)
     if not (hasattr(type(loop), "_broadcast_sigterm_tensor") and hasattr(type(connector), "_sigterm_notifier_fn")):
         return False
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or trainer.world_size < 2:
+        return False  # one process: Lightning's loop never agrees, its handler's own flag is what stops it
     if "gloo" not in str(torch.distributed.get_backend()):
         return False
     loop._broadcast_sigterm_tensor = types.MethodType(_agree_on_sigterm, loop)

@@ -134,9 +134,9 @@ def one_process_fit():
     env = dict(os.environ)
 
     def fit(strategy: EffiFSDPStrategy, module: _LM, **trainer_kwargs) -> None:
-        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False,
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             **trainer_kwargs)
+                             **{"max_steps": 1, **trainer_kwargs})
         data = torch.utils.data.TensorDataset(torch.randint(0, 16, (4, 8)))
         trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
 
@@ -219,3 +219,21 @@ def test_fused_adamw_kernel_gets_local_shards(one_process_fit, monkeypatch, on_l
     one_process_fit(EffiFSDPStrategy(fused_adam_on_local_shards=on_local_shards), FusedLM())
     assert seen == [{"Tensor"} if on_local_shards else {"DTensor"}]
     assert torch._fused_adamw_ is recording  # put back after the step
+
+
+def test_sigterm_stops_a_single_process_run(one_process_fit):
+    # One process: Lightning's loop makes no per-batch agreement, so its own handler must stay in charge and stop the
+    # run after the signalled batch (the 2-rank agreement is tested in tests/distributed/test_fsdp.py).
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class SignalAfterFirstBatch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    module = _LM()
+    with pytest.raises(SIGTERMException):
+        one_process_fit(EffiFSDPStrategy(), module, max_steps=3, callbacks=[SignalAfterFirstBatch()])
+    assert module.steps_run == 1
