@@ -8,6 +8,7 @@ compiles with ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -159,6 +160,7 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
 
 
 _COMPILED_TOKEN_LOSS = None
+_HOST_LOSS_SLOTS = 4
 
 
 def fused_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +176,19 @@ def fused_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     if _COMPILED_TOKEN_LOSS is None:
         _COMPILED_TOKEN_LOSS = torch.compile(token_loss)
     return _COMPILED_TOKEN_LOSS(logits, labels)
+
+
+@functools.lru_cache(maxsize=None)
+def _can_fuse_loss(device: torch.device) -> bool:
+    """``fused_loss=None`` (auto): compile the loss on CUDA devices inductor generates Triton kernels for (Triton
+    installed, compute capability >= 7.0); elsewhere (CPU, older GPUs) the eager loss."""
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # pragma: no cover - a torch without the helper
+        return False
+    return bool(has_triton()) and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 class _LMModule(pl.LightningModule):
@@ -210,9 +225,11 @@ class _LMModule(pl.LightningModule):
         # uninitialised when a strategy builds the module on the meta device. Checkpointed by the hooks below.
         self.tokens_seen: torch.Tensor | None = None
         self._tokens_seen_loaded = 0
-        # The training loss for progress bars that read host values (SyncFreeProgressBar): on a GPU, a non-blocking
-        # copy into pinned memory and an event, read only once the copy has finished (never a device sync).
-        self._host_loss: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        # The training loss for progress bars that read host values (SyncFreeProgressBar): on a GPU, non-blocking
+        # copies into a ring of pinned slots, each with an event, read only once a copy has finished (never a device
+        # sync). A ring, so a host running several steps ahead still finds a finished copy.
+        self._host_loss: list[tuple[torch.Tensor, torch.cuda.Event]] | None = None
+        self._host_loss_written = 0  # copies issued so far; the newest went to slot (written - 1) % len(ring)
         self._last_loss: float | None = None
 
     def setup(self, stage: str) -> None:
@@ -233,8 +250,9 @@ class _LMModule(pl.LightningModule):
         raise NotImplementedError
 
     def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`token_loss`, compiled (:func:`fused_token_loss`) when ``fused_loss`` says so (auto: CUDA logits)."""
-        fused = self.fused_loss if self.fused_loss is not None else logits.is_cuda
+        """:func:`token_loss`, compiled (:func:`fused_token_loss`) when ``fused_loss`` says so (auto: on CUDA devices
+        with Triton support)."""
+        fused = self.fused_loss if self.fused_loss is not None else _can_fuse_loss(logits.device)
         return fused_token_loss(logits, labels) if fused else token_loss(logits, labels)
 
     def val_generator(self, batch: dict, batch_idx: int) -> torch.Generator | None:
@@ -270,25 +288,36 @@ class _LMModule(pl.LightningModule):
     def _note_loss(self, mean: torch.Tensor) -> None:
         if mean.is_cuda:
             if self._host_loss is None:
-                self._host_loss = (torch.empty((), dtype=torch.float32, pin_memory=True), torch.cuda.Event())
-            buf, event = self._host_loss
+                self._host_loss = [(torch.empty((), dtype=torch.float32, pin_memory=True), torch.cuda.Event())
+                                   for _ in range(_HOST_LOSS_SLOTS)]
+                self._host_loss_written = 0
+            buf, event = self._host_loss[self._host_loss_written % _HOST_LOSS_SLOTS]
             buf.copy_(mean, non_blocking=True)
             event.record()
+            self._host_loss_written += 1
         else:
             self._last_loss = float(mean)
 
     def progress_bar_host_metrics(self) -> dict[str, float]:
         """``{"train/loss": value}`` without a device sync: the newest training loss whose copy to the host has
-        finished (on a GPU a step or two behind the one in flight); ``{}`` before the first. Read by
+        finished (on a GPU, up to a few steps behind the ones in flight); ``{}`` before the first. Read by
         :class:`~lightning_effi.callbacks.SyncFreeProgressBar`."""
         if self._host_loss is not None:
-            buf, event = self._host_loss
-            if event.query():  # the latest copy landed: reading the pinned buffer is a host read
-                self._last_loss = float(buf)
+            written = self._host_loss_written
+            for age in range(min(written, _HOST_LOSS_SLOTS)):  # newest first
+                buf, event = self._host_loss[(written - 1 - age) % _HOST_LOSS_SLOTS]
+                if event.query():  # this copy landed: reading the pinned slot is a host read
+                    self._last_loss = float(buf)
+                    break
         return {} if self._last_loss is None else {"train/loss": self._last_loss}
 
     def on_train_end(self) -> None:
-        self._host_loss = None  # a CUDA event: keeps the module picklable / deep-copyable after fit
+        self._host_loss = None
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_host_loss"] = None  # CUDA events cannot be pickled or deep-copied (an interrupted fit keeps them)
+        return state
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         local = int(self.tokens_seen) if self.tokens_seen is not None else self._tokens_seen_loaded
@@ -344,7 +373,8 @@ class GPTLightningModule(_LMModule):
         loss_reduction: ``"mean"`` (default) or ``"sum"`` (token-sum protocol for token-normalised accumulation).
         compile: wrap the network in ``torch.compile``. Default False.
         fused_loss: compute the loss with :func:`fused_token_loss` (``torch.compile``: no fp32 copies of the
-            logits; same values). ``None`` (default): when the logits are on a GPU. ``False``: always eager.
+            logits; same values). ``None`` (default): when the logits are on a GPU that inductor supports (Triton
+            installed, compute capability >= 7.0). ``False``: always eager.
     """
 
     def __init__(self, vocab_size: int = 260, block_size: int = 128, n_layer: int = 2, n_head: int = 2,

@@ -45,6 +45,7 @@ from datetime import timedelta
 from typing import Any, Literal, Optional, Union
 
 import contextlib
+import threading
 import types
 
 import torch
@@ -162,37 +163,50 @@ def _local_shards(lists: Sequence[Any]) -> Optional[list[list[Any]]]:
     return out
 
 
+# The real kernels while _fused_adam_on_local_shards is active anywhere in the process, and how many are active
+# (Trainers fitting in several threads nest; the outermost exit puts the real kernels back).
+_FUSED_ADAM_REAL: dict[str, Callable] = {}
+_FUSED_ADAM_DEPTH = [0]
+_FUSED_ADAM_LOCK = threading.Lock()
+
+
+def _local_fused_adam(op: Callable) -> Callable:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # a compiled optimizer step: let Dynamo see the real op
+            return op(*args, **kwargs)
+        lists = _local_shards(args[:6]) if len(args) >= 6 and args[0] else None
+        if lists is None or any(isinstance(v, torch.Tensor) and type(v) is not torch.Tensor for v in kwargs.values()):
+            return op(*args, **kwargs)
+        return op(*lists, *args[6:], **kwargs)
+
+    return call
+
+
 @contextlib.contextmanager
 def _fused_adam_on_local_shards() -> Any:
     """While active, torch's fused Adam/AdamW kernels run on the local shards of DTensor arguments.
 
     DTensor's dispatcher does exactly this for an element-wise op whose arguments share one placement, but spends
     host time on every argument: unwrapping, sharding propagation and re-wrapping about 4 x 300 DTensors took 3.1 ms
-    per step for the benchmark GPT (1xH200 host, ``benchmarks/results/trace_summary_h200x1_v9_*``), time in which
-    the GPU sits idle at the step boundary. The kernel, the memory it updates and so the results are identical
+    per step for the benchmark GPT (1xH200 host, ``benchmarks/results/trace_summary_h200x1_v9_*``), host time at the
+    step boundary, where the GPU has often caught up with the host. The kernel, the memory it updates and so the results are identical
     (bitwise, tested); anything else (mixed placements, DTensor step counts) goes through DTensor as before.
     """
-    real = {name: getattr(torch, name) for name in _FUSED_ADAM_OPS if hasattr(torch, name)}
-
-    def local(op: Callable) -> Callable:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if torch.compiler.is_compiling():  # a compiled optimizer step: let Dynamo see the real op
-                return op(*args, **kwargs)
-            lists = _local_shards(args[:6]) if len(args) >= 6 and args[0] else None
-            if lists is None or any(isinstance(v, torch.Tensor) and type(v) is not torch.Tensor
-                                    for v in kwargs.values()):
-                return op(*args, **kwargs)
-            return op(*lists, *args[6:], **kwargs)
-
-        return call
-
-    for name, op in real.items():
-        setattr(torch, name, local(op))
+    with _FUSED_ADAM_LOCK:
+        if _FUSED_ADAM_DEPTH[0] == 0:
+            _FUSED_ADAM_REAL.update({name: getattr(torch, name) for name in _FUSED_ADAM_OPS if hasattr(torch, name)})
+            for name, op in _FUSED_ADAM_REAL.items():
+                setattr(torch, name, _local_fused_adam(op))
+        _FUSED_ADAM_DEPTH[0] += 1
     try:
         yield
     finally:
-        for name, op in real.items():
-            setattr(torch, name, op)
+        with _FUSED_ADAM_LOCK:
+            _FUSED_ADAM_DEPTH[0] -= 1
+            if _FUSED_ADAM_DEPTH[0] == 0:
+                for name, op in _FUSED_ADAM_REAL.items():
+                    setattr(torch, name, op)
+                _FUSED_ADAM_REAL.clear()
 
 
 # Set by _on_sigterm on the trainer's signal connector: this rank was signalled, not yet agreed on by all ranks.
@@ -200,19 +214,25 @@ _SIGTERM_PENDING = "_effi_sigterm_pending"
 
 
 def _on_sigterm(connector: Any, signum: int, frame: Any) -> None:
-    """SIGTERM handler replacing Lightning's ``_SignalConnector._sigterm_notifier_fn``: only notes the signal.
+    """SIGTERM handler replacing Lightning's ``_SignalConnector._sigterm_notifier_fn`` for multi-process fits.
 
     Lightning's handler broadcasts on the root device from inside the signal handler, at whatever point the main
     thread was interrupted, and sets ``trainer.received_sigterm``, which makes the signalled rank leave after the
     current batch on its own; the other ranks learn it by pairing that broadcast with their next per-batch one.
-    Here the signal is only recorded; every rank learns it at the next batch start from ``_agree_on_sigterm``, and all
-    leave before that batch together.
+    During ``fit`` the signal is only recorded here: every rank learns it at the next training-batch start from
+    ``_agree_on_sigterm`` and all leave before that batch together. A signal during fit's validation therefore takes
+    effect once validation is done (leaving a rank alone in the middle of it would hang the others' collectives); one
+    after the last training batch sets ``received_sigterm`` when fit ends (``EffiFSDPStrategy.on_train_end``). In
+    ``validate``/``test``/``predict`` it sets ``received_sigterm`` at once, as upstream (without the broadcast).
     """
     if not getattr(connector, _SIGTERM_PENDING, False) and not connector.received_sigterm:
         launcher = connector.trainer.strategy.launcher
         if launcher is not None:
             launcher.kill(signum)  # as upstream: forward the signal to the processes Lightning started
-    setattr(connector, _SIGTERM_PENDING, True)
+    if connector.trainer.state.fn == TrainerFn.FITTING:
+        setattr(connector, _SIGTERM_PENDING, True)
+    else:
+        connector.received_sigterm = True
 
 
 def _agree_on_sigterm(loop: Any) -> None:
@@ -262,13 +282,28 @@ def _install_host_sigterm_check(trainer: Trainer) -> bool:
     return True
 
 
-def _group_siblings(units: list[nn.Module], names: dict[int, str], size: int) -> list[list[nn.Module]]:
-    """``units`` cut into groups of up to ``size`` consecutive modules of the same parent, in module order (a
-    ``ModuleList``'s blocks run in that order, so a group's modules run back to back)."""
-    by_parent: dict[str, list[nn.Module]] = {}
+def _group_siblings(root: nn.Module, units: list[nn.Module], names: dict[int, str],
+                    size: int) -> list[list[nn.Module]]:
+    """``units`` cut into FSDP units of up to ``size`` modules: runs of consecutive entries of one ``nn.ModuleList`` /
+    ``nn.Sequential`` with the same class (the repeated blocks, which run back to back). Anything else stays a unit
+    of its own, in particular direct children of ``root``: those become FSDP roots, and FSDP2 wants one module per
+    root."""
+    groups: list[list[nn.Module]] = []
+    previous: Optional[tuple[str, type, int]] = None  # (parent, class, index) of the last module added
     for unit in units:
-        by_parent.setdefault(names[id(unit)].rpartition(".")[0], []).append(unit)
-    return [siblings[i:i + size] for siblings in by_parent.values() for i in range(0, len(siblings), size)]
+        parent, _, leaf = names[id(unit)].rpartition(".")
+        container = root.get_submodule(parent) if parent else None
+        key = None
+        if isinstance(container, (nn.ModuleList, nn.Sequential)) and leaf.isdigit():
+            key = (parent, type(unit), int(leaf))
+        follows = (key is not None and previous is not None and key[:2] == previous[:2]
+                   and key[2] == previous[2] + 1 and len(groups[-1]) < size)
+        if follows:
+            groups[-1].append(unit)
+        else:
+            groups.append([unit])
+        previous = key
+    return groups
 
 
 class EffiFSDPStrategy(ModelParallelStrategy):
@@ -289,8 +324,9 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             to root units too.
         activation_checkpointing: class names of modules whose activations are recomputed in backward instead of
             stored (torch's composable ``checkpoint``, so parameter names and checkpoints are unchanged).
-        wrap_group_size: shard this many consecutive wrapped modules of the same parent (e.g. 2 neighbouring
-            ``Block`` of a ``ModuleList``) together as one FSDP unit (default 1: one unit per module). Fewer units mean
+        wrap_group_size: shard this many consecutive wrapped entries of one ``nn.ModuleList``/``nn.Sequential``
+            with the same class (e.g. 2 neighbouring ``Block``) together as one FSDP unit (default 1: one unit per
+            module; other wrapped modules always stay units of their own). Fewer units mean
             fewer FSDP hooks on the host and fewer, larger collectives, at the cost of one group's full parameters
             alive at a time instead of one module's. Parameter names and checkpoints do not change.
         compile: ``torch.compile`` the ``forward`` of every wrapped module (each ``Block``), keeping FSDP2's
@@ -442,6 +478,16 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             _optimizers_to_device(self.optimizers, self.root_device)
 
     @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        # A SIGTERM after the last training batch's agreement (last batch, final validation) was never agreed on:
+        # report it like upstream would, so requeue logic that reads trainer.received_sigterm after fit sees it.
+        connector = getattr(getattr(self.lightning_module, "_trainer", None), "_signal_connector", None)
+        if connector is not None and getattr(connector, _SIGTERM_PENDING, False):
+            connector.received_sigterm = True
+            setattr(connector, _SIGTERM_PENDING, False)
+
+    @override
     def optimizer_step(
         self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[nn.Module] = None, **kwargs: Any
     ) -> Any:
@@ -506,7 +552,8 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         for m in ac_modules:
             checkpoint(m)
         # Innermost groups first: fully_shard on a parent only takes the parameters its sharded children left over.
-        groups = sorted(_group_siblings(units, names, self.wrap_group_size), key=lambda g: -names[id(g[0])].count("."))
+        groups = sorted(_group_siblings(module, units, names, self.wrap_group_size),
+                        key=lambda g: -names[id(g[0])].count("."))
         # True -> None for units that end up FSDP roots (direct children of the LightningModule: the root units
         # below, or a wrapped unit such as wrap=["GPT"]): FSDP2's default, which keeps a root's parameters from
         # forward to backward. Backward starts with them (the output head), so resharding would only add an

@@ -170,8 +170,11 @@ def test_compile_one_graph_for_every_block(runs):
 def test_fused_adamw_on_local_shards_is_bitwise_the_dtensor_step(runs):
     # Both match the single-process fused AdamW (test_two_ranks_match_single_process_reference); here: the local-shard
     # kernel call gives exactly DTensor's result, with clipping and rank 1's empty shard included.
-    local, _ = _load(runs, "two", "adamw_fused")
-    via_dtensor, _ = _load(runs, "two", "adamw_fused_dtensor")
+    local, local_ranks = _load(runs, "two", "adamw_fused")
+    via_dtensor, dtensor_ranks = _load(runs, "two", "adamw_fused_dtensor")
+    # the kernel really got plain local shards in one run and DTensors in the other, on every rank
+    assert [r["fused_adamw_args"] for r in local_ranks] == [["Tensor"], ["Tensor"]]
+    assert [r["fused_adamw_args"] for r in dtensor_ranks] == [["DTensor"], ["DTensor"]]
     assert local.keys() == via_dtensor.keys()
     for k in local:
         assert torch.equal(local[k], via_dtensor[k]), k

@@ -299,13 +299,41 @@ def test_training_step_reads_no_metric_back_except_on_logging_steps(tmp_path, mo
         assert shown == pytest.approx(float(trainer.callback_metrics["train/loss"]), rel=1e-6)
 
 
+def test_module_with_host_loss_slots_still_copies_and_pickles():
+    import copy
+    import pickle
+    import threading
+
+    from lightning_effi.models.gpt import _can_fuse_loss
+
+    model = GPTLightningModule(vocab_size=50, block_size=16)
+    model._host_loss = [(torch.zeros(()), threading.Lock())]  # stands in for a CUDA event: not picklable either
+    assert copy.deepcopy(model)._host_loss is None
+    assert pickle.loads(pickle.dumps(model))._host_loss is None
+    assert model._host_loss is not None  # the live module keeps its slots
+    assert not _can_fuse_loss(torch.device("cpu"))  # auto fused_loss: never on the CPU
+
+
 @pytest.mark.gpu
 def test_host_loss_copy_on_gpu_needs_no_sync():
+    from lightning_effi.models.gpt import _HOST_LOSS_SLOTS
+
     model = GPTLightningModule(vocab_size=50, block_size=16)
     assert model.progress_bar_host_metrics() == {}
-    loss = torch.full((), 2.5, device="cuda")
-    torch.cuda._sleep(50_000_000)  # keep the stream busy: the copy cannot have landed yet
-    model._note_loss(loss)
+    torch.cuda._sleep(50_000_000)  # keep the stream busy: no copy can land before the sleep ends
+    model._note_loss(torch.full((), 2.5, device="cuda"))
     assert model.progress_bar_host_metrics() == {}  # not waited for
     torch.cuda.synchronize()
     assert model.progress_bar_host_metrics() == {"train/loss": 2.5}
+    # A host a few steps ahead of the GPU: the newest copy is still queued when the bar reads, older ones have
+    # landed; the bar must show the newest landed one (one re-used slot would show nothing new until a sync).
+    import time
+
+    for step in range(_HOST_LOSS_SLOTS):
+        model._note_loss(torch.full((), float(step), device="cuda"))
+        torch.cuda._sleep(40_000_000)  # ~20 ms of GPU work after each loss
+    time.sleep(0.03)  # the GPU is one to two sleeps in
+    shown = model.progress_bar_host_metrics()["train/loss"]
+    assert shown in [float(s) for s in range(_HOST_LOSS_SLOTS - 1)], shown
+    torch.cuda.synchronize()
+    assert model.progress_bar_host_metrics() == {"train/loss": float(_HOST_LOSS_SLOTS - 1)}

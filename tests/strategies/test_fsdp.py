@@ -174,12 +174,12 @@ def test_bad_setup_raises_before_training(one_process_fit, strategy_kwargs, modu
     ("reshard_after_forward", "wrap", "expected", "group"),
     [
         # default: the layout of hand-written FSDP2 (fully_shard per Block, then the model with FSDP2's defaults)
-        (True, None, {"root": True, "blocks": [False, False]}, 1),
-        (False, None, {"root": True, "blocks": [True, True]}, 1),
+        (True, None, {"root": True, "blocks": [False, False], "block0_in_block1": False}, 1),
+        (False, None, {"root": True, "blocks": [True, True], "block0_in_block1": True}, 1),
         # a wrapped unit that is a direct child of the LightningModule is the FSDP root: kept like a root unit
-        (True, ["GPT"], {"root": True, "blocks": [True, True]}, 1),
-        # both Blocks as one unit: resharded together after the second one's forward
-        (True, None, {"root": True, "blocks": [False, False]}, 2),
+        (True, ["GPT"], {"root": True, "blocks": [True, True], "block0_in_block1": True}, 1),
+        # both Blocks as one unit: still gathered while the second one runs, resharded together after it
+        (True, None, {"root": True, "blocks": [False, False], "block0_in_block1": True}, 2),
     ],
     ids=["default", "no-reshard", "wrap-root", "group2"],
 )
@@ -190,9 +190,16 @@ def test_which_units_keep_parameters_from_forward_to_backward(one_process_fit, r
     seen = {}
 
     class Probe(pl.Callback):
-        # Between forward and backward: an unsharded (all-gathered) parameter is a plain tensor, a resharded one is
-        # the DTensor shard again.
-        def on_before_backward(self, trainer, pl_module, loss):
+        # An unsharded (all-gathered) parameter is a plain tensor, a resharded one is the DTensor shard again.
+        def on_train_start(self, trainer, pl_module):
+            blocks = pl_module.model.blocks
+
+            def in_block1(mod, args):  # runs after FSDP's own pre-forward hook of Block 1
+                seen["block0_in_block1"] = not isinstance(blocks[0].attn.qkv.weight, DTensor)
+
+            blocks[1].register_forward_pre_hook(in_block1)
+
+        def on_before_backward(self, trainer, pl_module, loss):  # between forward and backward
             gpt = pl_module.model
             seen["root"] = not isinstance(gpt.wte.weight, DTensor)
             seen["blocks"] = [not isinstance(b.attn.qkv.weight, DTensor) for b in gpt.blocks]
@@ -237,3 +244,52 @@ def test_sigterm_stops_a_single_process_run(one_process_fit):
     with pytest.raises(SIGTERMException):
         one_process_fit(EffiFSDPStrategy(), module, max_steps=3, callbacks=[SignalAfterFirstBatch()])
     assert module.steps_run == 1
+
+
+def test_group_siblings_groups_consecutive_list_entries_only():
+    from lightning_effi.strategies.fsdp import _group_siblings
+
+    class A(nn.Linear):
+        pass
+
+    class B(nn.Linear):
+        pass
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = A(2, 2), A(2, 2)  # top-level siblings: future FSDP roots, never grouped
+            self.layers = nn.ModuleList([A(2, 2), A(2, 2), A(2, 2), B(2, 2), A(2, 2), A(2, 2)])
+            self.head = nn.Sequential(A(2, 2), A(2, 2))
+
+    root = Root()
+    names = {id(m): n for n, m in root.named_modules()}
+    units = [m for m in root.modules() if isinstance(m, A)]
+    got = [[names[id(m)] for m in g] for g in _group_siblings(root, units, names, 2)]
+    assert got == [["enc"], ["dec"], ["layers.0", "layers.1"], ["layers.2"], ["layers.4", "layers.5"],
+                   ["head.0", "head.1"]]
+    assert [len(g) for g in _group_siblings(root, units, names, 1)] == [1] * len(units)
+
+
+def test_sigterm_during_fit_is_deferred_to_the_agreement_and_reported_at_the_end():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from lightning_effi.strategies.fsdp import _SIGTERM_PENDING, _on_sigterm
+
+    def connector(fn):
+        trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), strategy=SimpleNamespace(launcher=None))
+        return SimpleNamespace(trainer=trainer, received_sigterm=False, **{_SIGTERM_PENDING: False})
+
+    fitting = connector(TrainerFn.FITTING)
+    _on_sigterm(fitting, 15, None)
+    # recorded only: a rank leaving on its own mid-fit would hang the others' next collective
+    assert getattr(fitting, _SIGTERM_PENDING) and not fitting.received_sigterm
+    strategy = EffiFSDPStrategy()
+    strategy._lightning_module = SimpleNamespace(_trainer=SimpleNamespace(_signal_connector=fitting))
+    strategy.on_train_end()  # fit ended before a training batch agreed on it: reported like upstream
+    assert fitting.received_sigterm and not getattr(fitting, _SIGTERM_PENDING)
+    validating = connector(TrainerFn.VALIDATING)
+    _on_sigterm(validating, 15, None)  # outside fit: stops at the next batch, as upstream
+    assert validating.received_sigterm

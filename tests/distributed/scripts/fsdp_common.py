@@ -30,8 +30,10 @@ CASES: dict[str, dict] = {
     "adamw": {"optimizer": "adamw"},
     "lamb": {"optimizer": "lamb", "health": True},
     "adamw_accum": {"optimizer": "adamw", "accumulate": 2},  # micro-batch halved, same global batch per step
+    # activation checkpointing per Block inside one two-Block unit
     "adamw_ac": {"optimizer": "adamw",
-                 "strategy": {"activation_checkpointing": ["Block"], "reshard_after_forward": False}},
+                 "strategy": {"activation_checkpointing": ["Block"], "reshard_after_forward": False,
+                              "wrap_group_size": 2}},
     "adamw_bf16": {"optimizer": "adamw", "precision": "bf16-mixed"},
     "adamw_fp16": {"optimizer": "adamw", "fp16": True, "skip": [SKIP_AT], "health": True},
     "lamb_sched": {"optimizer": "lamb", "schedule": {0: 1, 2: 2}, "windows": SCHEDULED_WINDOWS},

@@ -186,10 +186,19 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int, acceler
     )
     model = LM(spec["optimizer"])
     ckpt = str(fc.case_dir(resume_root, case) / "step5") if resume_root else None
+    # what torch's fused AdamW kernel is handed (the strategy wraps whatever torch._fused_adamw_ is during the step)
+    kernel, kernel_args = torch._fused_adamw_, set()
+
+    def recording_kernel(*args, **kwargs):
+        kernel_args.update(type(t).__name__ for lst in args[:4] for t in lst)
+        return kernel(*args, **kwargs)
+
+    torch._fused_adamw_ = recording_kernel
     try:
         trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt)
     finally:
         torch.compile = real_compile
+        torch._fused_adamw_ = kernel
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -199,7 +208,8 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int, acceler
 
     # FSDP units = distinct FSDP states (a group of modules sharded together shares one)
     states = {id(m._get_fsdp_state()) for m in model.modules() if isinstance(m, FSDPModule)}
-    info.update(global_step=trainer.global_step, world_size=trainer.world_size, fsdp_units=len(states))
+    info.update(global_step=trainer.global_step, world_size=trainer.world_size, fsdp_units=len(states),
+                fused_adamw_args=sorted(kernel_args))
     if compiled:
         from torch._dynamo.utils import counters
 
