@@ -57,6 +57,8 @@ def main() -> None:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not gpu:
+        raise SystemExit(f"{args.trace}: no GPU kernels in this trace (a CPU run?); nothing to summarise")
     cpu_ops = sorted((e for e in events if e.get("cat") == "cpu_op" and "dur" in e), key=lambda e: e["ts"])
     start = min(e["ts"] for e in gpu)
     end = max(e["ts"] + e["dur"] for e in gpu)

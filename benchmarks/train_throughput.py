@@ -87,13 +87,13 @@ def _effi(class_name: str, **kwargs) -> Callable[[int], object]:
     return build
 
 
+def _fsdp(**kwargs) -> Callable[[int], object]:
+    """EffiFSDPStrategy(wrap=["Block"], **kwargs)."""
+    return _effi("EffiFSDPStrategy", wrap=["Block"], **kwargs)
+
+
 def _effi_deepspeed(stage: int) -> Callable[[int], object]:
-    def build(world: int):
-        from lightning_effi.strategies import EffiDeepSpeedStrategy
-
-        return EffiDeepSpeedStrategy(stage=stage)
-
-    return build
+    return _effi("EffiDeepSpeedStrategy", stage=stage)
 
 
 def _stock_deepspeed(stage: int) -> Callable[[int], object]:
@@ -109,32 +109,32 @@ def _stock_deepspeed(stage: int) -> Callable[[int], object]:
 CASES: dict[str, Case] = {
     "ddp": Case(_ddp),
     "model_parallel": Case(_model_parallel, hand_sharded=True, empty_init=True),
-    "effi_fsdp_adamw": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "adamw", empty_init=True),
-    "effi_fsdp_lamb": Case(_effi("EffiFSDPStrategy", wrap=["Block"]), "lamb", empty_init=True),
-    "effi_fsdp_adamw_compile": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "adamw", empty_init=True),
+    "effi_fsdp_adamw": Case(_fsdp(), "adamw", empty_init=True),
+    "effi_fsdp_lamb": Case(_fsdp(), "lamb", empty_init=True),
+    "effi_fsdp_adamw_compile": Case(_fsdp(compile=True), "adamw", empty_init=True),
     "model_parallel_nosync": Case(_model_parallel, hand_sharded=True, empty_init=True, no_sigterm_sync=True),
-    "effi_fsdp_adamw_compile_nosync": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "adamw",
+    "effi_fsdp_adamw_compile_nosync": Case(_fsdp(compile=True), "adamw",
                                            empty_init=True, no_sigterm_sync=True),
-    "effi_fsdp_lamb_compile": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "lamb", empty_init=True),
+    "effi_fsdp_lamb_compile": Case(_fsdp(compile=True), "lamb", empty_init=True),
     # The GPT's loss is compiled on CUDA by default (fused_loss=None); these keep the eager fp32 loss, as measured
     # before fused_loss existed (the issue's hand-written baseline is model_parallel_eagerloss).
     "model_parallel_eagerloss": Case(_model_parallel, hand_sharded=True, empty_init=True,
                                      module=(("fused_loss", False),)),
-    "effi_fsdp_adamw_compile_eagerloss": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True), "adamw",
+    "effi_fsdp_adamw_compile_eagerloss": Case(_fsdp(compile=True), "adamw",
                                               empty_init=True, module=(("fused_loss", False),)),
     # wrap_group_size: neighbouring Blocks sharded as one FSDP unit (fewer hooks on the host, fewer collectives)
-    "effi_fsdp_adamw_compile_group2": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True, wrap_group_size=2),
+    "effi_fsdp_adamw_compile_group2": Case(_fsdp(compile=True, wrap_group_size=2),
                                            "adamw", empty_init=True),
-    "effi_fsdp_adamw_compile_group4": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True, wrap_group_size=4),
+    "effi_fsdp_adamw_compile_group4": Case(_fsdp(compile=True, wrap_group_size=4),
                                            "adamw", empty_init=True),
-    "effi_fsdp_lamb_compile_group2": Case(_effi("EffiFSDPStrategy", wrap=["Block"], compile=True, wrap_group_size=2),
+    "effi_fsdp_lamb_compile_group2": Case(_fsdp(compile=True, wrap_group_size=2),
                                           "lamb", empty_init=True),
     # A/B of fused_adam_on_local_shards (default True): torch's fused AdamW through DTensor's dispatcher instead
     "effi_fsdp_adamw_compile_group2_dtensor_adam": Case(
-        _effi("EffiFSDPStrategy", wrap=["Block"], compile=True, wrap_group_size=2, fused_adam_on_local_shards=False),
+        _fsdp(compile=True, wrap_group_size=2, fused_adam_on_local_shards=False),
         "adamw", empty_init=True),
     "effi_fsdp_adamw_compile_bf16_reduce": Case(
-        _effi("EffiFSDPStrategy", wrap=["Block"], compile=True, reduce_dtype="bfloat16"), "adamw", empty_init=True),
+        _fsdp(compile=True, reduce_dtype="bfloat16"), "adamw", empty_init=True),
     # DeepSpeed ZeRO (deepspeed is not in the GPU image: see DEVELOPERS.md for the wheel). Stage 3 refuses
     # init_module(empty_init=False) and builds the module on the CPU either way (DeepSpeed partitions it at setup).
     "deepspeed_stage_2": Case(_stock_deepspeed(2)),
@@ -229,24 +229,25 @@ def run_case(args) -> None:
         --profile-dir; the throughput of a profiled run is not a measurement (marked "profiled")."""
 
         def __init__(self) -> None:
-            self.prof = None
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+            self.running = False
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if trainer.global_step == args.warmup and self.prof is None:
-                from torch.profiler import ProfilerActivity, profile
-
-                self.prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
-                self.prof.__enter__()
+            if trainer.global_step == args.warmup and not self.running:
+                self.prof.start()
+                self.running = True
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if self.prof is not None and trainer.global_step == args.warmup + 3:
+            if self.running and trainer.global_step == args.warmup + 3:
                 if cuda:
                     torch.cuda.synchronize()
-                self.prof.__exit__(None, None, None)
+                self.prof.stop()
+                self.running = False
                 if rank == 0:
                     args.profile_dir.mkdir(parents=True, exist_ok=True)
                     self.prof.export_chrome_trace(str(args.profile_dir / f"trace_{args.case}.json"))
-                self.prof = False
 
     timer = Timer()
     trainer = pl.Trainer(

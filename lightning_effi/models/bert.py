@@ -70,9 +70,9 @@ class BertMLMLightningModule(_LMModule):
     """Masked-LM pre-training of :class:`BertEncoder` (15% of positions, 80/10/10 mask/random/keep).
 
     Validation masks with a generator seeded per batch, so the validation loss of different epochs and runs is
-    computed on the same corrupted inputs. Arguments as :class:`~lightning_effi.models.GPTLightningModule` (``fused_loss``
-    included), plus ``mask_prob`` (default 0.15). Defaults follow BERT + LAMB practice: no decay and no adaptation for biases and
-    normalisation weights.
+    computed on the same corrupted inputs. Arguments as :class:`~lightning_effi.models.GPTLightningModule`
+    (``fused_loss`` included), plus ``mask_prob`` (default 0.15). Defaults follow BERT + LAMB practice: no decay and
+    no adaptation for biases and normalisation weights.
     """
 
     data_task = "mlm"
@@ -96,7 +96,7 @@ class BertMLMLightningModule(_LMModule):
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):
         ids, labels = mlm_mask(batch["input_ids"], prob=self.hparams.mask_prob, generator=generator)
-        return self.token_loss(self(ids), labels)
+        return self.select_token_loss(self(ids), labels)
 
     def val_generator(self, batch: dict, batch_idx: int) -> torch.Generator:
         return torch.Generator(device=batch["input_ids"].device).manual_seed(10_000 + batch_idx)

@@ -209,7 +209,7 @@ class _LMModule(pl.LightningModule):
                  loss_reduction: str, fused_loss: bool | None = None):
         super().__init__()
         if fused_loss not in (None, True, False):
-            raise ValueError(f"Invalid fused_loss {fused_loss!r}: must be true, false or null (auto: on CUDA)")
+            raise ValueError(f"Invalid fused_loss {fused_loss!r}: must be true, false or null (auto: on GPUs with Triton)")
         self.fused_loss = fused_loss
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"Invalid loss_reduction {loss_reduction!r}: must be 'mean' or 'sum'")
@@ -249,7 +249,7 @@ class _LMModule(pl.LightningModule):
         """Return ``(summed token loss, number of valid tokens)`` for ``batch``."""
         raise NotImplementedError
 
-    def token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def select_token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`token_loss`, compiled (:func:`fused_token_loss`) when ``fused_loss`` says so (auto: on CUDA devices
         with Triton support)."""
         fused = self.fused_loss if self.fused_loss is not None else _can_fuse_loss(logits.device)
@@ -396,7 +396,7 @@ class GPTLightningModule(_LMModule):
         return self._forward(idx)
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):
-        return self.token_loss(self(batch["input_ids"]), batch["labels"])
+        return self.select_token_loss(self(batch["input_ids"]), batch["labels"])
 
     @rank_zero_only
     def on_fit_start(self) -> None:

@@ -40,13 +40,12 @@ backward, which starts with them (the output head).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from datetime import timedelta
-from typing import Any, Literal, Optional, Union
-
 import contextlib
 import threading
 import types
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -189,8 +188,9 @@ def _fused_adam_on_local_shards() -> Any:
     DTensor's dispatcher does exactly this for an element-wise op whose arguments share one placement, but spends
     host time on every argument: unwrapping, sharding propagation and re-wrapping about 4 x 300 DTensors took 3.1 ms
     per step for the benchmark GPT (1xH200 host, ``benchmarks/results/trace_summary_h200x1_v9_*``), host time at the
-    step boundary, where the GPU has often caught up with the host. The kernel, the memory it updates and so the results are identical
-    (bitwise, tested); anything else (mixed placements, DTensor step counts) goes through DTensor as before.
+    step boundary, where the GPU has often caught up with the host. The kernel, the memory it updates and so the
+    results are identical (bitwise, tested); anything else (mixed placements, DTensor step counts) goes through
+    DTensor as before.
     """
     with _FUSED_ADAM_LOCK:
         if _FUSED_ADAM_DEPTH[0] == 0:
@@ -326,9 +326,9 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             stored (torch's composable ``checkpoint``, so parameter names and checkpoints are unchanged).
         wrap_group_size: shard this many consecutive wrapped entries of one ``nn.ModuleList``/``nn.Sequential``
             with the same class (e.g. 2 neighbouring ``Block``) together as one FSDP unit (default 1: one unit per
-            module; other wrapped modules always stay units of their own). Fewer units mean
-            fewer FSDP hooks on the host and fewer, larger collectives, at the cost of one group's full parameters
-            alive at a time instead of one module's. Parameter names and checkpoints do not change.
+            module; other wrapped modules always stay units of their own). Fewer units mean fewer FSDP hooks on the
+            host and fewer, larger collectives, at the cost of one group's full parameters alive at a time instead of
+            one module's. Parameter names and checkpoints do not change.
         compile: ``torch.compile`` the ``forward`` of every wrapped module (each ``Block``), keeping FSDP2's
             all-gather/reshard hooks outside the compiled code (torchtitan's per-block layout: one small graph reused
             by every block, no graph breaks at the hooks). Fuses layer norms, activations and residual adds. Parameter
@@ -575,8 +575,7 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         object.__setattr__(module, _SHARDED_FLAG, True)
         rank_zero_info(
             f"EffiFSDPStrategy: {len(groups)} unit(s) of {len(units)} {unit_classes} + {len(roots)} root(s) "
-            f"{root_classes} over "
-            f"{self.world_size} rank(s); "
+            f"{root_classes} over {self.world_size} rank(s); "
             f"param_dtype={param_dtype}, reduce_dtype={reduce_dtype}, activation checkpointing on "
             f"{len(ac_modules)} module(s), compiled units: {self.compile}"
         )
