@@ -16,16 +16,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
-from lightning_effi.callbacks.schedule import (
-    NORMALIZE,
-    UNITS,
-    factor_at,
-    factor_from_global_batch,
-    loop_accumulate_value,
-    parse_ramp,
-    parse_schedule,
-    window_size,
-)
+from lightning_effi._host import device_scalar
+from lightning_effi.callbacks.schedule import NORMALIZE, UNITS, AccumulationWindow, parse_ramp, parse_schedule
 
 _WINDOW_KEY = "lightning_effi.accumulation.partial_window"
 
@@ -150,47 +142,18 @@ class AccumulationScheduler(Callback):
     # ------------------------------------------------------------------ state
 
     def _reset_state(self) -> None:
-        self._open = False  # a window is in progress
-        self._closed = False  # its counts were reduced and gradients fixed
-        self._pos = 0  # micro-batches whose training_step ran in the open window
-        self._size = 0  # micro-batches in the open window
-        self._opened_size = 0  # the size it opened with (an unsized loader may end it early)
-        self._accumulate = 1  # last value given to trainer.accumulate_grad_batches
-        self._multiplier = 1.0  # loss multiplier for the open window's micro-batches
-        self._scale = 1.0  # normalize="tokens": the provisional per-token scale s of the open window
-        self._prev_tokens = 0  # valid tokens (all ranks) of the last closed window
-        self._samples_seen = 0  # all ranks, closed windows
-        self._tokens_seen = 0
-        self._micro_batch_size = 0
-        self._engine_factor = 0  # last value passed to strategy.effi_set_accumulation
-        self._win_samples = 0  # this rank, open window
-        self._win_tokens: torch.Tensor | int = 0
-        self._last_window: tuple[int, int, int] | None = None  # (size, samples, tokens) for logging
+        self.window = AccumulationWindow(
+            unit=self.unit, normalize=self.normalize, schedule=self.schedule, ramp=self.ramp,
+            global_batch_size=self.global_batch_size,
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "open": self._open, "pos": self._pos, "size": self._size, "opened_size": self._opened_size,
-            "accumulate": self._accumulate, "multiplier": self._multiplier, "scale": self._scale,
-            "prev_tokens": self._prev_tokens, "samples_seen": self._samples_seen, "tokens_seen": self._tokens_seen,
-            "micro_batch_size": self._micro_batch_size,
-        }
+        return self.window.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._open = state_dict["open"]
-        self._pos = state_dict["pos"]
-        self._size = state_dict["size"]
-        self._opened_size = state_dict["opened_size"]
-        self._accumulate = state_dict["accumulate"]
-        self._multiplier = state_dict["multiplier"]
-        self._scale = state_dict["scale"]
-        self._prev_tokens = state_dict["prev_tokens"]
-        self._samples_seen = state_dict["samples_seen"]
-        self._tokens_seen = state_dict["tokens_seen"]
-        self._micro_batch_size = state_dict["micro_batch_size"]
-        self._closed = False
-        self._engine_factor = 0  # engines do not checkpoint a changed factor: set it again
+        self.window.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ setup
 
@@ -265,6 +228,8 @@ class AccumulationScheduler(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._dp = self._data_parallel_size(trainer)
+        self.window.data_parallel_size = self._dp
+        self.window.reduce_sum = _all_reduce_sum if trainer.world_size > 1 else None
         if not _grads_reachable(trainer.strategy) and math.isinf(trainer.num_training_batches):
             raise RuntimeError(
                 f"AccumulationScheduler with {type(trainer.strategy).__name__} needs a sized train DataLoader: the "
@@ -272,88 +237,45 @@ class AccumulationScheduler(Callback):
                 "micro-batches were weighted, which needs a gradient rescale the engine's private partitions prevent."
             )
         # Lightning's restart bookkeeping reads accumulate_grad_batches before the first resumed batch.
-        trainer.accumulate_grad_batches = self._accumulate
+        trainer.accumulate_grad_batches = self.window.accumulate
         if self._pending_window is not None:
             self._restore_window(trainer, pl_module)
 
     # --------------------------------------------------------------- per batch
 
-    def _position(self, trainer: Trainer) -> int:
-        if self.unit == "epoch":
-            return trainer.current_epoch
-        if self.unit == "step":
-            return trainer.global_step
-        if self.unit == "sample":
-            return self._samples_seen
-        return self._tokens_seen
-
-    def _nominal_factor(self, trainer: Trainer, batch: Any) -> int:
-        if self.global_batch_size is not None:
-            if not self._micro_batch_size:
-                self._micro_batch_size = extract_batch_size(batch)
-            return factor_from_global_batch(
-                self.global_batch_size, micro_batch_size=self._micro_batch_size, data_parallel_size=self._dp
-            )
-        return factor_at(self._position(trainer), schedule=self.schedule, ramp=self.ramp)
-
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         strategy = trainer.strategy
-        if not self._open:
-            factor = self._nominal_factor(trainer, batch)
-            size = window_size(factor, batch_idx=batch_idx, num_batches=trainer.num_training_batches)
-            self._open, self._closed, self._pos = True, False, 0
-            self._size = self._opened_size = size
-            self._win_samples, self._win_tokens = 0, 0
-            if self.normalize == "tokens":
-                self._scale = 1.0 / self._prev_tokens if self._prev_tokens > 0 else 1.0
-            if hasattr(strategy, "effi_set_accumulation") and size != self._engine_factor:
-                strategy.effi_set_accumulation(size)
-                self._engine_factor = size
-        if self._pos >= self._size:  # pragma: no cover - guarded by on_train_batch_end
-            raise RuntimeError(f"AccumulationScheduler: window overrun at batch {batch_idx} (position {self._pos})")
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and self._pos < self._size - 1:
-            # Unsized loader ended inside the window: close it here; _close_window rescales what it accumulated.
-            self._size = self._pos + 1
-        value = loop_accumulate_value(batch_idx=batch_idx, position=self._pos, window_size=self._size)
-        self._accumulate = trainer.accumulate_grad_batches = value.accumulate
-        if self._pos == 0 and not value.loop_zeroes and not strategy.handles_gradient_accumulation:
+        plan = self.window.start(
+            batch_idx=batch_idx, num_batches=trainer.num_training_batches,
+            is_last_batch=trainer.fit_loop.epoch_loop.batch_progress.is_last_batch, step=trainer.global_step,
+            epoch=trainer.current_epoch, batch_size=extract_batch_size(batch) if self.global_batch_size else 0,
+            engine_accumulates=strategy.handles_gradient_accumulation,
+        )
+        if plan.engine_factor is not None and hasattr(strategy, "effi_set_accumulation"):
+            strategy.effi_set_accumulation(plan.engine_factor)
+        trainer.accumulate_grad_batches = plan.accumulate  # after the engine hook, which sets the factor itself
+        if plan.zero_grad:
             # The only window start Lightning's modulo rule cannot zero (batch 1 after a window of one): do it here.
             pl_module.optimizer_zero_grad(trainer.current_epoch, batch_idx, trainer.optimizers[0])
-        # Lightning divides the loss by `accumulate` (strategies must not divide again: effi_deepspeed passes
-        # scale_wrt_gas=False); multiply it back and apply the weight we want.
-        if self.normalize == "tokens":
-            wanted = self._dp * self._scale  # the data-parallel average divides by dp; the boundary fix does the rest
-        else:
-            wanted = 1.0 / self._opened_size
-        self._multiplier = value.accumulate * wanted
 
     def _after_training_step(self, output: Any, args: tuple, kwargs: dict) -> Any:
         """Runs right after the wrapped ``training_step`` (before its backward): count and scale the loss."""
-        self._pos += 1
         if output is None:
+            self.window.pos += 1
             return None
         batch = kwargs["batch"] if "batch" in kwargs else args[0]
-        self._win_samples += extract_batch_size(batch)
+        samples = extract_batch_size(batch)
         if isinstance(output, Mapping):
-            if "num_tokens" in output:
-                n = output["num_tokens"]
-                n = n.detach().long().reshape(()) if isinstance(n, torch.Tensor) else int(n)
-                self._win_tokens = self._win_tokens + n
-                if self.normalize == "tokens" and self._prev_tokens == 0 and self._pos == 1:
-                    # First window of the run: no previous total to set the provisional scale from. Estimate it
-                    # from this micro-batch (summed over ranks) x window size, so even the first window's loss has
-                    # per-token-mean magnitude (fp16 loss scaling). One extra all-reduce, once.
-                    first = self._sum_over_ranks(self._trainer, [n])[0]
-                    self._scale = 1.0 / max(first * self._size, 1)
-                    self._multiplier = self._accumulate * self._dp * self._scale
-            elif self._needs_tokens:
+            if "num_tokens" not in output and self._needs_tokens:
                 raise RuntimeError(self._protocol_error(f"a dict without 'num_tokens' (keys: {sorted(output)})"))
-            return {**output, "loss": output["loss"] * self._multiplier}
+            loss = self.window.scale_loss(output["loss"], samples=samples, num_tokens=output.get("num_tokens"))
+            return {**output, "loss": loss}
         if isinstance(output, torch.Tensor):
             if self._needs_tokens:
                 raise RuntimeError(self._protocol_error("a bare loss tensor"))
-            return output * self._multiplier
+            return self.window.scale_loss(output, samples=samples)
+        self.window.pos += 1
         return output  # Lightning raises its own error for other types
 
     def _protocol_error(self, got: str) -> str:
@@ -376,57 +298,40 @@ class AccumulationScheduler(Callback):
         self._maybe_close(trainer, pl_module)  # the last training_step returned None: no backward ran
 
     def _maybe_close(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (self._open and not self._closed and self._pos >= self._size
-                and not trainer.strategy.handles_gradient_accumulation):
+        if self.window.ready_to_close() and not trainer.strategy.handles_gradient_accumulation:
             self._close_window(trainer, pl_module, fix_grads=True)
+
+    def _close_window(self, trainer: Trainer, pl_module: LightningModule, *, fix_grads: bool) -> None:
+        fix = self.window.close(trainer.strategy.root_device)
+        if fix_grads and fix is not None:
+            if not _grads_reachable(trainer.strategy):  # pragma: no cover - refused at setup/train start
+                raise RuntimeError(f"AccumulationScheduler: cannot rescale gradients under {type(trainer.strategy).__name__}")
+            _scale_grads([p.grad for p in pl_module.parameters() if p.grad is not None], fix)
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not (self._open and self._pos >= self._size):
+        w = self.window
+        if not (w.is_open and w.pos >= w.size):
             return
-        if not self._closed:
+        if not w.closed:
             self._close_window(trainer, pl_module, fix_grads=False)
-        self._open = False
-        size, samples, tokens = self._last_window  # type: ignore[misc]
-        pl_module.log("accumulation/factor", float(size), on_step=True, on_epoch=False)
-        pl_module.log("accumulation/global_batch_samples", float(samples), on_step=True, on_epoch=False)
-        if tokens:
-            pl_module.log("accumulation/global_batch_tokens", float(tokens), on_step=True, on_epoch=False)
-
-    def _sum_over_ranks(self, trainer: Trainer, values: list[torch.Tensor | int]) -> list[int]:
+        w.finish()
+        # Device tensors, so logging every step needs no host copy (a Python number would be copied to the device).
         device = trainer.strategy.root_device
-        t = torch.stack([torch.as_tensor(v, dtype=torch.int64, device=device) for v in values])
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return [int(v) for v in t.tolist()]  # one host sync per optimizer step
-
-    def _close_window(self, trainer: Trainer, pl_module: LightningModule, *, fix_grads: bool) -> None:
-        samples, tokens = self._sum_over_ranks(trainer, [self._win_samples, self._win_tokens])
-        fix = 1.0
-        if self.normalize == "tokens":
-            # Gradients hold s * grad(sum of token losses); divide by s * (valid tokens, all ranks).
-            fix = 1.0 / (self._scale * max(tokens, 1))
-        elif self._size != self._opened_size:
-            fix = self._opened_size / self._size  # each micro-batch was weighted 1/opened_size, not 1/size
-        if fix_grads and fix != 1.0:
-            if not _grads_reachable(trainer.strategy):  # pragma: no cover - refused at setup/train start
-                raise RuntimeError(f"AccumulationScheduler: cannot rescale gradients under {type(trainer.strategy).__name__}")
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            for g in grads:
-                g.mul_(fix)
-        self._samples_seen += samples
-        self._tokens_seen += tokens
-        self._prev_tokens = tokens
-        self._last_window = (self._size, samples, tokens)
-        self._closed = True
+        pl_module.log("accumulation/factor", device_scalar(w.last_size, device), on_step=True, on_epoch=False)
+        counts = w.last_counts
+        pl_module.log("accumulation/global_batch_samples", counts[0], on_step=True, on_epoch=False)
+        if w.saw_tokens:
+            pl_module.log("accumulation/global_batch_tokens", counts[1], on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------- checkpoint
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if not (self._open and 0 < self._pos < self._size):
+        w = self.window
+        if not (w.is_open and 0 < w.pos < w.size):
             return  # at a boundary the optimizer state already holds everything
         if not _grads_reachable(trainer.strategy):
             raise RuntimeError(
@@ -434,7 +339,10 @@ class AccumulationScheduler(Callback):
                 "the engine's partial gradients cannot be saved. Checkpoint at optimizer steps "
                 "(ModelCheckpoint(every_n_train_steps=...) does)."
             )
-        samples, tokens = self._sum_over_ranks(trainer, [self._win_samples, self._win_tokens])
+        counts = w.window_counts(trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            _all_reduce_sum(counts)
+        samples, tokens = (int(v) for v in counts.tolist())  # a checkpoint may wait for the device
         checkpoint[_WINDOW_KEY] = {
             "samples": samples, "tokens": tokens, "grads": self._gather_grads(trainer, pl_module)
         }
@@ -467,8 +375,8 @@ class AccumulationScheduler(Callback):
         # Counts and gradients were summed over ranks at save time: rank 0 carries them, the others start from zero,
         # and the boundary all-reduce / DDP average add the rest exactly as without the interruption.
         first = trainer.global_rank == 0
-        self._win_samples = window["samples"] if first else 0
-        self._win_tokens = window["tokens"] if first else 0
+        self.window.win_samples = window["samples"] if first else 0
+        self.window.win_tokens = window["tokens"] if first else 0
         grads = window["grads"]
         params = dict(pl_module.named_parameters())
         missing = sorted(set(grads) - set(params))
@@ -483,6 +391,22 @@ class AccumulationScheduler(Callback):
             else:
                 g = saved.to(p.device, p.dtype)
                 p.grad = g if first else torch.zeros_like(g)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _scale_grads(grads: list[torch.Tensor], fix: Any) -> None:
+    """Multiply gradients (DTensors through their local shards: the factor is the same on every rank) by ``fix``, a
+    float or a 0-dim device tensor, in each gradient's dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        local = g.to_local() if _is_dtensor(g) else g
+        by_dtype.setdefault(local.dtype, []).append(local)
+    for dtype, gs in by_dtype.items():
+        torch._foreach_mul_(gs, fix.to(gs[0].device, dtype) if isinstance(fix, torch.Tensor) else fix)
 
 
 def _grads_reachable(strategy: Any) -> bool:

@@ -1,13 +1,14 @@
 """TrainingHealthMonitor: loss scale, skipped steps, gradient norm, non-finite parameters, Lamb trust ratios, tokens/s.
 
-Everything is computed on the device and brought to the host only at the logging interval (one sync per logged
-quantity group), except on a skipped step, which is rare and worth a diagnosis: the names of the parameters with
-non-finite gradients are then looked up at once.
+Everything is computed on the device and brought to the host once per logging interval, in one read. Skipped steps
+are reported at once when the step was decided on the host (the precision plugin then also names the parameters with
+non-finite gradients); when the optimizer skipped on the device, the step's flag is kept and read with the next log.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Optional
 
@@ -38,9 +39,11 @@ class TrainingHealthMonitor(Callback):
     * ``tokens_per_sec``: tokens trained on by all ranks since the last log, over the wall time since then; tokens come
       from the ``tokens_key`` entry of ``training_step``'s returned dict.
 
-    When a step is skipped, a warning names the step, the new scale and the first parameters with non-finite
-    gradients on this rank; the events are kept in :attr:`skip_events` as ``(step, scale, names)``.
+    When a step is skipped, a warning names the step, the scale and the first parameters with non-finite gradients
+    on this rank (at once when the precision plugin decided the skip on the host; at the next log, without names,
+    when the optimizer skipped on the device); the events are kept in :attr:`skip_events` as ``(step, scale, names)``.
     Metrics go to every logger of the Trainer at step ``trainer.global_step`` and are kept in :attr:`last_metrics`.
+    Between logging steps nothing here reads a device value.
 
     Args:
         log_every_n_steps: interval in optimizer steps (default 50).
@@ -66,6 +69,9 @@ class TrainingHealthMonitor(Callback):
         self.skip_events: list[tuple[int, Optional[float], list[str]]] = []
         self._grad_norm: Optional[Tensor] = None
         self._tokens: Optional[Tensor] = None
+        self._tokens_host = 0  # token counts returned as Python ints
+        self._seen_tokens = False
+        self._device_skips: list[tuple[int, Tensor]] = []  # (step, 0-dim flag) of steps decided on the device
         self._warned_tokens = False
         self._last_step = 0
         self._t_last = 0.0
@@ -76,7 +82,10 @@ class TrainingHealthMonitor(Callback):
         self._last_step = trainer.global_step
         self._t_last = time.perf_counter()
         self._tokens = None
+        self._tokens_host = 0
+        self._seen_tokens = False
         self._grad_norm = None
+        self._device_skips = []
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -100,8 +109,13 @@ class TrainingHealthMonitor(Callback):
         if step == self._last_step:  # inside an accumulation window: no optimizer step happened
             return
         self._last_step = step
-        if _last_step_skipped(trainer):  # a host bool: no device sync on clean steps
-            self._report_skip(trainer, step, _loss_scale_state(trainer)[0])
+        skipped = _host_skip_flag(trainer)
+        if skipped is None:  # decided on the device: keep the flag for the next log
+            flag = _device_skip_flag(trainer)
+            if flag is not None:
+                self._device_skips.append((step - 1, flag))
+        elif skipped:
+            self._report_skip(trainer, step - 1, _loss_scale_state(trainer)[0], self._plugin_names(trainer))
         if step % self.log_every_n_steps == 0:
             self._emit(trainer, step)
 
@@ -116,56 +130,103 @@ class TrainingHealthMonitor(Callback):
                     f"not logged. Return {{'loss': ..., {self.tokens_key!r}: n_tokens}} or set tokens_key."
                 )
             return
-        n = torch.as_tensor(n).detach().to(torch.float64)
+        self._seen_tokens = True
+        if not isinstance(n, Tensor):
+            self._tokens_host += int(n)  # a host count stays on the host (a copy to the device would sync)
+            return
+        n = n.detach().to(torch.float64).reshape(())
         self._tokens = n if self._tokens is None else self._tokens + n.to(self._tokens.device)
 
-    def _report_skip(self, trainer: pl.Trainer, step: int, scale: float) -> None:
+    def _plugin_names(self, trainer: pl.Trainer) -> Optional[list[str]]:
         plugin = trainer.precision_plugin
         if hasattr(plugin, "last_nonfinite_names"):
-            names = list(plugin.last_nonfinite_names)[: self.max_names]
+            return list(plugin.last_nonfinite_names)[: self.max_names]
+        return None
+
+    def _report_skip(self, trainer: pl.Trainer, step: int, scale: Optional[float], names: Optional[list[str]],
+                     why: str = "") -> None:
+        if names is None:
+            where = [why or "<not available: the engine holds the gradients>"]
+            names = []
+        else:
             where = names or ["<none on this rank: the overflow was on another rank>"]
-        else:  # DeepSpeed keeps gradients in its own flat partitions
-            names, where = [], ["<not available: the engine holds the gradients>"]
-        self.skip_events.append((step - 1, scale, names))
+        self.skip_events.append((step, scale, names))
         log.warning(
             "rank %d: optimizer step %d skipped (non-finite gradients); loss scale now %s; first parameters with "
             "inf/nan gradients: %s",
-            trainer.global_rank, step - 1, scale, where,
+            trainer.global_rank, step, scale, where,
         )
 
-    def _trust_ratio_stats(self, trainer: pl.Trainer) -> dict[str, float]:
+    def _trust_ratio_tensors(self, trainer: pl.Trainer) -> Optional[Tensor]:
+        """[min, median, max] of the finite trust ratios of the last step, on the device (no host read)."""
         for opt in trainer.optimizers:
             ratios = getattr(opt, "trust_ratios", None)
             if ratios is None:  # DeepSpeed wraps the client optimizer
                 ratios = getattr(getattr(opt, "optimizer", None), "trust_ratios", None)
             if ratios is None or ratios.numel() == 0:
                 continue
-            finite = ratios[torch.isfinite(ratios)].float()
-            if finite.numel() == 0:
-                return {}
-            lo, med, hi = torch.stack([finite.min(), finite.median(), finite.max()]).tolist()
-            return {"trust_ratio_min": lo, "trust_ratio_median": med, "trust_ratio_max": hi}
-        return {}
+            r = ratios.float()
+            finite = torch.isfinite(r)
+            inf = torch.full_like(r, math.inf)
+            return torch.stack([torch.where(finite, r, inf).min(), torch.nanmedian(torch.where(finite, r, math.nan)),
+                                torch.where(finite, r, -inf).max()])
+        return None
 
     def _emit(self, trainer: pl.Trainer, step: int) -> None:
-        metrics: dict[str, float] = {}
-        state = _loss_scale_state(trainer)
-        if state is not None:
-            metrics["loss_scale"] = state[0]
-            if state[1] is not None:
-                metrics["skipped_steps"] = float(state[1])
+        device = trainer.strategy.root_device
+        parts: dict[str, Tensor] = {}  # device values read in one go below
         if self._grad_norm is not None:
-            metrics["grad_norm"] = float(self._grad_norm)
+            parts["grad_norm"] = self._grad_norm.reshape(1)
             self._grad_norm = None
-        metrics.update(self._trust_ratio_stats(trainer))
-        now = time.perf_counter()
-        if not self._warned_tokens or self._tokens is not None:
-            local = self._tokens if self._tokens is not None else torch.zeros((), dtype=torch.float64)
+        ratios = self._trust_ratio_tensors(trainer)
+        if ratios is not None:
+            parts["ratios"] = ratios
+        if self._seen_tokens:
+            local = self._tokens.to(device) if self._tokens is not None else torch.zeros((), dtype=torch.float64,
+                                                                                            device=device)
+            local = local + self._tokens_host
             # every rank reaches this point at the same step, so the collective is matched
-            total = trainer.strategy.reduce(local.to(trainer.strategy.root_device), reduce_op="sum")
-            elapsed = max(now - self._t_last, 1e-9)
-            metrics["tokens_per_sec"] = float(total) / elapsed
+            parts["tokens"] = trainer.strategy.reduce(local, reduce_op="sum").reshape(1)
+        if self._device_skips:
+            parts["skips"] = torch.stack([f.to(device, torch.float64).reshape(()) for _, f in self._device_skips])
+        scaler = _own_scaler(trainer)
+        if scaler is not None and scaler.state_tensor is not None:
+            parts["scaler"] = scaler.state_tensor
+        host = {}
+        if parts:
+            flat = torch.cat([t.to(device, torch.float64).reshape(-1) for t in parts.values()]).tolist()  # the one read
+            i = 0
+            for k, t in parts.items():
+                host[k] = flat[i:i + t.numel()]
+                i += t.numel()
+        metrics: dict[str, float] = {}
+        if "scaler" in host:
+            from lightning_effi.plugins.scaler import SCALE, SKIPPED
+
+            metrics["loss_scale"] = host["scaler"][SCALE]
+            metrics["skipped_steps"] = float(host["scaler"][SKIPPED])
+        else:
+            state = _loss_scale_state(trainer)
+            if state is not None:
+                metrics["loss_scale"] = state[0]
+                if state[1] is not None:
+                    metrics["skipped_steps"] = float(state[1])
+        for (s, _), flag in zip(self._device_skips, host.get("skips", [])):
+            if flag:
+                self._report_skip(trainer, s, metrics.get("loss_scale"), None,
+                                  "<not recorded: the optimizer skipped the step on the device>")
+        self._device_skips = []
+        if "grad_norm" in host:
+            metrics["grad_norm"] = host["grad_norm"][0]
+        if "ratios" in host:
+            lo, med, hi = host["ratios"]
+            if math.isfinite(lo):
+                metrics.update(trust_ratio_min=lo, trust_ratio_median=med, trust_ratio_max=hi)
+        now = time.perf_counter()
+        if "tokens" in host:
+            metrics["tokens_per_sec"] = host["tokens"][0] / max(now - self._t_last, 1e-9)
         self._tokens = None
+        self._tokens_host = 0
         self._t_last = now
         metrics = {self.prefix + k: v for k, v in metrics.items()}
         self.last_metrics = metrics
@@ -173,10 +234,37 @@ class TrainingHealthMonitor(Callback):
             logger.log_metrics(metrics, step=step)
 
 
+def _own_scaler(trainer: pl.Trainer) -> Any:
+    from lightning_effi.plugins.scaler import DynamicLossScaler
+
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if isinstance(scaler, DynamicLossScaler) else None
+
+
+def _host_skip_flag(trainer: pl.Trainer) -> Optional[bool]:
+    """Whether the last optimizer step was skipped, when the host knows without reading the device; None when only
+    the device knows (a DynamicLossScaler whose optimizer skipped inside its kernel)."""
+    scaler = _own_scaler(trainer)
+    if scaler is not None:
+        return scaler.host_known_skip
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None:
+        return False  # torch's GradScaler counts no skips
+    engine = getattr(trainer.strategy, "deepspeed_engine", None)
+    return engine is not None and engine.fp16_enabled() and not engine.was_step_applied()
+
+
+def _device_skip_flag(trainer: pl.Trainer) -> Optional[Tensor]:
+    from lightning_effi.plugins.scaler import LAST_FOUND
+
+    scaler = _own_scaler(trainer)
+    return None if scaler is None or scaler.state_tensor is None else scaler.state_tensor[LAST_FOUND]
+
+
 def _loss_scale_state(trainer: pl.Trainer) -> Optional[tuple[float, Optional[int], bool]]:
     """(scale, skipped steps so far, was the last step skipped) from the precision plugin's scaler or a DeepSpeed fp16
     engine; None when nothing scales the loss. torch's GradScaler (Lightning's MixedPrecision) counts no skips: None.
-    Host values only (the scaler already synced once to decide the step)."""
+    Reads device values: for logging steps and steps the host already waited for."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is not None and hasattr(scaler, "get_scale"):
         skipped = getattr(scaler, "skipped_steps", None)
@@ -190,11 +278,3 @@ def _loss_scale_state(trainer: pl.Trainer) -> Optional[tuple[float, Optional[int
     if scale is None:
         return None
     return float(scale), int(engine.skipped_steps), not engine.was_step_applied()
-
-
-def _last_step_skipped(trainer: pl.Trainer) -> bool:
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is not None:
-        return bool(getattr(scaler, "last_step_skipped", False))
-    engine = getattr(trainer.strategy, "deepspeed_engine", None)
-    return engine is not None and engine.fp16_enabled() and not engine.was_step_applied()

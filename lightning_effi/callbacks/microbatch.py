@@ -136,7 +136,7 @@ class AutoMicroBatch(AccumulationScheduler):
         else:
             chosen = candidates[0]
         self.micro_batch_size = chosen
-        self._micro_batch_size = chosen  # AccumulationScheduler derives the factor from it
+        self.window.micro_batch_size = chosen  # the window derives the factor from it
         lightning_setattr(pl_module, self.batch_arg_name, chosen)
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule, m: int) -> str:

@@ -20,6 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_effi._host import HostMirror
 
 UNITS = ("epoch", "step", "sample", "token")
 NORMALIZE = ("mean", "tokens")
@@ -192,3 +198,263 @@ def window_size(factor: int, *, batch_idx: int, num_batches: float) -> int:
     if math.isinf(num_batches):
         return factor
     return max(1, min(factor, int(num_batches) - batch_idx))
+
+
+# ------------------------------------------------------------------------------------------ the window state machine
+# Count vector of a window, summed over data-parallel ranks: [samples, valid tokens] (float64: exact below 2**53).
+_SAMPLES, _TOKENS = 0, 1
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """What the caller does for one micro-batch before its ``training_step``.
+
+    Attributes:
+        accumulate: value for ``trainer.accumulate_grad_batches`` (see :func:`loop_accumulate_value`).
+        zero_grad: the caller zeroes the gradients itself (the one window start Lightning's rule cannot zero).
+        engine_factor: when not None, tell an engine-side accumulator the new window size.
+    """
+
+    accumulate: int
+    zero_grad: bool
+    engine_factor: int | None
+
+
+class AccumulationWindow:
+    """The accumulation window of :class:`~lightning_effi.callbacks.AccumulationScheduler`, free of Lightning.
+
+    One window is the run of micro-batches (per rank) whose gradients make one optimizer step:
+    :meth:`start` before each micro-batch (opens a window when none is open), :meth:`scale_loss` on each
+    micro-batch's loss before its backward, :meth:`close` after the window's last backward (returns the gradient fix),
+    :meth:`finish` at the end of that micro-batch. Host values are Python numbers; everything derived from the
+    data (token counts, the ``normalize="tokens"`` scales) stays on the device, so no method reads a device value
+    on the host, with one documented exception: ``unit="token"`` positions (see :meth:`position`).
+
+    Args:
+        unit, normalize, schedule, ramp, global_batch_size: as for ``AccumulationScheduler`` (schedule and ramp as
+            returned by :func:`parse_schedule` / :func:`parse_ramp`).
+        data_parallel_size: ranks whose micro-batches add up to the global batch.
+        reduce_sum: in-place sum of a tensor over those ranks (None: a single rank).
+    """
+
+    def __init__(self, *, unit: str = "step", normalize: str = "mean", schedule: tuple[tuple[int, int], ...] = (),
+                 ramp: tuple[int, int, int] | None = None, global_batch_size: int | None = None,
+                 data_parallel_size: int = 1, reduce_sum=None) -> None:
+        self.unit, self.normalize = unit, normalize
+        self.schedule, self.ramp, self.global_batch_size = schedule, ramp, global_batch_size
+        self.data_parallel_size = data_parallel_size
+        self.reduce_sum = reduce_sum
+        self.needs_tokens = normalize == "tokens" or unit == "token"
+        self.micro_batch_size = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.is_open = False
+        self.closed = False  # the open window's counts were reduced and its gradients fixed
+        self.pos = 0  # micro-batches whose training_step ran in the open window
+        self.size = 0  # micro-batches in the open window
+        self.opened_size = 0  # the size it opened with (an unsized loader may end it early)
+        self.accumulate = 1  # last value given to the loop
+        self.multiplier: Any = 1.0  # loss multiplier of the current micro-batch (a device tensor with tokens)
+        self.scale: Any = None  # normalize="tokens": the provisional per-token scale s of the open window
+        self.prev_tokens: Any = 0  # valid tokens (all ranks) of the last closed window: int or device tensor
+        self.samples_seen = 0  # all ranks, closed windows (host: micro-batch sizes x data-parallel size)
+        self.tokens_seen = 0  # all ranks, windows folded into the host count (unit="token": one window behind)
+        # closed windows not folded into tokens_seen yet: ("count", n) or ("copy", HostMirror sequence number)
+        self.pending_tokens: list[tuple[str, int]] = []
+        self.engine_factor = 0  # last size reported through MicroBatchPlan.engine_factor
+        self.win_samples = 0  # this rank, open window
+        self.win_tokens: Any = 0  # this rank, open window: int or device tensor
+        self.last_counts: Any = None  # [samples, tokens] of the last closed window, all ranks (device tensor)
+        self.last_size = 0
+        self.has_closed = False  # a window closed in this run (or before the checkpoint it resumed from)
+        self.saw_tokens = False  # training_step returned a token count
+        self._mirror = HostMirror(slots=4)
+        self._sample_checks: dict[int, int] = {}  # mirror sequence number -> samples the host derived
+
+    # -------------------------------------------------------------------------------------------- position
+    def position(self, *, step: int, epoch: int) -> int:
+        """Where the schedule is read. ``"token"``: valid tokens of every window closed before the last one (the
+        last window's count is still being copied to the host when the next opens, so positions lag one window;
+        reading it one window later never waits for work issued after it)."""
+        if self.unit == "epoch":
+            return epoch
+        if self.unit == "step":
+            return step
+        if self.unit == "sample":
+            return self.samples_seen
+        while len(self.pending_tokens) > 1:
+            self.tokens_seen += self._pending_count(self.pending_tokens.pop(0))
+        return self.tokens_seen
+
+    def _pending_count(self, entry: tuple[str, int]) -> int:
+        kind, value = entry
+        return value if kind == "count" else int(self._mirror.get(value)[_TOKENS])
+
+    def factor(self, *, step: int, epoch: int) -> int:
+        if self.global_batch_size is not None:
+            return factor_from_global_batch(self.global_batch_size, micro_batch_size=self.micro_batch_size,
+                                            data_parallel_size=self.data_parallel_size)
+        return factor_at(self.position(step=step, epoch=epoch), schedule=self.schedule, ramp=self.ramp)
+
+    # -------------------------------------------------------------------------------------------- per micro-batch
+    def start(self, *, batch_idx: int, num_batches: float, is_last_batch: bool, step: int, epoch: int,
+              batch_size: int, engine_accumulates: bool = False) -> MicroBatchPlan:
+        """Before a micro-batch's ``training_step``: open a window if none is open, pick the loop value."""
+        engine_factor = None
+        if not self.is_open:
+            if not self.micro_batch_size:
+                self.micro_batch_size = batch_size
+            size = window_size(self.factor(step=step, epoch=epoch), batch_idx=batch_idx, num_batches=num_batches)
+            self.is_open, self.closed, self.pos = True, False, 0
+            self.size = self.opened_size = size
+            self.win_samples, self.win_tokens = 0, 0
+            if self.normalize == "tokens":
+                self.scale = _inverse_or_one(self.prev_tokens) if self.has_closed else None
+            if size != self.engine_factor:
+                engine_factor = self.engine_factor = size
+        if self.pos >= self.size:  # pragma: no cover - guarded by finish()
+            raise RuntimeError(f"AccumulationScheduler: window overrun at batch {batch_idx} (position {self.pos})")
+        if is_last_batch and self.pos < self.size - 1:
+            # Unsized loader ended inside the window: close it here; close() rescales what it accumulated.
+            self.size = self.pos + 1
+        value = loop_accumulate_value(batch_idx=batch_idx, position=self.pos, window_size=self.size)
+        self.accumulate = value.accumulate
+        zero = self.pos == 0 and not value.loop_zeroes and not engine_accumulates
+        # Lightning divides the loss by `accumulate`; multiply it back and apply the weight we want.
+        if self.normalize == "tokens":
+            # the data-parallel average divides by dp; the fix at close() does the rest
+            self.multiplier = None if self.scale is None else _mul(self.scale, value.accumulate * self.data_parallel_size)
+        else:
+            self.multiplier = value.accumulate / self.opened_size
+        return MicroBatchPlan(accumulate=value.accumulate, zero_grad=zero, engine_factor=engine_factor)
+
+    def scale_loss(self, loss: Tensor, *, samples: int, num_tokens: Any = None) -> Tensor:
+        """Right after ``training_step`` (before backward): count the micro-batch and return its weighted loss.
+
+        ``num_tokens`` (int or integer tensor) is required when tokens are needed (``normalize="tokens"`` or
+        ``unit="token"``); the caller checks the training-step protocol.
+        """
+        self.pos += 1
+        self.win_samples += samples
+        if num_tokens is not None:
+            n = num_tokens.detach().reshape(()) if isinstance(num_tokens, Tensor) else int(num_tokens)
+            self.win_tokens = self.win_tokens + n
+            self.saw_tokens = True
+            if self.normalize == "tokens" and self.scale is None:
+                # First window of the run: no previous total to set the provisional scale from. Estimate it from
+                # this micro-batch (summed over ranks) x window size, so even the first window's loss has the
+                # magnitude of a per-token mean (what fp16 loss scaling expects). One extra reduction, once.
+                first = self._sum([n], like=loss)[0]
+                self.scale = (first * self.size).clamp(min=1).reciprocal()
+                self.multiplier = self.scale * (self.accumulate * self.data_parallel_size)
+        m = self.multiplier
+        # The product in the loss dtype, as with a Python float multiplier.
+        return loss * (m.to(loss.dtype) if isinstance(m, Tensor) else m)
+
+    def ready_to_close(self) -> bool:
+        return self.is_open and not self.closed and self.pos >= self.size
+
+    def close(self, device: torch.device) -> Any:
+        """After the window's last backward: reduce its counts over ranks and return the gradient multiplier
+        (None: leave the gradients as they are; else a float or a 0-dim device tensor)."""
+        counts = self._sum([self.win_samples, self.win_tokens], device=device)
+        fix: Any = None
+        if self.normalize == "tokens":
+            # Gradients hold s * grad(sum of token losses); divide by s * (valid tokens, all ranks).
+            fix = (self.scale * counts[_TOKENS].clamp(min=1)).reciprocal()
+        elif self.size != self.opened_size:
+            fix = self.opened_size / self.size  # each micro-batch was weighted 1/opened_size, not 1/size
+        derived = self.win_samples * self.data_parallel_size
+        self.samples_seen += derived
+        self.prev_tokens = counts[_TOKENS]
+        if self.unit == "token":
+            self.pending_tokens.append(("copy", self._mirror.push(counts)))
+        elif self.unit == "sample" and self.data_parallel_size > 1:
+            self._check_samples(self._mirror.push(counts), derived)
+        self.last_counts, self.last_size = counts, self.size
+        self.closed = self.has_closed = True
+        return fix
+
+    def _check_samples(self, seq: int, derived: int) -> None:
+        """unit="sample" counts micro-batch size x data-parallel size on the host; compare with the true all-rank
+        count once its copy has landed (non-blocking), so unequal per-rank batches are named, not silently wrong."""
+        self._sample_checks[seq] = derived
+        for k in sorted(self._sample_checks):
+            if k < self._mirror.pushed - self._mirror.slots:  # overwritten before it was looked at
+                del self._sample_checks[k]
+                continue
+            got = self._mirror.peek(k)
+            if got is None:
+                break
+            want = self._sample_checks.pop(k)
+            if int(got[_SAMPLES]) != want:
+                raise RuntimeError(
+                    f"AccumulationScheduler(unit='sample') counts micro-batch size x {self.data_parallel_size} ranks "
+                    f"= {want} samples per window, but the ranks' micro-batches add up to {int(got[_SAMPLES])}: they "
+                    "differ in size across ranks. Use equal per-rank batches (Lightning's DistributedSampler gives "
+                    "them), or unit='step'/'token'."
+                )
+
+    def finish(self) -> bool:
+        """At the end of a micro-batch: True when it ended the window (which must have been closed)."""
+        if not (self.is_open and self.pos >= self.size):
+            return False
+        self.is_open = False
+        return True
+
+    def _sum(self, values: list[Any], *, like: Tensor | None = None, device: torch.device | None = None) -> Tensor:
+        device = device if device is not None else like.device  # type: ignore[union-attr]
+        t = torch.stack([v.to(device, torch.float64) if isinstance(v, Tensor)
+                         else torch.full((), float(v), dtype=torch.float64, device=device) for v in values])
+        if self.reduce_sum is not None and self.data_parallel_size > 1:
+            self.reduce_sum(t)
+        return t
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values (device values are read: a sync, as any checkpoint)."""
+        pending = [self._pending_count(e) for e in self.pending_tokens]
+        return {
+            "open": self.is_open, "pos": self.pos, "size": self.size, "opened_size": self.opened_size,
+            "accumulate": self.accumulate, "multiplier": _as_float(self.multiplier),
+            "scale": 1.0 if self.scale is None else _as_float(self.scale), "scale_set": self.scale is not None,
+            "prev_tokens": int(_as_float(self.prev_tokens)), "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen + sum(pending[:-1]), "pending_tokens": pending[-1] if pending else 0,
+            "has_pending_tokens": bool(pending),
+            "micro_batch_size": self.micro_batch_size, "has_closed": self.has_closed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.is_open, self.pos, self.size = state["open"], state["pos"], state["size"]
+        self.opened_size, self.accumulate = state["opened_size"], state["accumulate"]
+        self.multiplier = state["multiplier"]
+        self.scale = state["scale"] if state.get("scale_set", True) else None
+        self.prev_tokens = int(state["prev_tokens"])
+        self.samples_seen = state["samples_seen"]
+        self.tokens_seen = state["tokens_seen"]
+        self.pending_tokens = [("count", int(state["pending_tokens"]))] if state.get("has_pending_tokens") else []
+        self.micro_batch_size = state["micro_batch_size"]
+        self.closed = False
+        self.has_closed = state.get("has_closed", self.prev_tokens > 0 or self.samples_seen > 0)
+        self.engine_factor = 0  # engines do not checkpoint a changed factor: set it again
+
+    def window_counts(self, device: torch.device) -> Tensor:
+        """This rank's counts of the open window, [samples, tokens] (device)."""
+        return torch.stack([torch.full((), float(self.win_samples), dtype=torch.float64, device=device),
+                            torch.as_tensor(self.win_tokens, dtype=torch.float64).to(device).reshape(())])
+
+
+def _inverse_or_one(v: Any) -> Any:
+    """1 / v for v > 0, else 1 (a window without valid tokens); device tensors stay on the device."""
+    if isinstance(v, Tensor):
+        return torch.where(v > 0, v.reciprocal(), torch.ones_like(v))
+    return 1.0 / v if v > 0 else 1.0
+
+
+def _as_float(v: Any) -> float:
+    return float(v.item()) if isinstance(v, Tensor) else float(v)
+
+
+def _mul(a: Any, b: float) -> Any:
+    return a * b

@@ -74,7 +74,7 @@ def _per_param(name: str, value, n: int, *, pair: bool = False) -> list:
         if is_single:
             return [None if value is None else (float(value[0]), float(value[1]))] * n
     elif not isinstance(value, (list, tuple)):
-        if isinstance(value, Tensor):
+        if isinstance(value, Tensor) and name != "lr":
             raise TypeError(f"{name} must be a Python number, got a Tensor; pass float({name})")
         return [value] * n
     if not isinstance(value, (list, tuple)) or len(value) != n:
@@ -335,16 +335,26 @@ def lamb(
     if any(t.device != device for t in local_p):
         raise RuntimeError(f"Lamb needs all parameters on one device, got {sorted({str(t.device) for t in local_p})}")
     acc = torch.float64 if any(t.dtype == torch.float64 for t in local_p) else torch.float32
+    for lr in hp["lr"]:
+        if isinstance(lr, Tensor) and (lr.numel() != 1 or lr.device != device):
+            raise ValueError(f"Invalid lr tensor of shape {tuple(lr.shape)} on {lr.device}: a tensor lr must have one "
+                             f"element and live on the parameters' device ({device})")
     if path == "fused":
         from lightning_effi.optim.fused import fused_step
 
         return fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, _ctx(), workspace)
+    if device.type != "cpu":
+        return _device_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device)
+    # The CPU paths read their scalars on the host: there is no device queue to drain.
+    hp["lr"] = [float(lr) if isinstance(lr, Tensor) else lr for lr in hp["lr"]]
     return _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, path, workspace)
 
 
 def _ctx():
     """Helpers the fused path shares with this module (passed explicitly to avoid an import cycle)."""
     return dict(
+        skip_and_coef=_skip_and_coef,
+        lr_vector=_lr_vector,
         grad_total_sumsq=_grad_total_sumsq,
         reduce_lid_vectors=_reduce_lid_vectors,
         lid_hyper=_lid_hyper,
@@ -370,6 +380,116 @@ def _decode_lid_params(plan: _Plan, enc: list[Tensor]) -> Tensor | None:
         return None
     idx, cnt = enc
     return (torch.where(cnt > 0, idx / cnt.clamp_min(1), torch.zeros_like(idx)).round() - 1).long()
+
+
+def _skip_and_coef(plan, max_grad_norm, grad_scale, found_inf, acc, device) -> tuple[Tensor, Tensor]:
+    """The skip decision (AMP overflow, or a non-finite clipping norm) and the gradient coefficient (unscaling and
+    clipping), as 0-dim device tensors: nothing is read on the host."""
+    one = torch.ones((), dtype=acc, device=device)
+    inv_scale = one if grad_scale is None else 1.0 / grad_scale.reshape(()).to(device, acc)
+    skip = torch.zeros((), dtype=torch.bool, device=device)
+    if found_inf is not None:
+        skip = skip | (found_inf.reshape(()).to(device) != 0)
+    coef = inv_scale
+    if max_grad_norm is not None:
+        norm = _grad_total_sumsq(plan, acc, device).sqrt() * inv_scale
+        finite = torch.isfinite(norm)
+        skip = skip | ~finite
+        coef = torch.where(finite, torch.clamp(max_grad_norm / norm, max=1.0) * inv_scale, torch.zeros_like(norm))
+    return skip, coef
+
+
+def _lr_vector(lrs: list, params: list[int], device, dtype) -> Tensor:
+    """Learning rates of the given parameter indices as a device vector; Python floats are copied without a sync,
+    0-dim tensor learning rates (a device-side schedule) are gathered on the device."""
+    if not any(isinstance(lr, Tensor) for lr in lrs):
+        return _h2d([float(lrs[i]) for i in params], dtype, device)
+    slots: dict[int, int] = {}
+    values: list[Tensor] = []
+    idx = []
+    for i in params:
+        lr = lrs[i]
+        key = id(lr)
+        if key not in slots:
+            slots[key] = len(values)
+            values.append(lr.reshape(()).to(device, dtype) if isinstance(lr, Tensor)
+                          else torch.full((), float(lr), dtype=dtype, device=device))
+        idx.append(slots[key])
+    return torch.stack(values)[_h2d(idx, torch.long, device)]
+
+
+# Integer views of the same width: selecting with integer multiplies by 0 and 1 picks one tensor's bits exactly,
+# whatever they hold (a float multiply by 0 would turn inf into nan).
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+             torch.bfloat16: torch.int16}
+
+
+def _select(skip: Tensor, keep: list[Tensor], instead: list[Tensor]) -> list[Tensor]:
+    """Per element ``instead`` when ``skip`` (a 0-dim device bool), else ``keep``, bit for bit, as new tensors."""
+    dtype = keep[0].dtype
+    it = _INT_VIEW[dtype]
+    out = torch._foreach_mul([t.view(it) for t in keep], (~skip).to(it))
+    torch._foreach_add_(out, torch._foreach_mul([t.view(it) for t in instead], skip.to(it)))
+    return [o.view(dtype) for o in out]
+
+
+def _device_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device) -> Tensor:
+    """The single-tensor and foreach paths on an accelerator: multi-tensor ops with every per-step scalar (skip flag,
+    unscaling and clipping coefficient, bias corrections, trust ratios, learning rates) on the device, so a step never
+    makes the host wait. A skipped step runs the same ops with unchanged moments and a zero update: weights, moments
+    and step counts stay bit for bit. Per-tensor scalars are applied in float32 to half-precision parameters."""
+    num = plan.num_lids
+    for s in state_steps:
+        if s.device != device:
+            raise RuntimeError(f"Lamb on {device} keeps 'step' on the parameters' device; got one on {s.device}")
+    skip, coef = _skip_and_coef(plan, max_grad_norm, grad_scale, found_inf, acc, device)
+    torch._foreach_add_(state_steps, [(~skip).to(torch.float32)] * len(state_steps))
+    batches: dict[tuple, list[int]] = {}
+    for k in range(len(plan.p)):
+        i = plan.param[k]
+        key = (plan.p[k].dtype, hp["beta1"][i], hp["beta2"][i], hp["eps"][i], hp["weight_decay"][i],
+               hp["bias_correction"][i])
+        batches.setdefault(key, []).append(k)
+    xsq = torch.zeros(num, dtype=acc, device=device)
+    usq = torch.zeros(num, dtype=acc, device=device)
+    kept = []
+    for (dtype, b1, b2, eps, wd, bc_on), ks in batches.items():
+        ps, ms, vs = [plan.p[k] for k in ks], [plan.m[k] for k in ks], [plan.v[k] for k in ks]
+        sc = torch.float64 if dtype == torch.float64 else torch.float32  # per-unit scalars
+        g = torch._foreach_mul([plan.g[k] for k in ks], coef.to(sc))
+        # On a skipped step each moment is interpolated towards itself, which leaves it exactly as it was.
+        torch._foreach_lerp_(ms, _select(skip, g, ms), 1 - b1)
+        torch._foreach_lerp_(vs, _select(skip, torch._foreach_mul(g, g), vs), 1 - b2)
+        denom = torch._foreach_sqrt(vs)
+        if bc_on:
+            # m̂ / (√v̂ + eps) = (√bc2 / bc1) · m / (√v + eps·√bc2), bias corrections from the device step counts
+            steps = torch.stack([state_steps[plan.param[k]] for k in ks]).to(acc)
+            sbc2 = (1 - b2**steps).sqrt()
+            torch._foreach_add_(denom, list((eps * sbc2).to(sc).unbind(0)))
+            u = torch._foreach_div(ms, denom)
+            torch._foreach_mul_(u, list((sbc2 / (1 - b1**steps)).to(sc).unbind(0)))
+        else:
+            torch._foreach_add_(denom, eps)
+            u = torch._foreach_div(ms, denom)
+        if wd != 0:
+            torch._foreach_add_(u, ps, alpha=wd)
+        lids = _h2d([plan.lid[k] for k in ks], torch.long, device)
+        xsq.index_add_(0, lids, torch.stack(torch._foreach_norm(ps, 2, dtype=acc)).square())
+        usq.index_add_(0, lids, torch.stack(torch._foreach_norm(u, 2, dtype=acc)).square())
+        kept.append((ks, lids, ps, u, sc))
+    enc = _encode_lid_params(plan, acc, device)
+    _reduce_lid_vectors([xsq, usq, *enc], plan)
+    lid_param = _decode_lid_params(plan, enc)
+    adapt_t, wclip, tclip = _lid_hyper(plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"], acc, device,
+                                       lid_param)
+    ratio = _trust_ratio(xsq, usq, adapt_t, wclip, tclip)
+    zero_if_skip = (~skip).to(acc)
+    for ks, lids, ps, u, sc in kept:
+        lr = _lr_vector(hp["lr"], [plan.param[k] for k in ks], device, acc)
+        scale = -(lr * ratio[lids]) * zero_if_skip
+        torch._foreach_mul_(u, list(scale.to(sc).unbind(0)))
+        torch._foreach_add_(ps, u)
+    return torch.where(skip, torch.full_like(ratio, math.nan), ratio).to(torch.float32)
 
 
 def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, path, workspace=None) -> Tensor:

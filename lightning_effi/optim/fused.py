@@ -388,13 +388,23 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
     # --- skip decision and clipping coefficient, on the device ---
     skip = None
     plain = grad_scale is None and found_inf is None and max_grad_norm is None
-    lr_key = tuple(hp["lr"])
-    if cache.lr_key != lr_key:
+    if any(isinstance(lr, torch.Tensor) for lr in hp["lr"]):
+        # Device learning rates (a device-side schedule): gathered on the device every step, into the buffer a
+        # captured graph reads.
+        lrs = ctx["lr_vector"](hp["lr"], list(range(len(hp["lr"]))), device, torch.float64)
         if cache.lr_t is None:
-            cache.lr_t = _h2d(list(lr_key), torch.float64, device)
-        else:  # in place: a captured graph reads this address (pinned source: no host sync)
-            cache.lr_t.copy_(torch.tensor(lr_key, dtype=torch.float64).pin_memory(), non_blocking=True)
-        cache.lr_key = lr_key
+            cache.lr_t = lrs
+        else:
+            cache.lr_t.copy_(lrs)
+        cache.lr_key = None
+    else:
+        lr_key = tuple(hp["lr"])
+        if cache.lr_key != lr_key:
+            if cache.lr_t is None:
+                cache.lr_t = _h2d(list(lr_key), torch.float64, device)
+            else:  # in place: a captured graph reads this address (pinned source: no host sync)
+                cache.lr_t.copy_(torch.tensor(lr_key, dtype=torch.float64).pin_memory(), non_blocking=True)
+            cache.lr_key = lr_key
     if plain and cache.fast and device.type == "cuda" and CUDA_GRAPHS:
         # The whole step as one CUDA graph once the signature has held for GRAPH_AFTER steps: host work per step
         # drops to the signature check and one replay (5 Triton launches + the torch ops cost ~1 ms of host time).
@@ -413,18 +423,7 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         skip_t, coef32, coef64 = cache.zero_i32, cache.one32, cache.one64
         torch._foreach_add_(state_steps, 1.0)
     else:
-        one = torch.ones((), dtype=acc, device=device)
-        inv_scale = one if grad_scale is None else 1.0 / grad_scale.reshape(()).to(acc)
-        skip = torch.zeros((), dtype=torch.bool, device=device)
-        if found_inf is not None:
-            skip = skip | (found_inf.reshape(()) != 0)
-        coef = inv_scale
-        if max_grad_norm is not None:
-            norm = ctx["grad_total_sumsq"](plan, acc, device).sqrt() * inv_scale
-            finite = torch.isfinite(norm)
-            skip = skip | ~finite
-            clip = torch.clamp(max_grad_norm / norm, max=1.0)
-            coef = torch.where(finite, clip * inv_scale, torch.zeros_like(norm))
+        skip, coef = ctx["skip_and_coef"](plan, max_grad_norm, grad_scale, found_inf, acc, device)
         # The list overload: the single-Tensor overload of _foreach_add_ reads the scalar on the host.
         keep_f = (~skip).to(torch.float32)
         torch._foreach_add_(state_steps, [keep_f] * len(state_steps))

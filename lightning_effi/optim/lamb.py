@@ -33,8 +33,13 @@ def _check_pair(name: str, value) -> None:
 def _validate(group: dict) -> None:
     lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     if isinstance(lr, Tensor):
-        raise TypeError("Invalid lr: a Tensor lr is not supported; pass a float (schedulers set floats)")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
+        # A device-side schedule's learning rate (as torch's Adam/AdamW accept); its value is read once, here.
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"Invalid lr tensor of shape {tuple(lr.shape)} and dtype {lr.dtype}: a tensor lr must be "
+                             "a floating-point tensor with one element")
+        if not float(lr) >= 0.0:
+            raise ValueError(f"Invalid learning rate {float(lr)!r}: must be >= 0")
+    elif not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0.0:
         raise ValueError(f"Invalid learning rate {lr!r}: must be a float >= 0")
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"Invalid betas {betas!r}: must be a pair (beta1, beta2)")
@@ -62,6 +67,13 @@ def _validate(group: dict) -> None:
         reason = fused_unavailable_reason(None)
         if reason is not None:
             raise RuntimeError(f"Lamb(fused=True) cannot run: {reason}. Use foreach=True (or leave fused=None)")
+
+
+def _step_device(p: Tensor, path: str) -> torch.device:
+    """Where a parameter's step count lives: on its device when the step runs there without host reads (the fused
+    path, and every path on an accelerator), else on the CPU (the CPU paths read it)."""
+    device = p.device  # a DTensor's .device is its local device
+    return device if path == "fused" or device.type != "cpu" else torch.device("cpu")
 
 
 class Lamb(Optimizer):
@@ -111,8 +123,9 @@ class Lamb(Optimizer):
         norm_process_group: flat mode only: the group over which flat partitions are sharded (None: the default
             group when torch.distributed is initialised).
 
-    With ``fused`` the optimizer accepts ``grad_scale``/``found_inf`` from ``torch.amp.GradScaler`` (it sets
-    ``_step_supports_amp_scaling``): unscaling and the overflow skip happen inside the step without a host sync.
+    Every path accepts ``grad_scale``/``found_inf`` (``torch.amp.GradScaler``, ``LossScalingPrecision``) and a
+    0-dim tensor ``lr`` on the parameters' device: on an accelerator, unscaling, the overflow skip and a device-side
+    learning rate need no host sync (the CPU paths read them on the host).
     """
 
     def __init__(
@@ -147,9 +160,11 @@ class Lamb(Optimizer):
         super().__init__(params, defaults)
         self.trust_ratios: Tensor | None = None
         self.norm_process_group = None
-        if fused:
-            # torch.amp.GradScaler hands grad_scale/found_inf to optimizers that set this (see torch.optim.Adam).
-            self._step_supports_amp_scaling = True
+        # Every path takes grad_scale/found_inf (torch.amp.GradScaler and LossScalingPrecision hand them to
+        # optimizers that set this, see torch.optim.Adam) and a 0-dim device tensor lr, so a loss-scaled step and a
+        # device-side schedule need no host sync on an accelerator.
+        self._step_supports_amp_scaling = True
+        self._effi_tensor_lr = True
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -175,6 +190,8 @@ class Lamb(Optimizer):
                 s["step"] = torch.tensor(float(s["step"]), dtype=torch.float32)
         self.__dict__.setdefault("trust_ratios", None)
         self.__dict__.setdefault("norm_process_group", None)
+        self.__dict__.setdefault("_step_supports_amp_scaling", True)
+        self.__dict__.setdefault("_effi_tensor_lr", True)
 
     def state_dict(self):
         # flat_layouts are strategy wiring, rebuilt by the strategy; they are not optimizer state.
@@ -195,7 +212,6 @@ class Lamb(Optimizer):
 
     def _init_group(self, group: dict, path: str, lists: dict) -> None:
         layouts = group.get("flat_layouts")
-        cpu = torch.device("cpu")
         hyper = [(key, group[key]) for key in
                  ("lr", "eps", "weight_decay", "adapt", "bias_correction", "trust_clip", "weight_norm_clip")]
         beta1, beta2 = group["betas"]
@@ -207,7 +223,7 @@ class Lamb(Optimizer):
             if p.is_complex():
                 raise RuntimeError("Lamb does not support complex parameters (the trust ratio needs real norms)")
             state = self.state[p]
-            step_device = p.device if path == "fused" else cpu  # a DTensor's .device is its local device
+            step_device = _step_device(p, path)
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -295,14 +311,13 @@ class Lamb(Optimizer):
         if hit is not None and hit[0] == key:
             _, path, lists, counts = hit
             states = self.state
-            step_device = None if path == "fused" else torch.device("cpu")
             m, v, st = [], [], []
             for p in with_grad:
                 s_ = states.get(p)
                 if not s_ or "exp_avg" not in s_:
                     break
                 step = s_["step"]
-                if step_device is not None and step.device != step_device:
+                if step.device != _step_device(p, path):
                     break
                 m.append(s_["exp_avg"])
                 v.append(s_["exp_avg_sq"])

@@ -28,7 +28,9 @@ from torch.nn import Module
 from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
-from lightning_effi.plugins.scaler import DynamicLossScaler, validate_scaler_knobs
+from lightning_effi._host import HostMirror
+from lightning_effi.plugins.held_schedule import HeldSchedule, can_hold
+from lightning_effi.plugins.scaler import FIRST_FLOOR, FLOOR_EVENTS, LAST_FLOOR, SCALE, SKIPPED, DynamicLossScaler
 
 __all__ = ["LossScalingPrecision", "MasterWeightsPrecision", "nonfinite_grad_names"]
 
@@ -76,34 +78,61 @@ def nonfinite_grad_names(named_params: Iterator[tuple[str, Tensor]], *, limit: i
     return names
 
 
-class _SkipAwareScheduler:
+class _HeldScheduler:
     """Mixin put in front of a step-interval LR scheduler's class while a :class:`LossScalingPrecision` trains.
 
-    Why a class swap instead of wrapping ``scheduler.step`` in the instance: schedulers' ``state_dict`` copies the
-    instance ``__dict__``, so an instance attribute would end up in every checkpoint (and unpicklable there). The
-    pending-skip counts live outside the instance for the same reason. The original class is restored at teardown.
+    Two ways to hold the schedule on a skipped step: when the optimizer skips on the host, the plugin counts the skip
+    and the next ``step()`` is cancelled; when it skips inside its kernel, a :class:`HeldSchedule` keeps the position
+    and the learning rates on the device and ``state_dict()`` reports the held state. Why a class swap instead of
+    wrapping ``scheduler.step`` in the instance: schedulers' ``state_dict`` copies the instance ``__dict__``, so an
+    instance attribute would end up in every checkpoint. The bookkeeping lives outside the instance for the same
+    reason, and the original class is restored at teardown.
     """
 
     _effi_pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _effi_holds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def step(self, *args: Any, **kwargs: Any) -> None:
-        pending = _SkipAwareScheduler._effi_pending.get(self, 0)
+        hold = _HeldScheduler._effi_holds.get(self)
+        if hold is not None and not args and not kwargs:
+            return hold.step()
+        pending = _HeldScheduler._effi_pending.get(self, 0)
         if pending > 0:
             # This call belongs to an optimizer step that was skipped: the schedule must not move.
-            _SkipAwareScheduler._effi_pending[self] = pending - 1
+            _HeldScheduler._effi_pending[self] = pending - 1
             return None
         return super().step(*args, **kwargs)  # type: ignore[misc]
 
+    def state_dict(self) -> dict[str, Any]:
+        hold = _HeldScheduler._effi_holds.get(self)
+        return hold.state_dict() if hold is not None else super().state_dict()  # type: ignore[misc]
 
-_SKIP_AWARE_CLASSES: dict[type, type] = {}
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        hold = _HeldScheduler._effi_holds.pop(self, None)
+        if hold is not None:  # loaded mid-fit: the plugin holds it afresh at the next optimizer step
+            hold.release()
+        super().load_state_dict(state_dict)  # type: ignore[misc]
 
 
-def _skip_aware_class(cls: type) -> type:
-    if cls not in _SKIP_AWARE_CLASSES:
-        _SKIP_AWARE_CLASSES[cls] = type(
-            cls.__name__, (_SkipAwareScheduler, cls), {"__module__": cls.__module__, "_effi_original_class": cls}
+_HELD_CLASSES: dict[type, type] = {}
+
+
+def _held_class(cls: type) -> type:
+    if cls not in _HELD_CLASSES:
+        _HELD_CLASSES[cls] = type(
+            cls.__name__, (_HeldScheduler, cls), {"__module__": cls.__module__, "_effi_original_class": cls}
         )
-    return _SKIP_AWARE_CLASSES[cls]
+    return _HELD_CLASSES[cls]
+
+
+def _takes_device_lr(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` reads a 0-dim device tensor ``lr`` without a host sync: torch's fused Adam/AdamW and
+    optimizers that declare it (``_effi_tensor_lr``, e.g. ``lightning_effi.optim.Lamb``)."""
+    if getattr(optimizer, "_effi_tensor_lr", False):
+        return True
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return all(g.get("fused") for g in optimizer.param_groups)
+    return False
 
 
 def _check_strategy_for_loss_scaling(trainer: Any) -> None:
@@ -119,50 +148,60 @@ def _check_strategy_for_loss_scaling(trainer: Any) -> None:
         )
 
 
+_KNOBS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "hysteresis", "min_scale", "max_scale",
+          "consecutive_hysteresis")
+
+
 # ------------------------------------------------------------------------------------------- LossScalingPrecision
 class LossScalingPrecision(Precision):
     """Autocast mixed precision with a :class:`DynamicLossScaler` (hysteresis, floor, ceiling, cross-rank agreement).
 
     Pass it as ``Trainer(plugins=[LossScalingPrecision("16-mixed")])`` (no ``precision=`` argument). Per optimizer
     step, at the accumulation boundary: gradients are unscaled exactly once (before ``on_before_optimizer_step`` and
-    gradient clipping, so both see true gradients), the overflow flag is agreed on by all ranks, and the step is either
-    taken or skipped by every rank together. A skipped step leaves weights and optimizer state untouched and does not
-    advance the LR schedulers of interval ``"step"`` (automatic optimization; a scheduler with ``frequency > 1`` has its
-    next call cancelled). In manual optimization, read :attr:`last_step_skipped` after ``opt.step()`` to decide whether
-    to step your schedulers; calling ``self.clip_gradients`` before ``opt.step()`` unscales first (still once).
+    gradient clipping, so both see true gradients), the overflow flag is agreed on by all ranks, and the step is
+    skipped by every rank together: weights and optimizer state stay untouched and the LR schedulers of interval
+    ``"step"`` do not advance (automatic optimization).
 
-    Pending scheduler cancellations are consumed by the scheduler call that follows the skipped step, before any
-    ``on_train_batch_end`` checkpoint, so they are never part of a checkpoint (with ``frequency=1``).
+    **Sync-free.** With an optimizer that skips inside its kernel (torch's ``Adam``/``AdamW(fused=True)``,
+    ``lightning_effi.optim.Lamb``) nothing here reads a device value on the host: the scale rule runs on the device,
+    the step is masked by the overflow flag, and a step-interval schedule is held on the device (its learning rates
+    become 0-dim device tensors; see :mod:`~lightning_effi.plugins.held_schedule`). Any other optimizer is driven
+    with one host read of the flag per step. In manual optimization, read :attr:`last_step_skipped` after
+    ``opt.step()`` (a host read) to decide whether to step your schedulers.
 
-    With ``"bf16-mixed"`` loss scaling is not needed for range but harmless (power-of-two scales are exact), and the
-    same non-finite check skips steps with inf/nan gradients by the same rule; use ``growth_interval`` large and
-    ``init_scale=1`` to keep the scale at 1.
+    With ``"bf16-mixed"`` scaling is not needed for range but harmless (power-of-two scales are exact); the same
+    check skips steps with inf/nan gradients. Use ``init_scale=1`` and a huge ``growth_interval`` to keep it at 1.
 
     Args:
         precision: ``"16-mixed"`` (float16 autocast) or ``"bf16-mixed"`` (bfloat16 autocast).
-        init_scale, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale, max_scale,
-            consecutive_hysteresis: the scaler knobs, see :class:`DynamicLossScaler` (same defaults).
-        on_min_scale: what to do when a backoff is due while the scale is already at ``min_scale``: ``"raise"``
-            (default) stops with an error naming the step, the scale and the first parameters with non-finite
-            gradients; ``"skip"`` keeps skipping those steps and warns at most once every ``warn_every_n_steps``.
-        warn_every_n_steps: minimum number of optimizer steps between two ``on_min_scale="skip"`` warnings (default 100).
         device: autocast device type (``"cpu"``/``"cuda"``); default None takes the Trainer's root device.
+        scaler: the :class:`DynamicLossScaler` to use. Default None: one built from the keyword arguments below.
+        init_scale, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale, max_scale,
+            consecutive_hysteresis: shorthand for ``scaler=DynamicLossScaler(...)`` (its defaults when None), for
+            YAML configs; not together with ``scaler``.
+        on_min_scale: when a backoff is due with the scale already at ``min_scale``: ``"raise"`` (default) stops with
+            an error naming the step and the scale; ``"skip"`` keeps skipping and warns at most every
+            ``warn_every_n_steps`` steps. Sync-free runs learn of it from a non-blocking copy of the scaler state,
+            one or two steps later (the error names the step where it happened).
+        warn_every_n_steps: minimum number of optimizer steps between two ``"skip"`` warnings (default 100).
     """
 
     def __init__(
         self,
         precision: Literal["16-mixed", "bf16-mixed"] = "16-mixed",
-        init_scale: float = 2.0**16,
-        growth_factor: float = 2.0,
-        backoff_factor: float = 0.5,
-        growth_interval: int = 1000,
-        hysteresis: int = 2,
-        min_scale: float = 1.0,
-        max_scale: float = 2.0**24,
-        consecutive_hysteresis: bool = False,
+        device: Optional[str] = None,
+        scaler: Optional[DynamicLossScaler] = None,
+        *,
+        init_scale: Optional[float] = None,
+        growth_factor: Optional[float] = None,
+        backoff_factor: Optional[float] = None,
+        growth_interval: Optional[int] = None,
+        hysteresis: Optional[int] = None,
+        min_scale: Optional[float] = None,
+        max_scale: Optional[float] = None,
+        consecutive_hysteresis: Optional[bool] = None,
         on_min_scale: Literal["raise", "skip"] = "raise",
         warn_every_n_steps: int = 100,
-        device: Optional[str] = None,
     ) -> None:
         if precision not in _PRECISIONS:
             raise ValueError(
@@ -175,43 +214,30 @@ class LossScalingPrecision(Precision):
             raise ValueError(f"Invalid warn_every_n_steps {warn_every_n_steps!r}: must be an int >= 1")
         if device is not None and device not in ("cpu", "cuda"):
             raise ValueError(f"Invalid device {device!r}: must be 'cpu', 'cuda' or None (the Trainer's device)")
-        validate_scaler_knobs(
-            init_scale=init_scale,
-            growth_factor=growth_factor,
-            backoff_factor=backoff_factor,
-            growth_interval=growth_interval,
-            hysteresis=hysteresis,
-            min_scale=min_scale,
-            max_scale=max_scale,
-            consecutive_hysteresis=consecutive_hysteresis,
-        )
-        # Plain attributes (interface 5): EffiDeepSpeedStrategy reads them to build DeepSpeed's fp16 config.
+        given = {k: v for k, v in zip(_KNOBS, (init_scale, growth_factor, backoff_factor, growth_interval,
+                                                hysteresis, min_scale, max_scale, consecutive_hysteresis))
+                 if v is not None}
+        if scaler is not None:
+            if not isinstance(scaler, DynamicLossScaler):
+                raise TypeError(f"Invalid scaler {scaler!r}: must be a lightning_effi.plugins.DynamicLossScaler")
+            if given:
+                raise ValueError(f"Give the scaler settings {sorted(given)} to the DynamicLossScaler passed as scaler=, "
+                                 "not to LossScalingPrecision as well")
+        else:
+            scaler = DynamicLossScaler(**given)
         self.precision = precision
-        self.init_scale = init_scale
-        self.growth_factor = growth_factor
-        self.backoff_factor = backoff_factor
-        self.growth_interval = growth_interval
-        self.hysteresis = hysteresis
-        self.min_scale = min_scale
-        self.max_scale = max_scale
-        self.consecutive_hysteresis = consecutive_hysteresis
+        self.device = device
+        self.scaler = scaler
         self.on_min_scale = on_min_scale
         self.warn_every_n_steps = warn_every_n_steps
-        self.device = device
-        self.scaler = DynamicLossScaler(
-            init_scale=init_scale,
-            growth_factor=growth_factor,
-            backoff_factor=backoff_factor,
-            growth_interval=growth_interval,
-            hysteresis=hysteresis,
-            min_scale=min_scale,
-            max_scale=max_scale,
-            consecutive_hysteresis=consecutive_hysteresis,
-        )
-        #: names of the first parameters with non-finite local gradients at the last skipped step (this rank)
+        #: names of the first parameters with non-finite local gradients at the last skipped step decided on the
+        #: host (this rank); not recorded when the optimizer skips on the device
         self.last_nonfinite_names: list[str] = []
         self._last_floor_warning_step: Optional[int] = None
         self._patched_schedulers: list[Any] = []
+        self._on_device: dict[int, bool] = {}  # optimizer id -> skipped inside its kernel (no host read)
+        self._mirror = HostMirror(slots=4)  # the scaler state, for the floor check without a host sync
+        self._floor_seen = 0
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -220,12 +246,24 @@ class LossScalingPrecision(Precision):
 
     @property
     def last_step_skipped(self) -> bool:
-        """True if the last optimizer step was skipped because of non-finite gradients (agreed on by all ranks)."""
+        """True if the last optimizer step was skipped because of non-finite gradients (agreed on by all ranks).
+        A host read of the device flag when the optimizer skips on the device."""
         return self.scaler.last_step_skipped
 
     @property
     def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far (a host read)."""
         return self.scaler.skipped_steps
+
+    # The scaler's settings, read by EffiDeepSpeedStrategy to build DeepSpeed's fp16 section.
+    init_scale = property(lambda self: self.scaler.init_scale)
+    growth_factor = property(lambda self: self.scaler.growth_factor)
+    backoff_factor = property(lambda self: self.scaler.backoff_factor)
+    growth_interval = property(lambda self: self.scaler.growth_interval)
+    hysteresis = property(lambda self: self.scaler.hysteresis)
+    min_scale = property(lambda self: self.scaler.min_scale)
+    max_scale = property(lambda self: self.scaler.max_scale)
+    consecutive_hysteresis = property(lambda self: self.scaler.consecutive_hysteresis)
 
     # ----------------------------------------------------------------------------------------------- setup hooks
     @override
@@ -280,9 +318,14 @@ class LossScalingPrecision(Precision):
             self.scaler.unscale_(optimizer)
         # on_before_optimizer_step hooks and gradient clipping see unscaled gradients.
         self._after_closure(model, optimizer)
-        step_output = self.scaler.step(optimizer, **kwargs)
+        on_device = self._skips_on_device(model, optimizer)
+        step_output = self.scaler.step(optimizer, on_device=on_device, **kwargs)
+        found_inf = self.scaler.found_inf(optimizer)
         self.scaler.update()
-        if self.scaler.last_step_skipped:
+        if on_device:
+            self._hold_on_device(model, optimizer, found_inf)
+            self._check_floor(model)
+        elif self.scaler.last_step_skipped:
             self._on_skipped_step(model, optimizer)
         return step_output
 
@@ -299,18 +342,91 @@ class LossScalingPrecision(Precision):
             self.scaler.unscale_(optimizer)
         super().clip_gradients(optimizer, clip_val=clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
+    # ------------------------------------------------------------------------------- skipping on the device
+    def _step_schedulers(self, model: Any, optimizer: Optimizer) -> list[Any]:
+        trainer = getattr(model, "_trainer", None)
+        if trainer is None or not model.automatic_optimization:
+            return []
+        return [c.scheduler for c in trainer.lr_scheduler_configs
+                if c.interval == "step" and not c.reduce_on_plateau and c.scheduler.optimizer is optimizer]
+
+    def _skips_on_device(self, model: Any, optimizer: Optimizer) -> bool:
+        """Decided once per optimizer: it takes ``found_inf``, and its step-interval schedulers can be held on the
+        device (which needs the optimizer to read a device learning rate)."""
+        key = id(optimizer)
+        if key not in self._on_device:
+            ok = self.scaler.masks_step(optimizer)
+            schedulers = self._step_schedulers(model, optimizer) if ok else []
+            why = None
+            if schedulers and not _takes_device_lr(optimizer):
+                why = f"{type(optimizer).__name__} does not take a device learning rate"
+            for s in schedulers:
+                why = why or can_hold(s)
+            if why is not None:
+                ok = False
+                rank_zero_warn(f"LossScalingPrecision: {why}, so the LR schedule is held with one host read of the "
+                               "overflow flag per optimizer step.")
+            self._on_device[key] = ok
+        return self._on_device[key]
+
+    def _hold_on_device(self, model: Any, optimizer: Optimizer, found_inf: Tensor) -> None:
+        for scheduler in self._step_schedulers(model, optimizer):
+            hold = _HeldScheduler._effi_holds.get(scheduler)
+            if hold is None:
+                # Installed after the first masked step (which had the scheduler's current learning rate), so a
+                # checkpoint restored at fit start is already in the scheduler.
+                device = found_inf.device
+                lr_dtype = torch.float32 if device.type == "cuda" else torch.float64
+                hold = HeldSchedule(scheduler, device, lr_dtype)
+                self._patch(scheduler)
+                _HeldScheduler._effi_holds[scheduler] = hold
+            hold.add_pending(found_inf)
+
+    def _patch(self, scheduler: Any) -> None:
+        if not isinstance(scheduler, _HeldScheduler):
+            scheduler.__class__ = _held_class(type(scheduler))
+            self._patched_schedulers.append(weakref.ref(scheduler))
+
+    def _check_floor(self, model: Any, *, wait: bool = False) -> None:
+        """Floor events seen in a landed copy of the scaler state (never waits unless ``wait``)."""
+        state = self.scaler.state_tensor
+        if state is None:
+            return
+        if wait:
+            values = state.tolist()
+        else:
+            self._mirror.push(state)
+            landed = self._mirror.latest()
+            if landed is None:
+                return
+            values = landed.tolist()
+        events = int(values[FLOOR_EVENTS])
+        if events <= self._floor_seen:
+            return
+        first = int(values[FIRST_FLOOR]) if self._floor_seen == 0 else int(values[LAST_FLOOR])
+        self._floor_seen = events
+        self._floor_reached(first, values[SCALE], None, int(values[SKIPPED]))
+
+    # ------------------------------------------------------------------------------- skipping on the host
     def _on_skipped_step(self, model: Any, optimizer: Any) -> None:
         trainer = getattr(model, "_trainer", None)
         step = trainer.global_step if trainer is not None else self.scaler.num_updates - 1
         self.last_nonfinite_names = nonfinite_grad_names(model.named_parameters())
         if trainer is not None and model.automatic_optimization:
             self._hold_schedulers(trainer, optimizer)
-        if not self.scaler.overflow_at_min_scale:
-            return
-        names = self.last_nonfinite_names or ["<none on this rank: the overflow came from another rank>"]
+        if self.scaler.overflow_at_min_scale:
+            state = self.scaler.state_dict()
+            self._floor_seen = state["floor_events"]
+            self._floor_reached(step, state["scale"], self.last_nonfinite_names, state["skipped_steps"])
+
+    def _floor_reached(self, step: int, scale: float, names: Optional[list[str]], skipped: int) -> None:
+        if names is None:
+            where = "not recorded: the optimizer skipped the step on the device"
+        else:
+            where = str(names or ["<none on this rank: the overflow came from another rank>"])
         message = (
             f"Loss scale is at its floor min_scale={self.min_scale} and step {step} still has non-finite gradients "
-            f"(scale {self.scaler.get_scale()}; first parameters with inf/nan gradients on this rank: {names})."
+            f"(scale {scale}; first parameters with inf/nan gradients on this rank: {where})."
         )
         if self.on_min_scale == "raise":
             raise RuntimeError(
@@ -319,7 +435,7 @@ class LossScalingPrecision(Precision):
             )
         if self._last_floor_warning_step is None or step - self._last_floor_warning_step >= self.warn_every_n_steps:
             self._last_floor_warning_step = step
-            rank_zero_warn(message + f" Skipping ({self.scaler.skipped_steps} skipped so far).", category=RuntimeWarning)
+            rank_zero_warn(message + f" Skipping ({skipped} skipped so far).", category=RuntimeWarning)
 
     def _hold_schedulers(self, trainer: Any, optimizer: Any) -> None:
         """Cancel the next step() of every step-interval scheduler attached to ``optimizer``."""
@@ -328,22 +444,28 @@ class LossScalingPrecision(Precision):
             scheduler = config.scheduler
             if config.interval != "step" or config.reduce_on_plateau or scheduler.optimizer is not inner:
                 continue
-            if not isinstance(scheduler, _SkipAwareScheduler):
-                scheduler.__class__ = _skip_aware_class(type(scheduler))
-                self._patched_schedulers.append(weakref.ref(scheduler))
-            pending = _SkipAwareScheduler._effi_pending
+            self._patch(scheduler)
+            pending = _HeldScheduler._effi_pending
             pending[scheduler] = pending.get(scheduler, 0) + 1
 
     @override
     def teardown(self) -> None:
-        # Give the schedulers their own class back: nothing of this plugin outlives the run.
+        # Give the schedulers their own class and float learning rates back: nothing of this plugin outlives the run.
         for ref in self._patched_schedulers:
             scheduler = ref()
-            if scheduler is not None and isinstance(scheduler, _SkipAwareScheduler):
-                _SkipAwareScheduler._effi_pending.pop(scheduler, None)
+            if scheduler is not None and isinstance(scheduler, _HeldScheduler):
+                hold = _HeldScheduler._effi_holds.pop(scheduler, None)
+                if hold is not None:
+                    hold.release()
+                _HeldScheduler._effi_pending.pop(scheduler, None)
                 scheduler.__class__ = type(scheduler)._effi_original_class
         self._patched_schedulers.clear()
+        on_device = any(self._on_device.values())
+        self._on_device.clear()
+        self._mirror.clear()
         super().teardown()
+        if on_device:  # a floor event in the last steps of a sync-free run may not have been seen yet
+            self._check_floor(None, wait=True)
 
     # ------------------------------------------------------------------------------------------------ checkpoint
     @override
@@ -353,6 +475,7 @@ class LossScalingPrecision(Precision):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.scaler.load_state_dict(state_dict)
+        self._floor_seen = int(state_dict.get("floor_events", 0))
 
 
 # ------------------------------------------------------------------------------------------ MasterWeightsPrecision

@@ -5,45 +5,37 @@ The surface is the one of :class:`torch.amp.GradScaler` (``scale``, ``unscale_``
 this class adds:
 
 * **Hysteresis** (DeepSpeed / Megatron-LM semantics): an overflow always skips the step, but the scale only backs off
-  once ``hysteresis`` overflows have been seen. Two counting rules are offered:
-
-  - ``consecutive_hysteresis=False`` (default, DeepSpeed's default and Megatron-LM's only rule): the tolerance is
-    refilled only when the scale grows, so the overflows that add up to a backoff need not be consecutive; any
-    ``hysteresis`` overflows inside one growth window back off.
-  - ``consecutive_hysteresis=True``: every clean step refills the tolerance, so only ``hysteresis`` overflows in a
-    row back off. This tolerates isolated spikes indefinitely.
-
-  Once the tolerance is spent, every further overflow backs off again until it is refilled (both rules; as in
-  DeepSpeed and Megatron-LM).
-* **A floor and a ceiling**: ``min_scale <= scale <= max_scale``. A backoff that is due while the scale already sits
-  at the floor is reported through :attr:`overflow_at_min_scale` so the caller can stop the run or keep skipping.
+  once ``hysteresis`` overflows have been seen. ``consecutive_hysteresis=False`` (default, DeepSpeed's default and
+  Megatron-LM's only rule) refills the tolerance only when the scale grows; ``True`` refills it on every clean step,
+  so only ``hysteresis`` overflows in a row back off. Once spent, every further overflow backs off until refilled.
+* **A floor and a ceiling**: ``min_scale <= scale <= max_scale``; a backoff due with the scale at the floor is
+  counted as a *floor event* (:attr:`floor_events`, the update index in :attr:`first_floor_update`) so the caller can
+  stop the run or keep skipping.
 * **Cross-rank agreement**: the non-finite flag is ``all_reduce(MAX)``-ed over the process group, one scalar per
-  optimizer step, so every rank skips together even when only one rank's (local, sharded or not yet reduced)
-  gradients overflowed. DTensor gradients (FSDP2) are checked and unscaled through their local shards.
-* **Accounting**: the number of skipped steps, the number of updates, and the trackers are in ``state_dict``.
+  optimizer step, so every rank skips together; DTensor gradients (FSDP2) are checked through their local shards.
+* **No host synchronisation**: the scale, trackers and counters live in one float64 device tensor and the rule runs
+  there (``torch.where`` on 0-dim tensors). An optimizer that takes ``found_inf`` (torch's fused Adam/AdamW/SGD,
+  ``lightning_effi.optim.Lamb``: they set ``_step_supports_amp_scaling``) is always stepped and skips inside its
+  kernel; any other optimizer costs one host read of the flag per step to decide whether to call ``step``.
 
-The update rule, written out once (``tol`` is the hysteresis tracker, ``g`` the growth tracker; initially
+The rule, written out once (``tol`` is the hysteresis tracker, ``g`` the growth tracker; initially
 ``tol = hysteresis``, ``g = 0``)::
 
     overflow:  step skipped; g = 0
-               if tol == 1: scale = max(scale * backoff_factor, min_scale)     # backoff due
-               else:        tol -= 1                                          # tolerated
+               if tol <= 1: scale = max(scale * backoff_factor, min_scale)    # backoff due (a floor event if the
+               else:        tol -= 1                                          # scale was already at min_scale)
     clean:     step taken;  g += 1
                if consecutive_hysteresis: tol = hysteresis
                if g == growth_interval: scale = min(scale * growth_factor, max_scale); g = 0; tol = hysteresis
 
-Peers, checked number by number in the tests: with ``hysteresis=1`` this is torch's GradScaler rule exactly;
-backoff and hysteresis (both counting rules) are DeepSpeed 0.19's exactly. Growth follows torch and Megatron-LM (after
-``growth_interval`` clean steps); DeepSpeed counts its window from the step after an overflow (or the start), so its
-first growth comes one clean step later.
-
-Cost: one fused non-finite-check-and-unscale kernel per (device, dtype) group of gradients, one scalar all_reduce when
-distributed, and one host sync per optimizer step (to decide whether to call ``optimizer.step``; GradScaler does the
-same). No per-tensor host sync.
+With ``hysteresis=1`` this is torch's GradScaler rule; backoff and hysteresis are DeepSpeed 0.19's (its first growth
+comes one clean step later than here, torch's and Megatron-LM's). Reading a value on the host (:meth:`get_scale`,
+the tracker properties, :meth:`state_dict`) waits for the device: do it on logging steps and checkpoints.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from typing import Any
@@ -53,9 +45,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["DynamicLossScaler"]
+__all__ = ["DynamicLossScaler", "validate_scaler_knobs"]
 
 _STATE_KEYS = ("scale", "growth_tracker", "hysteresis_tracker", "skipped_steps", "num_updates")
+# Layout of the device state vector (float64; counts are exact integers below 2**53).
+SCALE, GROWTH, TOL, SKIPPED, FLOOR_EVENTS, FIRST_FLOOR, LAST_FLOOR, LAST_FOUND, UPDATES = range(9)
+_STATE_LEN = 9
 
 
 def _local(t: Tensor) -> Tensor:
@@ -64,23 +59,41 @@ def _local(t: Tensor) -> Tensor:
     return to_local() if callable(to_local) else t
 
 
+def masks_step(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` skips an overflowing step itself when given ``optimizer.found_inf``.
+
+    torch's protocol (``GradScaler.step``): optimizers that set ``_step_supports_amp_scaling`` read the
+    ``grad_scale``/``found_inf`` attributes, unless their ``step`` still takes the deprecated ``grad_scaler`` keyword.
+    """
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    try:
+        return "grad_scaler" not in inspect.signature(optimizer.step).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a step without a signature
+        return False
+
+
+def _to_device(values: list[float], device: torch.device) -> Tensor:
+    t = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class DynamicLossScaler:
-    """Dynamic loss scaler with hysteresis, floor, ceiling and cross-rank overflow agreement.
+    """Dynamic loss scaler with hysteresis, floor, ceiling and cross-rank overflow agreement, kept on the device.
 
     Args:
         init_scale: initial scale (default ``2**16``); must lie in ``[min_scale, max_scale]``.
         growth_factor: multiplier applied after ``growth_interval`` clean steps in a row (default 2.0), > 1.
         backoff_factor: multiplier applied on a backoff (default 0.5), in (0, 1).
         growth_interval: clean steps in a row before the scale grows (default 1000), >= 1.
-        hysteresis: overflows needed before the scale backs off (default 2), >= 1; 1 = back off on every overflow
-            (torch GradScaler's behaviour).
+        hysteresis: overflows needed before the scale backs off (default 2), >= 1; 1 = torch GradScaler's rule.
         min_scale: floor of the scale (default 1.0), > 0.
         max_scale: ceiling of the scale (default ``2**24``), >= ``min_scale``.
-        consecutive_hysteresis: if True, a clean step refills the hysteresis tolerance, so only consecutive
-            overflows count; if False (default) it is refilled only when the scale grows (see module docstring).
+        consecutive_hysteresis: refill the tolerance on every clean step (default False: only on growth).
         process_group: group over which the overflow flag is agreed on (``None``: the default world group).
-        sync_across_ranks: if True (default) and torch.distributed is initialized with more than one rank in the
-            group, the overflow flag is all_reduce(MAX)-ed so all ranks skip together.
+        sync_across_ranks: all_reduce(MAX) the overflow flag when distributed (default True).
     """
 
     def __init__(
@@ -98,13 +111,8 @@ class DynamicLossScaler:
         sync_across_ranks: bool = True,
     ) -> None:
         validate_scaler_knobs(
-            init_scale=init_scale,
-            growth_factor=growth_factor,
-            backoff_factor=backoff_factor,
-            growth_interval=growth_interval,
-            hysteresis=hysteresis,
-            min_scale=min_scale,
-            max_scale=max_scale,
+            init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
+            growth_interval=growth_interval, hysteresis=hysteresis, min_scale=min_scale, max_scale=max_scale,
             consecutive_hysteresis=consecutive_hysteresis,
         )
         self.init_scale = float(init_scale)
@@ -117,25 +125,51 @@ class DynamicLossScaler:
         self.consecutive_hysteresis = bool(consecutive_hysteresis)
         self.process_group = process_group
         self.sync_across_ranks = bool(sync_across_ranks)
-
-        self._scale = self.init_scale
-        self._growth_tracker = 0
-        self._hysteresis_tracker = self.hysteresis
-        self._skipped_steps = 0
+        self._host_init = self._initial_values()
+        self._state: Tensor | None = None  # created on the first device that asks
+        self._scale_cast: dict[torch.dtype, Tensor] = {}
         self._num_updates = 0
-        #: True when the last :meth:`update` saw an overflow, a backoff was due and the scale was already at the floor.
-        self.overflow_at_min_scale = False
-        #: True when the last :meth:`update` followed a skipped step.
-        self.last_step_skipped = False
-        # per-optimizer state between unscale_/step and update: {"found_inf": Tensor, "unscaled": bool, "found": bool}
+        # The last update's flag as a host bool when the step was decided on the host (no read needed), else None.
+        self._last_found_host: bool | None = False
+        # per-optimizer state between unscale_/step and update: {"found_inf": Tensor, "unscaled": bool, "found": ...}
         self._per_optimizer: dict[int, dict[str, Any]] = {}
+        self._masks_cache: dict[int, bool] = {}
 
-    # ----------------------------------------------------------------------------------------------- the GradScaler API
+    def _initial_values(self) -> list[float]:
+        v = [0.0] * _STATE_LEN
+        v[SCALE], v[TOL], v[FIRST_FLOOR], v[LAST_FLOOR] = self.init_scale, float(self.hysteresis), -1.0, -1.0
+        return v
+
+    # ------------------------------------------------------------------------------------------------ device state
+    def _ensure(self, device: torch.device) -> Tensor:
+        if self._state is None:
+            self._state = _to_device(self._host_init, device)
+        elif self._state.device != device:
+            self._state = self._state.to(device)
+            self._scale_cast.clear()
+        return self._state
+
+    @property
+    def state_tensor(self) -> Tensor | None:
+        """The device state vector (scale, trackers, counters; see the ``SCALE``... indices), None before first use.
+        Copy it to the host without blocking (``lightning_effi._host.HostMirror``) to watch the scaler sync-free."""
+        return self._state
+
+    def _read(self) -> list[float]:
+        """Host copy of the state (waits for the device)."""
+        return self._host_init if self._state is None else self._state.tolist()
+
+    # ----------------------------------------------------------------------------------------------- GradScaler API
     def scale(self, outputs: Tensor) -> Tensor:
-        """Multiply a loss (a tensor) by the current scale; the product keeps the autograd graph."""
+        """Multiply a loss (a tensor) by the current scale (a device tensor; no host sync); keeps the graph."""
         if not isinstance(outputs, Tensor):
             raise TypeError(f"DynamicLossScaler.scale expects a Tensor, got {type(outputs).__name__}")
-        return outputs * self._scale
+        state = self._ensure(outputs.device)
+        scale = self._scale_cast.get(outputs.dtype)
+        if scale is None:
+            # Rounded to the loss dtype, as multiplying by a Python float would be.
+            scale = self._scale_cast[outputs.dtype] = state[SCALE].to(outputs.dtype)
+        return outputs * scale
 
     def is_unscaled(self, optimizer: Optimizer) -> bool:
         """Whether :meth:`unscale_` already ran for ``optimizer`` since the last :meth:`update`."""
@@ -146,8 +180,8 @@ class DynamicLossScaler:
         """Divide ``optimizer``'s gradients by the scale in place and record whether any is non-finite.
 
         One fused check-and-unscale per (device, dtype) group; DTensor gradients through their local shards. When
-        distributed, the flag is all_reduce(MAX)-ed over the group (one scalar), so every rank holds the same flag.
-        Returns the flag (a float32 device tensor, 1.0 = overflow); no host sync here.
+        distributed, the flag is all_reduce(MAX)-ed over the group (one scalar). Returns the flag (a 0-dim float32
+        device tensor, 1.0 = overflow); no host sync.
 
         Raises:
             RuntimeError: if called twice for the same optimizer before :meth:`update`.
@@ -174,22 +208,20 @@ class DynamicLossScaler:
                 device = device or g.device
         if device is None:
             device = _first_param_device(optimizer)
-        found_inf = torch.zeros(1, dtype=torch.float32, device=device)
+        state = self._ensure(device)
+        inv = state[SCALE].reciprocal().to(torch.float32)
+        found_inf = torch.zeros((), dtype=torch.float32, device=device)
         per_device: dict[torch.device, tuple[Tensor, Tensor]] = {}
         for (dev, _), grads in groups.items():
             if dev not in per_device:
-                per_device[dev] = (
-                    torch.zeros(1, dtype=torch.float32, device=dev),
-                    torch.full((1,), 1.0 / self._scale, dtype=torch.float32, device=dev),
-                )
+                per_device[dev] = (torch.zeros((), dtype=torch.float32, device=dev), inv.to(dev, non_blocking=True))
             dev_found, inv_scale = per_device[dev]
             if dev.type == "cuda" and grads[0].dtype == torch.bfloat16:
                 # torch's fused CUDA kernel has no bf16 instantiation (bf16 grads appear with bf16-true/master-weight
-                # models); the same check in two foreach launches, still with no host sync. A NaN makes the max-norm
-                # NaN, so the isfinite test catches it as well as an inf.
+                # models); the same check in two foreach launches. A NaN makes the max-norm NaN, which isfinite sees.
                 norms = torch._foreach_norm(grads, float("inf"))
-                dev_found.copy_(torch.maximum(dev_found, (~torch.stack(norms).isfinite()).any().float().view(1)))
-                torch._foreach_mul_(grads, inv_scale.to(torch.bfloat16).reshape(()))
+                dev_found.copy_(torch.maximum(dev_found, (~torch.stack(norms).isfinite()).any().float()))
+                torch._foreach_mul_(grads, inv_scale.to(torch.bfloat16))
             else:
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, dev_found, inv_scale)
         for dev_found, _ in per_device.values():
@@ -199,10 +231,24 @@ class DynamicLossScaler:
         self._per_optimizer[id(optimizer)] = {"found_inf": found_inf, "unscaled": True, "found": None}
         return found_inf
 
-    def step(self, optimizer: Optimizer, *args: Any, **kwargs: Any) -> Any:
-        """Unscale (if not done yet) and call ``optimizer.step(*args, **kwargs)`` unless a gradient is non-finite.
+    def masks_step(self, optimizer: Optimizer) -> bool:
+        """Whether :meth:`step` hands ``found_inf`` to ``optimizer`` (no host sync) instead of deciding on the host."""
+        key = id(optimizer)
+        hit = self._masks_cache.get(key)
+        if hit is None:
+            hit = self._masks_cache[key] = masks_step(optimizer)
+        return hit
 
-        Returns what ``optimizer.step`` returns, or None when the step is skipped. This is the one host sync per step.
+    def step(self, optimizer: Optimizer, *args: Any, on_device: bool | None = None, **kwargs: Any) -> Any:
+        """Unscale (if not done yet) and step ``optimizer`` unless a gradient is non-finite.
+
+        An optimizer that takes ``found_inf`` (:func:`masks_step`) is always called and skips inside its kernel: no
+        host sync. Any other optimizer is called only when the flag, read on the host (one sync), is clear. Returns
+        what ``optimizer.step`` returns, or None when the step was skipped on the host.
+
+        Args:
+            on_device: force the choice (``False``: decide on the host even if the optimizer could skip itself);
+                None (default): :meth:`masks_step`.
         """
         if "closure" in kwargs or args:
             raise RuntimeError(
@@ -212,15 +258,28 @@ class DynamicLossScaler:
         if not self.is_unscaled(optimizer):
             self.unscale_(optimizer)
         state = self._per_optimizer[id(optimizer)]
-        found = bool(state["found_inf"].item())
+        found_inf = state["found_inf"]
+        if on_device is None:
+            on_device = self.masks_step(optimizer)
+        elif on_device and not self.masks_step(optimizer):
+            raise RuntimeError(f"{type(optimizer).__name__} does not take found_inf; it cannot skip on the device")
+        if on_device:
+            # GradScaler's protocol; gradients are already unscaled, so grad_scale stays None.
+            optimizer.grad_scale = None  # type: ignore[attr-defined]
+            optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+            try:
+                out = optimizer.step(**kwargs)
+            finally:
+                del optimizer.grad_scale  # type: ignore[attr-defined]
+                del optimizer.found_inf  # type: ignore[attr-defined]
+            state["found"] = found_inf
+            return out
+        found = bool(found_inf.item())  # the one host sync of an optimizer that cannot skip by itself
         state["found"] = found
-        if found:
-            self._skipped_steps += 1
-            return None
-        return optimizer.step(**kwargs)
+        return None if found else optimizer.step(**kwargs)
 
     def update(self, new_scale: float | None = None) -> None:
-        """Apply the growth/backoff/hysteresis rule once for this iteration and clear the per-optimizer flags.
+        """Apply the growth/backoff/hysteresis rule once for this iteration, on the device.
 
         Args:
             new_scale: if given, set the scale to this value instead (trackers untouched), as GradScaler allows.
@@ -231,60 +290,110 @@ class DynamicLossScaler:
         stepped = [s for s in self._per_optimizer.values() if s["found"] is not None]
         if not stepped:
             raise RuntimeError("update() called with no step(optimizer) since the last update(): nothing to update.")
-        found_inf = any(s["found"] for s in stepped)
+        host = [s["found"] for s in stepped if isinstance(s["found"], bool)]
+        dev = [s["found"] for s in stepped if not isinstance(s["found"], bool)]
+        self._last_found_host = any(host) if not dev else None
+        state = self._state
+        assert state is not None  # unscale_ created it
+        if dev:
+            found = torch.stack([d.to(state.device) for d in dev]).amax() > 0
+            if host and any(host):
+                found = torch.ones_like(found)
+        else:
+            found = torch.full((), any(host), dtype=torch.bool, device=state.device)
         self._per_optimizer.clear()
         self._num_updates += 1
-        self.last_step_skipped = found_inf
         if new_scale is not None:
             if not (math.isfinite(new_scale) and new_scale > 0):
                 raise ValueError(f"Invalid new_scale {new_scale!r}: must be a finite float > 0")
-            self._scale = float(new_scale)
-            self.overflow_at_min_scale = False
-            return
-        self.overflow_at_min_scale = self._apply_rule(found_inf)
-
-    def _apply_rule(self, found_inf: bool) -> bool:
-        """The scale policy (overridable). Returns True if a backoff was due with the scale already at the floor."""
-        at_floor = False
-        if found_inf:
-            self._growth_tracker = 0
-            if self._hysteresis_tracker <= 1:
-                at_floor = self._scale <= self.min_scale
-                self._scale = max(self._scale * self.backoff_factor, self.min_scale)
-            else:
-                self._hysteresis_tracker -= 1
+            new = state.clone()
+            new[SCALE] = float(new_scale)
+            new[LAST_FOUND] = found.to(torch.float64)
+            new[UPDATES] += 1
+            self._state = new
         else:
-            self._growth_tracker += 1
-            if self.consecutive_hysteresis:
-                self._hysteresis_tracker = self.hysteresis
-            if self._growth_tracker >= self.growth_interval:
-                self._scale = min(self._scale * self.growth_factor, self.max_scale)
-                self._growth_tracker = 0
-                self._hysteresis_tracker = self.hysteresis
-        return at_floor
+            self._state = self._apply_rule(state, found)
+        self._scale_cast.clear()
 
+    def _apply_rule(self, state: Tensor, found: Tensor) -> Tensor:
+        """The scale policy on device tensors (overridable): returns the next state vector."""
+        scale, g, tol = state[SCALE], state[GROWTH], state[TOL]
+        backoff = found & (tol <= 1)
+        at_floor = backoff & (scale <= self.min_scale)
+        new_scale = torch.where(backoff, torch.clamp(scale * self.backoff_factor, min=self.min_scale), scale)
+        new_tol = torch.where(found & ~backoff, tol - 1, tol)
+        new_g = torch.where(found, torch.zeros_like(g), g + 1)
+        if self.consecutive_hysteresis:
+            new_tol = torch.where(found, new_tol, torch.full_like(tol, self.hysteresis))
+        grow = ~found & (new_g >= self.growth_interval)
+        new_scale = torch.where(grow, torch.clamp(new_scale * self.growth_factor, max=self.max_scale), new_scale)
+        new_g = torch.where(grow, torch.zeros_like(new_g), new_g)
+        new_tol = torch.where(grow, torch.full_like(tol, self.hysteresis), new_tol)
+        updates = state[UPDATES]
+        first = state[FIRST_FLOOR]
+        return torch.stack([
+            new_scale, new_g, new_tol, state[SKIPPED] + found, state[FLOOR_EVENTS] + at_floor,
+            torch.where(at_floor & (first < 0), updates, first), torch.where(at_floor, updates, state[LAST_FLOOR]),
+            found.to(torch.float64), updates + 1,
+        ])
+
+    # -------------------------------------------------------------------------------- host reads (they wait)
     def get_scale(self) -> float:
-        """The current scale (a Python float; no sync)."""
-        return self._scale
+        """The current scale as a Python float (reads the device: a sync)."""
+        return float(self._read()[SCALE])
+
+    def get_scale_tensor(self) -> Tensor | None:
+        """The current scale as a 0-dim float64 device tensor (no sync), None before first use."""
+        return None if self._state is None else self._state[SCALE]
 
     @property
     def growth_tracker(self) -> int:
-        """Clean steps in a row since the last overflow or growth."""
-        return self._growth_tracker
+        """Clean steps in a row since the last overflow or growth (a sync)."""
+        return int(self._read()[GROWTH])
 
     @property
     def hysteresis_tracker(self) -> int:
-        """Overflows still tolerated before a backoff, counting the one that backs off (1 = next overflow backs off)."""
-        return self._hysteresis_tracker
+        """Overflows still tolerated before a backoff, counting the one that backs off (a sync)."""
+        return int(self._read()[TOL])
 
     @property
     def skipped_steps(self) -> int:
-        """Total optimizer steps skipped because of non-finite gradients."""
-        return self._skipped_steps
+        """Total optimizer steps skipped because of non-finite gradients (a sync)."""
+        return int(self._read()[SKIPPED])
+
+    @property
+    def floor_events(self) -> int:
+        """Backoffs that were due with the scale already at ``min_scale`` (a sync)."""
+        return int(self._read()[FLOOR_EVENTS])
+
+    @property
+    def first_floor_update(self) -> int:
+        """0-based index of the update with the first floor event, -1 if none (a sync)."""
+        return int(self._read()[FIRST_FLOOR])
+
+    @property
+    def overflow_at_min_scale(self) -> bool:
+        """True when the last :meth:`update` was a floor event (a sync)."""
+        s = self._read()
+        return s[FLOOR_EVENTS] > 0 and int(s[LAST_FLOOR]) == int(s[UPDATES]) - 1
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """True when the last :meth:`update` followed a skipped step (a sync unless the step was decided on the
+        host, for an optimizer that does not take ``found_inf``)."""
+        if self._last_found_host is not None:
+            return self._last_found_host
+        return bool(self._read()[LAST_FOUND])
+
+    @property
+    def host_known_skip(self) -> bool | None:
+        """Whether the last update followed a skipped step, when the host knows it without a read (the step was
+        decided on the host); None when only the device knows."""
+        return self._last_found_host
 
     @property
     def num_updates(self) -> int:
-        """Number of :meth:`update` calls (optimizer steps, taken or skipped)."""
+        """Number of :meth:`update` calls (optimizer steps, taken or skipped); a host count."""
         return self._num_updates
 
     def found_inf(self, optimizer: Optimizer) -> Tensor | None:
@@ -294,13 +403,18 @@ class DynamicLossScaler:
 
     # -------------------------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Scale, trackers and counters (plain Python values), plus the knobs for inspection."""
+        """Scale, trackers and counters (plain Python values; a sync), plus the knobs for inspection."""
+        s = self._read()
         return {
-            "scale": self._scale,
-            "growth_tracker": self._growth_tracker,
-            "hysteresis_tracker": self._hysteresis_tracker,
-            "skipped_steps": self._skipped_steps,
+            "scale": s[SCALE],
+            "growth_tracker": int(s[GROWTH]),
+            "hysteresis_tracker": int(s[TOL]),
+            "skipped_steps": int(s[SKIPPED]),
             "num_updates": self._num_updates,
+            "floor_events": int(s[FLOOR_EVENTS]),
+            "first_floor_update": int(s[FIRST_FLOOR]),
+            "last_floor_update": int(s[LAST_FLOOR]),
+            "last_step_skipped": bool(s[LAST_FOUND]),
             "growth_factor": self.growth_factor,
             "backoff_factor": self.backoff_factor,
             "growth_interval": self.growth_interval,
@@ -322,11 +436,21 @@ class DynamicLossScaler:
         scale = float(state_dict["scale"])
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"Invalid scale {scale!r} in state_dict: must be a finite float > 0")
-        self._scale = scale
-        self._growth_tracker = int(state_dict["growth_tracker"])
-        self._hysteresis_tracker = int(state_dict["hysteresis_tracker"])
-        self._skipped_steps = int(state_dict["skipped_steps"])
+        v = [0.0] * _STATE_LEN
+        v[SCALE] = scale
+        v[GROWTH] = float(state_dict["growth_tracker"])
+        v[TOL] = float(state_dict["hysteresis_tracker"])
+        v[SKIPPED] = float(state_dict["skipped_steps"])
+        v[FLOOR_EVENTS] = float(state_dict.get("floor_events", 0))
+        v[FIRST_FLOOR] = float(state_dict.get("first_floor_update", -1))
+        v[LAST_FLOOR] = float(state_dict.get("last_floor_update", -1))
+        v[LAST_FOUND] = float(bool(state_dict.get("last_step_skipped", False)))
         self._num_updates = int(state_dict["num_updates"])
+        v[UPDATES] = float(self._num_updates)
+        self._host_init = v
+        self._last_found_host = bool(v[LAST_FOUND])
+        self._state = None if self._state is None else _to_device(v, self._state.device)
+        self._scale_cast.clear()
         self._per_optimizer.clear()
 
     def _should_sync(self) -> bool:
@@ -335,10 +459,8 @@ class DynamicLossScaler:
         return dist.get_world_size(self.process_group) > 1
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(scale={self._scale}, growth_tracker={self._growth_tracker}, "
-            f"hysteresis_tracker={self._hysteresis_tracker}, skipped_steps={self._skipped_steps})"
-        )
+        return (f"{type(self).__name__}(init_scale={self.init_scale}, hysteresis={self.hysteresis}, "
+                f"growth_interval={self.growth_interval}, min_scale={self.min_scale}, max_scale={self.max_scale})")
 
 
 def _first_param_device(optimizer: Optimizer) -> torch.device:

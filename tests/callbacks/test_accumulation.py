@@ -134,16 +134,18 @@ def test_partial_last_window_mean_is_renormalised():
 
 def _simulate(unit, factor_fn, epochs, n_batches, samples_per_batch, tokens_per_batch):
     """Reference window sizes, written directly from the rules: factor read at window start from the position,
-    windows cut at epoch ends, positions counted over closed windows."""
-    sizes, step, samples, tokens = [], 0, 0, 0
+    windows cut at epoch ends, positions counted over closed windows, except that a token position leaves out the
+    window that closed last (its count is read on the host one window later)."""
+    sizes, step, samples, window_tokens = [], 0, 0, []
     for epoch in range(epochs):
         i = 0
         while i < n_batches:
+            tokens = sum(window_tokens[:-1])
             pos = {"epoch": epoch, "step": step, "sample": samples, "token": tokens}[unit]
             size = min(factor_fn(pos), n_batches - i)
             sizes.append(size)
             samples += sum(samples_per_batch[i:i + size])
-            tokens += sum(tokens_per_batch[i:i + size])
+            window_tokens.append(sum(tokens_per_batch[i:i + size]))
             step += 1
             i += size
     return sizes

@@ -17,7 +17,9 @@ def _p(*shape):
 
 ERRORS = [
     (dict(lr=-1.0), ValueError, "Invalid learning rate -1.0"),
-    (dict(lr=torch.tensor(0.1)), TypeError, "Tensor lr is not supported"),
+    (dict(lr=torch.tensor([0.1, 0.2])), ValueError, r"Invalid lr tensor of shape \(2,\).*one element"),
+    (dict(lr=torch.tensor(1)), ValueError, r"Invalid lr tensor of shape \(\) and dtype torch.int64"),
+    (dict(lr=torch.tensor(-0.5)), ValueError, "Invalid learning rate -0.5"),
     (dict(betas=(1.0, 0.9)), ValueError, r"Invalid beta1 1.0: must be in \[0, 1\)"),
     (dict(betas=(0.9, -0.1)), ValueError, r"Invalid beta2 -0.1"),
     (dict(betas=(0.9,)), ValueError, "Invalid betas"),
