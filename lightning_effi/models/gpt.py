@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from lightning_effi._host import HostMirror
 from lightning_effi.models._common import OptimizerCallable, build_optimizers, check_positive
 
 IGNORE_INDEX = -100
@@ -225,11 +226,10 @@ class _LMModule(pl.LightningModule):
         # uninitialised when a strategy builds the module on the meta device. Checkpointed by the hooks below.
         self.tokens_seen: torch.Tensor | None = None
         self._tokens_seen_loaded = 0
-        # The training loss for progress bars that read host values (SyncFreeProgressBar): on a GPU, non-blocking
-        # copies into a ring of pinned slots, each with an event, read only once a copy has finished (never a device
-        # sync). A ring, so a host running several steps ahead still finds a finished copy.
-        self._host_loss: list[tuple[torch.Tensor, torch.cuda.Event]] | None = None
-        self._host_loss_written = 0  # copies issued so far; the newest went to slot (written - 1) % len(ring)
+        # The training loss for progress bars that read host values (SyncFreeProgressBar): non-blocking copies into a
+        # ring of host slots, read only once a copy has landed (never a device sync). A ring, so a host running
+        # several steps ahead still finds a finished copy.
+        self._host_loss = HostMirror(slots=_HOST_LOSS_SLOTS)
         self._last_loss: float | None = None
 
     def setup(self, stage: str) -> None:
@@ -286,38 +286,19 @@ class _LMModule(pl.LightningModule):
         return {"loss": loss, "num_tokens": n}
 
     def _note_loss(self, mean: torch.Tensor) -> None:
-        if mean.is_cuda:
-            if self._host_loss is None:
-                self._host_loss = [(torch.empty((), dtype=torch.float32, pin_memory=True), torch.cuda.Event())
-                                   for _ in range(_HOST_LOSS_SLOTS)]
-                self._host_loss_written = 0
-            buf, event = self._host_loss[self._host_loss_written % _HOST_LOSS_SLOTS]
-            buf.copy_(mean, non_blocking=True)
-            event.record()
-            self._host_loss_written += 1
-        else:
-            self._last_loss = float(mean)
+        self._host_loss.push(mean.float())
 
     def progress_bar_host_metrics(self) -> dict[str, float]:
         """``{"train/loss": value}`` without a device sync: the newest training loss whose copy to the host has
-        finished (on a GPU, up to a few steps behind the ones in flight); ``{}`` before the first. Read by
+        landed (on a GPU, up to a few steps behind the ones in flight); ``{}`` before the first. Read by
         :class:`~lightning_effi.callbacks.SyncFreeProgressBar`."""
-        if self._host_loss is not None:
-            written = self._host_loss_written
-            for age in range(min(written, _HOST_LOSS_SLOTS)):  # newest first
-                buf, event = self._host_loss[(written - 1 - age) % _HOST_LOSS_SLOTS]
-                if event.query():  # this copy landed: reading the pinned slot is a host read
-                    self._last_loss = float(buf)
-                    break
+        landed = self._host_loss.latest()
+        if landed is not None:
+            self._last_loss = float(landed)
         return {} if self._last_loss is None else {"train/loss": self._last_loss}
 
     def on_train_end(self) -> None:
-        self._host_loss = None
-
-    def __getstate__(self) -> dict:
-        state = dict(super().__getstate__())
-        state["_host_loss"] = None  # CUDA events cannot be pickled or deep-copied (an interrupted fit keeps them)
-        return state
+        self._host_loss.clear()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         local = int(self.tokens_seen) if self.tokens_seen is not None else self._tokens_seen_loaded

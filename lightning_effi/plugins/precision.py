@@ -107,6 +107,21 @@ class _HeldScheduler:
         hold = _HeldScheduler._effi_holds.get(self)
         return hold.state_dict() if hold is not None else super().state_dict()  # type: ignore[misc]
 
+    # While held on the device the scheduler's own host state is not advanced; these read the held state instead
+    # (a host read of the device position: for checks and checkpoints, not for every step).
+    @property
+    def last_epoch(self) -> int:
+        hold = _HeldScheduler._effi_holds.get(self)
+        return hold.state_dict()["last_epoch"] if hold is not None else self.__dict__["last_epoch"]
+
+    @last_epoch.setter
+    def last_epoch(self, value: int) -> None:
+        self.__dict__["last_epoch"] = value
+
+    def get_last_lr(self) -> list[Any]:
+        hold = _HeldScheduler._effi_holds.get(self)
+        return list(hold.state_dict()["_last_lr"]) if hold is not None else super().get_last_lr()  # type: ignore[misc]
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         hold = _HeldScheduler._effi_holds.pop(self, None)
         if hold is not None:  # loaded mid-fit: the plugin holds it afresh at the next optimizer step

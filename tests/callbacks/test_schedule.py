@@ -115,3 +115,62 @@ def test_parse_schedule_type_errors(bad, exc, match):
 def test_loop_value_rejects_bad_window():
     with pytest.raises(ValueError, match="Invalid window"):
         loop_accumulate_value(batch_idx=0, position=2, window_size=2)
+
+
+# ------------------------------------------------------------------------------------------ the window, no Trainer
+import torch  # noqa: E402
+
+from lightning_effi.callbacks.schedule import AccumulationWindow  # noqa: E402
+
+
+def _drive(window, tokens_per_batch, *, num_batches=None, step0=0):
+    """Run micro-batches through the window as the callback does; returns per window (size, effective weight of each
+    micro-batch's summed loss after Lightning's division and the close fix)."""
+    n = len(tokens_per_batch)
+    num_batches = n if num_batches is None else num_batches
+    out, step, cur = [], step0, []
+    for b, tok in enumerate(tokens_per_batch):
+        plan = window.start(batch_idx=b, num_batches=num_batches, is_last_batch=b == n - 1, step=step, epoch=0,
+                            batch_size=2)
+        loss = window.scale_loss(torch.ones((), dtype=torch.float64), samples=2, num_tokens=torch.tensor(tok))
+        cur.append(float(loss) / plan.accumulate)  # Lightning divides by accumulate_grad_batches
+        if window.ready_to_close():
+            fix = window.close(torch.device("cpu"))
+            fix = 1.0 if fix is None else float(fix)
+            out.append((window.last_size, [w * fix for w in cur]))
+            cur = []
+            step += 1
+        assert window.finish() == (not cur)
+    return out
+
+
+def test_window_token_weights_are_exact_without_a_trainer():
+    tokens = [5, 3, 8, 1, 4, 6]
+    w = AccumulationWindow(normalize="tokens", schedule=((0, 2), (2, 3)))
+    windows = _drive(w, tokens)
+    assert [s for s, _ in windows] == [2, 2, 2]  # step thresholds: factor 3 from step 2, cut at the epoch end
+    i = 0
+    for size, weights in windows:
+        total = sum(tokens[i:i + size])
+        assert weights == pytest.approx([1.0 / total] * size, rel=1e-12)  # grad(sum of token losses) / tokens
+        i += size
+
+
+def test_window_mean_weights_and_partial_window():
+    w = AccumulationWindow(normalize="mean", schedule=((0, 3),))
+    windows = _drive(w, [1] * 7)
+    assert [s for s, _ in windows] == [3, 3, 1]
+    for size, weights in windows:
+        assert weights == pytest.approx([1.0 / size] * size)
+
+
+def test_token_position_lags_one_window_and_survives_a_checkpoint():
+    inf = float("inf")
+    w = AccumulationWindow(unit="token", schedule=((0, 1), (20, 2)))
+    # positions read at window starts: 0, 0, 10, 20 (the window that closed last is not counted yet)
+    assert [s for s, _ in _drive(w, [10] * 5, num_batches=inf)] == [1, 1, 1, 2]
+    state = w.state_dict()
+    assert all(isinstance(v, (int, float, bool)) for v in state.values())
+    resumed = AccumulationWindow(unit="token", schedule=((0, 1), (20, 2)))
+    resumed.load_state_dict(state)
+    assert resumed.position(step=0, epoch=0) == w.position(step=0, epoch=0) == 30

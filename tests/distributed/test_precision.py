@@ -10,8 +10,9 @@ from tests.plugins._toy import reference_scales
 
 
 @pytest.mark.distributed
-def test_ddp_overflow_on_one_rank_skips_on_all(tmp_path):
-    run_script("precision_ddp.py", tmp_path, timeout=300)
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_fused"], ids=["host-decided", "skipped-on-device"])
+def test_ddp_overflow_on_one_rank_skips_on_all(tmp_path, optimizer):
+    run_script("precision_ddp.py", tmp_path, optimizer, timeout=300)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     inject, n_steps = {1, 4, 5}, 10
     assert r0["injected_at"] == [] and r1["injected_at"] == sorted(inject)
@@ -28,8 +29,15 @@ def test_ddp_overflow_on_one_rank_skips_on_all(tmp_path):
         # global tokens/s: both ranks' tokens (4 examples each per step here) over the fake-free wall time > 0
         assert r["health"]["health/skipped_steps"] == len(inject)
         assert r["health"]["health/tokens_per_sec"] > 0
+        # the LR schedule (LambdaLR, 0.9 per applied step) held on the skipped steps
+        assert r["lrs"] == [pytest.approx(1e-2 * 0.9**a, rel=1e-6) for a in applied]
     for k, v in r0["weights"].items():
         assert torch.equal(v, r1["weights"][k]), k
+    if optimizer == "adamw_fused":
+        # skipped inside the kernel: both ranks report the same steps (at the next log), without names
+        for r in (r0, r1):
+            assert [(s, n) for s, _, n in r["skip_events"]] == [(s, []) for s in sorted(inject)]
+        return
     # rank 1 names the parameter it broke; rank 0 had finite gradients and names none
     assert [(s, n) for s, _, n in r1["skip_events"]] == [(s, ["net.2.weight"]) for s in sorted(inject)]
     assert [(s, n) for s, _, n in r0["skip_events"]] == [(s, []) for s in sorted(inject)]
@@ -47,12 +55,13 @@ def test_ddp_overflow_on_one_rank_skips_on_all(tmp_path):
 
 
 @pytest.mark.distributed
-def test_fsdp2_dtensor_overflow_on_one_shard_skips_on_all(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_fused"], ids=["host-decided", "skipped-on-device"])
+def test_fsdp2_dtensor_overflow_on_one_shard_skips_on_all(tmp_path, optimizer):
     """Plain FSDP2: the scaler unscales DTensor gradients through their local shards (equal to an unsharded float64
     reference), and an inf/nan in rank 1's shard only makes both ranks skip, following the scale rule."""
     import json
 
-    run_script("precision_fsdp2_scaler.py", tmp_path, torchrun=2, timeout=300)
+    run_script("precision_fsdp2_scaler.py", tmp_path, optimizer, torchrun=2, timeout=300)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     inject, n_steps = {2, 4, 5}, 8
     flags = [s in inject for s in range(n_steps)]
@@ -64,3 +73,4 @@ def test_fsdp2_dtensor_overflow_on_one_shard_skips_on_all(tmp_path):
         assert r["scales"] == expected
         assert r["grad_err"] < 1e-5  # fp32 sharded vs float64 unsharded: summation order and fp32 rounding only
         assert r["weight_err"] < 1e-5
+        assert r["masked"] == (optimizer == "adamw_fused")

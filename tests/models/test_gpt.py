@@ -307,10 +307,11 @@ def test_module_with_host_loss_slots_still_copies_and_pickles():
     from lightning_effi.models.gpt import _can_fuse_loss
 
     model = GPTLightningModule(vocab_size=50, block_size=16)
-    model._host_loss = [(torch.zeros(()), threading.Lock())]  # stands in for a CUDA event: not picklable either
-    assert copy.deepcopy(model)._host_loss is None
-    assert pickle.loads(pickle.dumps(model))._host_loss is None
-    assert model._host_loss is not None  # the live module keeps its slots
+    model._note_loss(torch.full((), 1.5))
+    model._host_loss._events = [threading.Lock()] * 4  # stands in for CUDA events: not picklable either
+    assert copy.deepcopy(model)._host_loss.pushed == 0
+    assert pickle.loads(pickle.dumps(model))._host_loss.pushed == 0
+    assert model._host_loss.pushed == 1  # the live module keeps its slots
     assert not _can_fuse_loss(torch.device("cpu"))  # auto fused_loss: never on the CPU
 
 

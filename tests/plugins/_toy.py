@@ -50,7 +50,7 @@ class ToyModule(pl.LightningModule):
         inject: {optimizer step index: "inf" | "nan"}.
         inject_param: name of the parameter whose gradient gets the non-finite value.
         inject_rank: only this global rank injects (None = every rank).
-        optimizer: "sgd" | "adamw".
+        optimizer: "sgd" | "adamw" | "adamw_fused" (torch's fused kernel: it skips overflowing steps itself).
         lr_decay: LambdaLR factor per applied step (lr = lr0 * lr_decay ** k), None = no scheduler.
     """
 
@@ -90,7 +90,8 @@ class ToyModule(pl.LightningModule):
         if self.opt_name == "sgd":
             opt = torch.optim.SGD(self.parameters(), lr=self.lr)
         else:
-            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
+            opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1,
+                                    fused=True if self.opt_name == "adamw_fused" else None)
         if self.lr_decay is None:
             return opt
         decay = self.lr_decay

@@ -291,3 +291,117 @@ def test_unsupported_device_is_refused_at_setup():
     )
     with pytest.raises(RuntimeError, match="not 'meta'"):
         plugin.convert_module(module)
+
+
+# --------------------------------------------------------------------------- skipped on the device (sync-free)
+class FloatLRRecorder(StepRecorder):
+    """StepRecorder that reads the learning rate as a float (a device-held schedule keeps a tensor there)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.rows[-1]["lr"] = float(self.rows[-1]["lr"])
+        if len(self.rows) == 1:
+            state = trainer.optimizers[0].state_dict()["state"][0]
+            self.first_state = {k: float(v.abs().max()) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("consecutive", [False, True], ids=["nonconsecutive", "consecutive"])
+def test_fused_optimizer_skips_on_the_device_exactly(consecutive):
+    """The same injected overflows with torch's fused AdamW, which skips inside its kernel: the same guarantees as
+    the host-decided path (skips bit-identical, scale rule, LR held on skipped steps, no torch LR warning), with the
+    schedule held on the device; at teardown the scheduler is plain again with float learning rates."""
+    inject = {0: "inf", 3: "nan", 5: "inf", 6: "inf", 10: "inf", 11: "inf", 12: "inf"}
+    n_steps = 16
+    knobs = dict(init_scale=2.0**10, growth_interval=3, hysteresis=2, min_scale=4.0, max_scale=2.0**12)
+    module = ToyModule(inject=inject, lr=1e-2, lr_decay=0.8, optimizer="adamw_fused")
+    rec = FloatLRRecorder()
+    plugin = LossScalingPrecision("16-mixed", consecutive_hysteresis=consecutive, **knobs)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        trainer = fit(module, plugins=[plugin], callbacks=[rec], max_steps=n_steps)
+    assert _lr_warnings(records) == []
+    flags = [s in inject for s in range(n_steps)]
+    assert [r["weights_same"] for r in rec.rows] == flags
+    # a skipped first step creates the optimizer's state (the kernel runs), at its initial values: zero moments and
+    # step 0, which is what no step at all would leave behind
+    assert [r["state_same"] for r in rec.rows][1:] == flags[1:]
+    assert rec.first_state == {"step": 0.0, "exp_avg": 0.0, "exp_avg_sq": 0.0}
+    expected = reference_scales(flags, init=2.0**10, growth=2.0, backoff=0.5, interval=3, hysteresis=2, lo=4.0,
+                                hi=2.0**12, consecutive=consecutive)
+    assert [r["scale"] for r in rec.rows] == expected
+    applied = 0
+    for r, overflow in zip(rec.rows, flags):
+        applied += not overflow
+        assert r["sched_pos"] == applied
+        assert r["lr"] == 1e-2 * 0.8**applied  # float64 learning rates on the CPU: the host schedule's values
+    assert plugin.skipped_steps == len(inject)
+    assert trainer.optimizers[0].state_dict()["state"][0]["step"].item() == n_steps - len(inject)
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert type(sched) is torch.optim.lr_scheduler.LambdaLR and sched.last_epoch == n_steps - len(inject)
+    assert isinstance(trainer.optimizers[0].param_groups[0]["lr"], float)
+
+
+def test_fused_resume_restores_held_schedule_exactly(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    inject = {1: "inf", 4: "inf", 5: "nan", 9: "inf"}
+    knobs = dict(init_scale=2.0**10, growth_interval=2, hysteresis=2)
+    full = ToyModule(inject=inject, n=48, optimizer="adamw_fused")
+    p_full = LossScalingPrecision("16-mixed", **knobs)
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, filename="m-{step}", every_n_train_steps=6, save_top_k=-1)
+    t_full = fit(full, plugins=[p_full], callbacks=[ckpt_cb], max_steps=12, enable_checkpointing=True)
+    ckpt = tmp_path / "m-step=6.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["lr_schedulers"][0]["last_epoch"] == 6 - 3  # the held position, not the number of calls
+    second = ToyModule(inject=inject, n=48, optimizer="adamw_fused")
+    p2 = LossScalingPrecision("16-mixed", **knobs)
+    t2 = fit(second, plugins=[p2], max_steps=12, ckpt_path=ckpt)
+    assert p2.scaler.state_dict() == p_full.scaler.state_dict()
+    for (k, a), b in zip(full.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert t2.lr_scheduler_configs[0].scheduler.last_epoch == t_full.lr_scheduler_configs[0].scheduler.last_epoch
+    assert t2.optimizers[0].param_groups[0]["lr"] == t_full.optimizers[0].param_groups[0]["lr"]
+
+
+def test_fused_on_min_scale_raise_names_the_step():
+    inject = {s: "inf" for s in range(10)}
+    plugin = LossScalingPrecision("16-mixed", init_scale=4.0, min_scale=2.0, hysteresis=1)
+    with pytest.raises(RuntimeError, match=r"min_scale=2.0 and step 1 .*scale 2.0.*not recorded"):
+        fit(ToyModule(inject=inject, optimizer="adamw_fused"), plugins=[plugin], max_steps=10)
+
+
+def test_fused_on_min_scale_skip_warns_every_n():
+    inject = {s: "inf" for s in range(2, 14)}
+    plugin = LossScalingPrecision("16-mixed", init_scale=4.0, min_scale=4.0, hysteresis=1, on_min_scale="skip",
+                                  warn_every_n_steps=5)
+    with pytest.warns(RuntimeWarning, match="at its floor") as records:
+        fit(ToyModule(inject=inject, optimizer="adamw_fused"), plugins=[plugin], max_steps=16)
+    floor = [str(w.message) for w in records if "at its floor" in str(w.message)]
+    assert len(floor) == 3 and "step 2 " in floor[0] and "step 7 " in floor[1] and "step 12 " in floor[2]
+    assert plugin.skipped_steps == 12
+
+
+def test_optimizer_without_device_lr_is_held_on_the_host_with_a_warning():
+    class FusedSGD(ToyModule):
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, fused=True)
+            return {"optimizer": opt,
+                    "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5**k),
+                                     "interval": "step"}}
+
+    plugin = LossScalingPrecision("16-mixed", init_scale=2.0**8)
+    with pytest.warns(UserWarning, match="SGD does not take a device learning rate"):
+        t = fit(FusedSGD(inject={1: "inf"}), plugins=[plugin], max_steps=4)
+    assert t.lr_scheduler_configs[0].scheduler.last_epoch == 3
+
+
+def test_scaler_argument_and_knob_shorthand():
+    from lightning_effi.plugins import DynamicLossScaler
+
+    s = DynamicLossScaler(init_scale=8.0, hysteresis=3)
+    p = LossScalingPrecision("16-mixed", scaler=s)
+    assert p.scaler is s and p.init_scale == 8.0 and p.hysteresis == 3
+    with pytest.raises(ValueError, match=r"Give the scaler settings \['hysteresis'\] to the DynamicLossScaler"):
+        LossScalingPrecision("16-mixed", scaler=s, hysteresis=2)
+    with pytest.raises(TypeError, match="Invalid scaler"):
+        LossScalingPrecision("16-mixed", scaler=torch.amp.GradScaler("cpu"))

@@ -273,3 +273,79 @@ def test_hysteresis_matches_deepspeed_and_growth_is_one_step_earlier(consecutive
     ours = DynamicLossScaler(init_scale=64.0, growth_interval=2, hysteresis=2, consecutive_hysteresis=consecutive)
     assert run_scaler(ours, clean)[0] == [64.0, 128.0, 128.0, 256.0, 256.0, 512.0]
     assert deepspeed_scales(clean, 2) == [64.0, 64.0, 128.0, 128.0, 256.0, 256.0]
+
+
+# ------------------------------------------------------------------------------------- the device-side rule, masked
+def run_masked(scaler, pattern):
+    """As run_scaler, with an optimizer that skips inside its kernel (torch's fused AdamW): nothing is decided on the
+    host. Also checks that a skipped step leaves weights and optimizer state bit for bit."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+    assert scaler.masks_step(opt)
+    scales, skipped = [], []
+    for overflow in pattern:
+        p.grad = torch.full((3,), scaler.get_scale())
+        if overflow:
+            p.grad[1] = float("inf")
+        before = (p.detach().clone(), copy.deepcopy(opt.state_dict()["state"]))
+        scaler.step(opt)
+        scaler.update()
+        assert scaler.host_known_skip is None  # only the device knows
+        if overflow:
+            assert torch.equal(p, before[0])
+            for k, v in before[1].get(0, {}).items():
+                assert torch.equal(opt.state_dict()["state"][0][k], v), k
+        scales.append(scaler.get_scale())
+        skipped.append(scaler.last_step_skipped)
+    return scales, skipped
+
+
+@pytest.mark.parametrize("consecutive", [False, True], ids=["nonconsecutive", "consecutive"])
+@pytest.mark.parametrize("hysteresis", [1, 2, 3])
+def test_masked_steps_follow_the_reference_rule(hysteresis, consecutive):
+    for bits in itertools.product([False, True], repeat=6):
+        cfg = dict(init=64.0, growth=2.0, backoff=0.5, interval=2, lo=4.0, hi=256.0, consecutive=consecutive)
+        s = DynamicLossScaler(init_scale=64.0, growth_interval=2, min_scale=4.0, max_scale=256.0,
+                              hysteresis=hysteresis, consecutive_hysteresis=consecutive)
+        scales, skipped = run_masked(s, list(bits))
+        assert scales == reference_scales(list(bits), hysteresis=hysteresis, **cfg), bits
+        assert skipped == list(bits)
+        assert s.skipped_steps == sum(bits)
+
+
+def test_masked_hysteresis_1_matches_torch_gradscaler():
+    for flags in _patterns(6):
+        gs = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        p = torch.nn.Parameter(torch.ones(2))
+        opt = torch.optim.SGD([p], lr=0.0)
+        theirs = []
+        for overflow in flags:
+            gs.scale(torch.ones(()))
+            p.grad = torch.tensor([1.0, float("inf") if overflow else 1.0])
+            gs.step(opt)
+            gs.update()
+            theirs.append(gs.get_scale())
+        ours = DynamicLossScaler(init_scale=2.0**10, growth_interval=2, hysteresis=1, min_scale=2.0**-20,
+                                 max_scale=2.0**40)
+        assert run_masked(ours, flags)[0] == theirs, flags
+
+
+def test_floor_events_are_counted_on_the_device():
+    s = DynamicLossScaler(init_scale=4.0, min_scale=2.0, hysteresis=1, growth_interval=100)
+    run_masked(s, [True, True, False, True, True])
+    # backoffs due at scale 2 (the floor) on the 3rd, 4th and 5th overflow: updates 1, 3, 4
+    assert (s.floor_events, s.first_floor_update) == (3, 1)
+    assert s.state_dict()["last_floor_update"] == 4
+
+
+def test_host_decision_can_be_forced_and_is_refused_for_plain_optimizers():
+    s = DynamicLossScaler(init_scale=8.0)
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.tensor([1.0, float("inf")])
+    fused = torch.optim.AdamW([p], lr=1.0, fused=True)
+    assert s.step(fused, on_device=False) is None  # decided on the host: not called
+    s.update()
+    assert s.host_known_skip is True and s.last_step_skipped
+    p.grad = torch.ones(2)
+    with pytest.raises(RuntimeError, match="does not take found_inf"):
+        s.step(torch.optim.SGD([p], lr=1.0), on_device=True)

@@ -29,7 +29,7 @@ N_STEPS = 8
 KNOBS = dict(init_scale=2.0**10, growth_interval=2, hysteresis=1)
 
 
-def main(out: Path) -> None:
+def main(out: Path, optimizer: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo")
@@ -40,8 +40,13 @@ def main(out: Path) -> None:
     for layer in (net[0], net[2]):
         fully_shard(layer)
     fully_shard(net)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    if optimizer == "adamw_fused":
+        # skips inside its kernel: the scaler hands it the overflow flag and reads nothing on the host
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, fused=True)
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     scaler = DynamicLossScaler(**KNOBS)
     g = torch.Generator().manual_seed(1)
     rec = {"skipped": [], "scales": [], "grad_err": 0.0, "dtensor_grads": True}
@@ -72,9 +77,10 @@ def main(out: Path) -> None:
         float((p.full_tensor().double() - q).abs().max()) for p, q in zip(net.parameters(), ref.parameters())
     )
     rec["skipped_steps"] = scaler.skipped_steps
+    rec["masked"] = scaler.masks_step(opt)
     (out / f"rank{rank}.json").write_text(json.dumps(rec))
     clean_exit()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "sgd")
