@@ -32,8 +32,10 @@ single-tensor and foreach paths read that decision on the host (one scalar sync,
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -57,10 +59,36 @@ __all__ = ["lamb", "resolve_path"]
 _CPU_CHUNK = 1 << 16
 _CPU_BATCH = 1 << 18
 # The unsharded CPU path (see _cpu_adam_core): tensors up to _CPU_SMALL elements are stepped together in batches of
-# at most _CPU_PIECE elements; larger tensors in pieces of _CPU_PIECE. Chosen by a sweep on a 27.6M-parameter GPT on
-# the 2-core CI machine (pieces of 2^16..2^20: larger pieces won, per-op overhead dominates below 2^18).
+# at most cpu_piece_elements() elements; larger tensors in pieces of that size.
 _CPU_SMALL = 1 << 16
-_CPU_PIECE = 1 << 20
+_PIECE_MIN, _PIECE_MAX = 1 << 18, 1 << 21
+
+
+@functools.lru_cache(maxsize=None)
+def _private_l2_bytes() -> int | None:
+    """Level-2 cache of one core (Linux sysfs), or None where it cannot be read."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(base.glob("index*")):
+            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+                text = (index / "size").read_text().strip().upper()
+                mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+                return int(text.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def cpu_piece_elements(element_size: int = 4) -> int:
+    """Elements per piece on the CPU path: the piece of the update direction that the step keeps between its ops
+    fills the cores' private L2 caches (L2 per core x intra-op threads), so the step does not depend on how much of
+    a shared L3 it gets; a power of two in [2**18, 2**21] (smaller pieces cost more in per-op overhead than they
+    save). 2**19 where the cache size is unknown."""
+    l2 = _private_l2_bytes()
+    if l2 is None:
+        return 1 << 19
+    n = l2 * max(1, torch.get_num_threads()) // element_size
+    return max(_PIECE_MIN, min(_PIECE_MAX, 1 << max(0, n.bit_length() - 1)))
 # A step count at which beta**t is exactly 0.0 in double for any beta < 1: bias corrections become 1.
 _NO_BIAS_CORRECTION_STEP = 1e12
 
@@ -631,8 +659,7 @@ def _cpu_adam_core(plan: _Plan, hp: dict, state_steps: list[Tensor], coef: float
     ``wd' = weight_decay - 1`` turns ``y = x`` into exactly LAMB's ``u = r + weight_decay x``. Then the sums of
     squares of ``x`` and ``u`` (while the piece is in cache) and, once the whole tensor's norms are known, one pass
     ``x <- x - lr ratio u``. Bias correction off: the kernel is handed a step count at which ``beta**t == 0``.
-    Measured on the 2-core CI machine: 1.84-1.98x torch.optim.AdamW(fused=True), against 5.5x for the eager ops
-    (benchmarks/results/optim_step_cpu_v3.txt).
+    Pieces are sized by :func:`cpu_piece_elements`.
     """
     ratios = [1.0] * plan.num_lids
     need: dict[torch.dtype, int] = {}
@@ -648,8 +675,9 @@ def _cpu_adam_core(plan: _Plan, hp: dict, state_steps: list[Tensor], coef: float
         else:
             large.append(k)
             need[p.dtype] = max(need.get(p.dtype, 0), p.numel())
-    for dtype, n in small_total.items():  # a batch of small tensors spans at most _CPU_PIECE elements
-        need[dtype] = max(need.get(dtype, 0), min(n, _CPU_PIECE))
+    piece = cpu_piece_elements(plan.p[0].element_size())
+    for dtype, n in small_total.items():  # a batch of small tensors spans at most one piece
+        need[dtype] = max(need.get(dtype, 0), min(n, piece))
     buffers = {}
     for dtype, n in need.items():
         key = ("lamb_cpu_u", dtype)
@@ -677,7 +705,7 @@ def _cpu_adam_core(plan: _Plan, hp: dict, state_steps: list[Tensor], coef: float
         start = 0
         while start < len(items):
             batch, total = [], 0
-            while start < len(items) and (not batch or total + plan.p[items[start]].numel() <= _CPU_PIECE):
+            while start < len(items) and (not batch or total + plan.p[items[start]].numel() <= piece):
                 batch.append(items[start])
                 total += plan.p[items[start]].numel()
                 start += 1
@@ -707,8 +735,8 @@ def _cpu_adam_core(plan: _Plan, hp: dict, state_steps: list[Tensor], coef: float
         y = buffers[p.dtype][:n]
         fp, fg, fm, fv = p.view(-1), g.view(-1), m.view(-1), v.view(-1)
         xsq = usq = 0.0
-        for s in range(0, n, _CPU_PIECE):
-            sl = slice(s, min(n, s + _CPU_PIECE))
+        for s in range(0, n, piece):
+            sl = slice(s, min(n, s + piece))
             pp, yy = fp[sl], y[sl]
             yy.copy_(pp)
             xsq += float(torch.dot(yy, yy))  # while the piece is in cache

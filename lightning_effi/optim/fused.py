@@ -292,7 +292,10 @@ class _Cache:
         self.key, self.launches, self.fast = key, launches, fast
         self.lid_hyper = lid_hyper
         self.lr_key, self.lr_t = None, None
-        self.hits, self.graph, self.graph_ratio = 0, None, None
+        self.hits, self.graph, self.graph_ratio, self.graph_mode = 0, None, None, None
+        # Static inputs of a captured graph: the AMP flag and scale are copied in before each replay.
+        self.found_buf = torch.zeros((), dtype=torch.float32, device=device)
+        self.scale_buf = torch.ones((), dtype=torch.float32, device=device)
         self.zero_i32 = torch.zeros(1, dtype=torch.int32, device=device)
         self.one32 = torch.ones(1, dtype=torch.float32, device=device)
         self.one64 = torch.ones(1, dtype=torch.float64, device=device)
@@ -385,50 +388,69 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         cache = _build_cache(key, plan, hp, device, ctx)
         if workspace is not None:
             workspace["lamb_fused"] = cache
-    # --- skip decision and clipping coefficient, on the device ---
-    skip = None
-    plain = grad_scale is None and found_inf is None and max_grad_norm is None
-    if any(isinstance(lr, torch.Tensor) for lr in hp["lr"]):
-        # Device learning rates (a device-side schedule): gathered on the device every step, into the buffer a
-        # captured graph reads.
-        lrs = ctx["lr_vector"](hp["lr"], list(range(len(hp["lr"]))), device, torch.float64)
-        if cache.lr_t is None:
-            cache.lr_t = lrs
-        else:
-            cache.lr_t.copy_(lrs)
-        cache.lr_key = None
-    else:
-        lr_key = tuple(hp["lr"])
-        if cache.lr_key != lr_key:
-            if cache.lr_t is None:
-                cache.lr_t = _h2d(list(lr_key), torch.float64, device)
-            else:  # in place: a captured graph reads this address (pinned source: no host sync)
-                cache.lr_t.copy_(torch.tensor(lr_key, dtype=torch.float64).pin_memory(), non_blocking=True)
-            cache.lr_key = lr_key
-    if plain and cache.fast and device.type == "cuda" and CUDA_GRAPHS:
+    update_lrs(cache, hp["lr"], device, ctx)
+    mode = (found_inf is not None, grad_scale is not None, max_grad_norm)
+    if cache.fast and device.type == "cuda" and CUDA_GRAPHS:
         # The whole step as one CUDA graph once the signature has held for GRAPH_AFTER steps: host work per step
         # drops to the signature check and one replay (5 Triton launches + the torch ops cost ~1 ms of host time).
+        # The AMP flag and scale enter through static buffers, so loss-scaled and clipped steps replay too.
+        if cache.graph is not None and cache.graph_mode != mode:
+            cache.graph, cache.graph_ratio, cache.hits = None, None, 0
         cache.hits += 1
         if cache.graph is None and cache.hits >= GRAPH_AFTER:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                torch._foreach_add_(state_steps, 1.0)
-                out = _launch_all(cache, plan, hp, state_steps, None, cache.zero_i32, cache.one32, cache.one64,
-                                  num, device, ctx)
-            cache.graph, cache.graph_ratio = graph, out
+                out = _advance_and_launch(cache, plan, hp, state_steps, max_grad_norm,
+                                          cache.scale_buf if mode[1] else None, cache.found_buf if mode[0] else None,
+                                          acc, num, device, ctx)
+            cache.graph, cache.graph_ratio, cache.graph_mode = graph, out, mode
         if cache.graph is not None:
-            cache.graph.replay()
-            return cache.graph_ratio.clone()
-    if plain:
-        skip_t, coef32, coef64 = cache.zero_i32, cache.one32, cache.one64
+            return replay(cache, grad_scale, found_inf)
+    return _advance_and_launch(cache, plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, num, device,
+                               ctx)
+
+
+def update_lrs(cache: _Cache, lrs: list, device, ctx) -> None:
+    """Bring the cached per-unit learning rates (the buffer a captured graph reads) up to date without a sync."""
+    if any(isinstance(lr, torch.Tensor) for lr in lrs):
+        # Device learning rates (a device-side schedule): gathered on the device every step.
+        vec = ctx["lr_vector"](lrs, list(range(len(lrs))), device, torch.float64)
+        if cache.lr_t is None:
+            cache.lr_t = vec
+        else:
+            cache.lr_t.copy_(vec)
+        cache.lr_key = None
+        return
+    lr_key = tuple(lrs)
+    if cache.lr_key != lr_key:
+        if cache.lr_t is None:
+            cache.lr_t = _h2d(list(lr_key), torch.float64, device)
+        else:  # in place: a captured graph reads this address (pinned source: no host sync)
+            cache.lr_t.copy_(torch.tensor(lr_key, dtype=torch.float64).pin_memory(), non_blocking=True)
+        cache.lr_key = lr_key
+
+
+def replay(cache: _Cache, grad_scale, found_inf) -> Tensor:
+    """One step from the captured graph (the caller checked that its inputs are the same tensors)."""
+    if found_inf is not None:
+        cache.found_buf.copy_(found_inf.reshape(()))
+    if grad_scale is not None:
+        cache.scale_buf.copy_(grad_scale.reshape(()))
+    cache.graph.replay()
+    return cache.graph_ratio.clone()
+
+
+def _advance_and_launch(cache, plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, num, device, ctx):
+    """The skip decision and clipping coefficient on the device, the step counts, then every kernel."""
+    if grad_scale is None and found_inf is None and max_grad_norm is None:
         torch._foreach_add_(state_steps, 1.0)
-    else:
-        skip, coef = ctx["skip_and_coef"](plan, max_grad_norm, grad_scale, found_inf, acc, device)
-        # The list overload: the single-Tensor overload of _foreach_add_ reads the scalar on the host.
-        keep_f = (~skip).to(torch.float32)
-        torch._foreach_add_(state_steps, [keep_f] * len(state_steps))
-        skip_t = skip.reshape(1).to(torch.int32)
-        coef32, coef64 = coef.reshape(1).to(torch.float32), coef.reshape(1).to(torch.float64)
+        return _launch_all(cache, plan, hp, state_steps, None, cache.zero_i32, cache.one32, cache.one64, num, device,
+                           ctx)
+    skip, coef = ctx["skip_and_coef"](plan, max_grad_norm, grad_scale, found_inf, acc, device)
+    # The list overload: the single-Tensor overload of _foreach_add_ reads the scalar on the host.
+    torch._foreach_add_(state_steps, [(~skip).to(torch.float32)] * len(state_steps))
+    skip_t = skip.reshape(1).to(torch.int32)
+    coef32, coef64 = coef.reshape(1).to(torch.float32), coef.reshape(1).to(torch.float64)
     return _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num, device, ctx)
 
 

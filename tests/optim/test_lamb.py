@@ -212,7 +212,7 @@ def test_cpu_fused_adam_core_pieces_and_batches(monkeypatch, name, opt_kwargs, b
     import lightning_effi.optim.functional as F
 
     monkeypatch.setattr(F, "_CPU_SMALL", 10)
-    monkeypatch.setattr(F, "_CPU_PIECE", 64)
+    monkeypatch.setattr(F, "cpu_piece_elements", lambda element_size=4: 64)
     calls = []
     real = F._cpu_adam_core
     monkeypatch.setattr(F, "_cpu_adam_core", lambda *a, **k: calls.append(1) or real(*a, **k))

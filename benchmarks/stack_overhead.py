@@ -1,0 +1,190 @@
+"""What each lightning_effi plugin costs next to stock Lightning, all cases in one process on one GPU.
+
+    python benchmarks/stack_overhead.py --out benchmarks/results/stack_overhead_h200x1_<yyyymmdd>.jsonl
+    python benchmarks/stack_overhead.py --cases stock_bf16,lsp_bf16 --steps 25      # a subset
+
+Workload: the example ``GPTLightningModule`` at GPT-2-small shape (12 layers, d=768, 12 heads, vocab 50304, block
+1024), micro-batch 16, ``compile=True``, fused AdamW (lr 3e-4) unless the case says Lamb, random tokens, no logger,
+no progress bar, no checkpointing. Each case runs ``--warmup + --steps`` optimizer steps; the last ``--steps`` are
+timed (synchronised before and after). The stock bf16 case runs first and last, so drift within the run shows. The
+two accumulation cases run at micro-batch 4 with 4 micro-batches per step (Lightning's ``accumulate_grad_batches=4``
+against ``AccumulationScheduler({0: 4})``) and also report peak memory. Output: one JSON line per case, then a table
+with tokens/s and the ratio to stock Lightning with the same optimizer and precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    precision: str = "bf16-mixed"  # Trainer(precision=...), or "lsp-16"/"lsp-bf16"/"master-fp32" for our plugins
+    optimizer: str = "adamw"
+    health: bool = False
+    accumulation: str = ""  # "", "callback1" ({0: 1}), "callback4" ({0: 4}), "stock4" (accumulate_grad_batches=4)
+    baseline: str = ""  # the case this one is compared with
+
+
+CASES = {
+    "stock_bf16": Case(),
+    "health_only": Case(health=True, baseline="stock_bf16"),
+    "accum_only": Case(accumulation="callback1", baseline="stock_bf16"),
+    "lsp_bf16": Case(precision="lsp-bf16", baseline="stock_bf16"),
+    "stock_16": Case(precision="16-mixed"),
+    "lsp_16": Case(precision="lsp-16", baseline="stock_16"),
+    "stack_bf16_adamw": Case(precision="lsp-bf16", health=True, accumulation="callback1", baseline="stock_bf16"),
+    "stack_16_adamw": Case(precision="lsp-16", health=True, accumulation="callback1", baseline="stock_16"),
+    "stock_bf16_lamb": Case(optimizer="lamb"),
+    "stack_bf16_lamb": Case(precision="lsp-bf16", optimizer="lamb", health=True, accumulation="callback1",
+                            baseline="stock_bf16_lamb"),
+    "stock_16_lamb": Case(precision="16-mixed", optimizer="lamb"),
+    "stack_16_lamb": Case(precision="lsp-16", optimizer="lamb", health=True, accumulation="callback1",
+                          baseline="stock_16_lamb"),
+    "master_fp32_lamb": Case(precision="master-fp32", optimizer="lamb", baseline="stock_bf16_lamb"),
+    "stock_accum4": Case(accumulation="stock4"),
+    "callback_accum4": Case(accumulation="callback4", baseline="stock_accum4"),
+    "stock_bf16_again": Case(baseline="stock_bf16"),
+}
+
+
+def run_case(name: str, args) -> dict:
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from lightning_effi.callbacks import AccumulationScheduler, TrainingHealthMonitor
+    from lightning_effi.models import GPTLightningModule
+    from lightning_effi.optim import Lamb
+    from lightning_effi.plugins import LossScalingPrecision, MasterWeightsPrecision
+
+    case = CASES[name]
+    accum4 = case.accumulation.endswith("4")
+    micro = 4 if accum4 else args.micro_batch
+    per_step = 4 if accum4 else 1
+
+    class RandomTokens(Dataset):
+        def __len__(self) -> int:
+            return (args.warmup + args.steps + 2) * micro * per_step
+
+        def __getitem__(self, i: int):
+            g = torch.Generator().manual_seed(i)
+            t = torch.randint(0, args.vocab, (args.block_size + 1,), generator=g)
+            return {"input_ids": t[:-1], "labels": t[1:]}
+
+    class Timer(pl.Callback):
+        t0 = t1 = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == args.warmup and self.t0 is None:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == args.warmup + args.steps and self.t1 is None:
+                torch.cuda.synchronize()
+                self.t1 = time.perf_counter()
+
+    def optimizer(groups):
+        if case.optimizer == "lamb":
+            return Lamb(groups, lr=3e-4, betas=(0.9, 0.999), eps=1e-6)
+        return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+    plugins, precision = [], case.precision
+    if case.precision.startswith("lsp-"):
+        plugins, precision = [LossScalingPrecision("16-mixed" if case.precision == "lsp-16" else "bf16-mixed")], None
+    elif case.precision == "master-fp32":
+        plugins, precision = [MasterWeightsPrecision("fp32")], None
+    callbacks: list = [Timer()]
+    if case.health:
+        callbacks.append(TrainingHealthMonitor(log_every_n_steps=50))
+    if case.accumulation.startswith("callback"):
+        callbacks.append(AccumulationScheduler({0: per_step}, unit="step"))
+    timer = callbacks[0]
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, precision=precision, plugins=plugins, callbacks=callbacks,
+        max_steps=args.warmup + args.steps, accumulate_grad_batches=4 if case.accumulation == "stock4" else 1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    model = GPTLightningModule(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer,
+                               n_head=args.n_head, d_model=args.d_model, optimizer=optimizer, warmup_steps=10,
+                               max_steps=args.warmup + args.steps, compile=True)
+    loader = DataLoader(RandomTokens(), batch_size=micro, num_workers=2, pin_memory=True, shuffle=False)
+    trainer.fit(model, train_dataloaders=loader)
+    seconds = timer.t1 - timer.t0
+    tokens = args.steps * micro * per_step * args.block_size
+    row = {
+        "bench": "stack_overhead", "case": name, **dataclasses.asdict(case), "micro_batch": micro,
+        "micro_batches_per_step": per_step, "tokens_per_s": round(tokens / seconds, 1),
+        "step_ms": round(1e3 * seconds / args.steps, 3),
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "lightning": pl.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    del trainer, model, loader
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--n-layer", type=int, default=12)
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--block-size", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=25, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=15, help="untimed optimizer steps first (compilation)")
+    p.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
+    args = p.parse_args()
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("stack_overhead.py measures GPU throughput; no CUDA device is visible")
+    import torch._dynamo
+
+    # every case builds a new module: let Dynamo keep a compiled graph for each instead of falling back to eager
+    torch._dynamo.config.cache_size_limit = 256
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = {}
+    for name in cases:
+        try:
+            row = run_case(name, args)
+        except Exception as e:  # noqa: BLE001 - report and go on: the other cases still measure
+            row = {"bench": "stack_overhead", "case": name, "error": f"{type(e).__name__}: {e}"[:500]}
+        rows[name] = row
+        print(json.dumps(row), flush=True)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(f"\n{'case':20s} {'tokens/s':>11s} {'vs baseline':>12s} {'peak GiB':>9s}")
+    for name, row in rows.items():
+        if "error" in row:
+            print(f"{name:20s} {row['error']}")
+            continue
+        base = rows.get(row["baseline"]) if row["baseline"] else None
+        rel = f"{100 * (row['tokens_per_s'] / base['tokens_per_s'] - 1):+.1f}%" if base and "error" not in base else ""
+        print(f"{name:20s} {row['tokens_per_s']:11.1f} {rel:>12s} {row['peak_alloc_gib']:9.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""On a CUDA GPU: the full stack's steady-state non-logging steps run under ``torch.cuda.set_sync_debug_mode("error")``
+(any synchronising CUDA call raises), and the control, an optimizer the scaler must drive with a host read, raises."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader
+
+from lightning_effi.callbacks import AccumulationScheduler, SyncFreeProgressBar, TrainingHealthMonitor
+from lightning_effi.models import GPTLightningModule
+from lightning_effi.optim import Lamb
+from lightning_effi.plugins import LossScalingPrecision
+
+pytestmark = pytest.mark.gpu
+LOG_EVERY = 10
+
+
+def _data(n=96, t=64, vocab=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (t + 1,), generator=g)
+        labels = ids[1:].clone()
+        labels[torch.rand(t, generator=g) < 0.2] = -100
+        items.append({"input_ids": ids[:-1], "labels": labels})
+    return DataLoader(items, batch_size=4)
+
+
+class SyncDebugBetweenLogs(Callback):
+    """``set_sync_debug_mode("error")`` from each non-logging window's start to the next window's start."""
+
+    def __init__(self, warmup: int = 4) -> None:
+        self.warmup, self.checked = warmup, set()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        on = step >= self.warmup and (step + 1) % LOG_EVERY != 0
+        torch.cuda.set_sync_debug_mode("error" if on else 0)
+        if on:
+            self.checked.add(step)
+
+    def on_train_end(self, trainer, pl_module):
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def _fit(precision, optimizer, accumulation, steps=24):
+    module = GPTLightningModule(vocab_size=256, block_size=64, n_layer=2, n_head=4, d_model=128, warmup_steps=4,
+                                max_steps=steps, loss_reduction="sum", optimizer=optimizer)
+    debug = SyncDebugBetweenLogs()
+    trainer = Trainer(
+        accelerator="gpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+        enable_model_summary=False, log_every_n_steps=LOG_EVERY, plugins=[precision],
+        callbacks=[accumulation, TrainingHealthMonitor(log_every_n_steps=LOG_EVERY), SyncFreeProgressBar(), debug],
+    )
+    try:
+        trainer.fit(module, _data())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return trainer, debug
+
+
+OPTIMIZERS = {
+    "adamw-fused": partial(torch.optim.AdamW, lr=1e-3, fused=True),
+    "lamb": partial(Lamb, lr=1e-3, max_grad_norm=1.0),
+}
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("accumulation", ["ramp", "tokens"])
+def test_full_stack_makes_no_sync_between_logging_steps(precision, optimizer, accumulation):
+    callback = (AccumulationScheduler(ramp=(1, 3, 8), unit="step") if accumulation == "ramp"
+                else AccumulationScheduler({0: 2}, normalize="tokens"))
+    trainer, debug = _fit(LossScalingPrecision(precision), OPTIMIZERS[optimizer], callback)
+    assert trainer.global_step == 24 and len(debug.checked) >= 15
+    assert trainer.precision_plugin.skipped_steps >= 0  # a host read after fit is allowed
+
+
+def test_control_host_decided_skip_raises_under_sync_debug():
+    with pytest.raises(RuntimeError, match="synchroniz"):
+        _fit(LossScalingPrecision("16-mixed"), partial(torch.optim.AdamW, lr=1e-3, foreach=True),
+             AccumulationScheduler({0: 1}))
