@@ -303,47 +303,60 @@ class Lamb(Optimizer):
         self._remember_replay(with_grad, path, grad_scale, found_inf)
         return loss
 
-    def _replay_token(self, with_grad: list) -> tuple:
-        """What a captured fused step depends on besides the learning rates: the tensors' addresses (the gradients
-        are new tensors every step, usually at the same addresses), the state's version and the hyperparameters."""
-        return (
-            tuple(map(Tensor.data_ptr, with_grad)), tuple(p.grad.data_ptr() for p in with_grad),
-            self.__dict__.get("_effi_state_version", 0), self.defaults["max_grad_norm"],
-            tuple((g["betas"], g["eps"], g["weight_decay"], g["adapt"], g["bias_correction"], g["trust_clip"],
-                   g["weight_norm_clip"], g["foreach"], g["fused"], "flat_layouts" in g, len(g["params"]))
-                  for g in self.param_groups),
-        )
+    def _hyper_token(self) -> tuple:
+        return (self.__dict__.get("_effi_state_version", 0), self.defaults["max_grad_norm"], tuple(
+            (g["betas"], g["eps"], g["weight_decay"], g["adapt"], g["bias_correction"], g["trust_clip"],
+             g["weight_norm_clip"], g["foreach"], g["fused"], "flat_layouts" in g, len(g["params"]))
+            for g in self.param_groups))
 
     def _remember_replay(self, with_grad: list, path: str, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """After a fused step that left a captured graph: what the graph reads, so the next steps can replay it."""
         ws = self._workspace()
         cache = ws.get("lamb_fused")
         if path != "fused" or cache is None or cache.graph is None:
             ws.pop("replay", None)
             return
-        mode = (found_inf is not None, grad_scale is not None, self.defaults["max_grad_norm"])
-        ws["replay"] = (with_grad, self._replay_token(with_grad), mode, cache)
+        counts = [sum(1 for p in g["params"] if p.grad is not None) for g in self.param_groups]
+        group_of_unit = [i for i, c in enumerate(counts) for _ in range(c)]
+        device = cache.lr_t.device
+        ws["replay"] = dict(
+            params=with_grad, param_ptrs=tuple(map(Tensor.data_ptr, with_grad)),
+            grad_ptrs=tuple(map(Tensor.data_ptr, [p.grad for p in with_grad])), hyper=self._hyper_token(),
+            mode=(found_inf is not None, grad_scale is not None, self.defaults["max_grad_norm"]), cache=cache,
+            counts=counts, group_lrs=None,
+            unit_group=torch.tensor(group_of_unit, dtype=torch.long).pin_memory().to(device, non_blocking=True),
+        )
 
     def _replay(self, with_grad: list, grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
-        """The fused step straight from its CUDA graph when nothing it reads has changed, skipping the per-tensor
-        preparation (about a millisecond of host time, during which a GPU that waits for the step idles)."""
+        """The fused step straight from its CUDA graph when nothing it reads has changed: the same parameter, state
+        and gradient tensors at the same addresses (gradients are new tensors every step, usually at the same
+        addresses), the same hyperparameters. This skips the per-tensor preparation of a step, host time during
+        which a GPU that waits for the step idles; only the learning rates are brought up to date."""
         ws = self._workspace()
         hit = ws.get("replay")
         if hit is None:
             return None
-        params, token, mode, cache = hit
+        cache, mode = hit["cache"], hit["mode"]
         if (cache is not ws.get("lamb_fused") or cache.graph is None or cache.graph_mode != mode
                 or mode[:2] != (found_inf is not None, grad_scale is not None)
-                or len(params) != len(with_grad) or not all(map(operator.is_, params, with_grad))
-                or self._replay_token(with_grad) != token):
+                or len(with_grad) != len(hit["params"]) or not all(map(operator.is_, with_grad, hit["params"]))
+                or tuple(map(Tensor.data_ptr, [p.grad for p in with_grad])) != hit["grad_ptrs"]
+                or tuple(map(Tensor.data_ptr, with_grad)) != hit["param_ptrs"] or self._hyper_token() != hit["hyper"]):
             ws.pop("replay", None)
             return None
-        from lightning_effi.optim.fused import replay, update_lrs
-        from lightning_effi.optim.functional import _ctx
+        from lightning_effi.optim.fused import replay
 
-        lrs: list = []
-        for g in self.param_groups:
-            lrs += [g["lr"]] * sum(1 for p in g["params"] if p.grad is not None)
-        update_lrs(cache, lrs, cache.lr_t.device, _ctx())
+        lrs = [g["lr"] for g in self.param_groups]
+        if any(isinstance(lr, Tensor) for lr in lrs):  # device learning rates: gathered on the device
+            vec = torch.stack([lr.reshape(()).to(cache.lr_t.device, torch.float64) if isinstance(lr, Tensor)
+                               else torch.full((), float(lr), dtype=torch.float64, device=cache.lr_t.device)
+                               for lr in lrs])
+            cache.lr_t.copy_(vec[hit["unit_group"]])
+            cache.lr_key = hit["group_lrs"] = None
+        elif tuple(lrs) != hit["group_lrs"]:
+            per_unit = [lr for lr, c in zip(lrs, hit["counts"]) for _ in range(c)]
+            cache.lr_t.copy_(torch.tensor(per_unit, dtype=torch.float64).pin_memory(), non_blocking=True)
+            cache.lr_key, hit["group_lrs"] = tuple(per_unit), tuple(lrs)
         cache.hits += 1
         return replay(cache, grad_scale, found_inf)
 

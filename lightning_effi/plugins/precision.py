@@ -251,6 +251,7 @@ class LossScalingPrecision(Precision):
         self._last_floor_warning_step: Optional[int] = None
         self._patched_schedulers: list[Any] = []
         self._on_device: dict[int, bool] = {}  # optimizer id -> skipped inside its kernel (no host read)
+        self._applied: set[int] = set()  # optimizers that took a step (decided on the host) in this run
         self._mirror = HostMirror(slots=4)  # the scaler state, for the floor check without a host sync
         self._floor_seen = 0
 
@@ -333,7 +334,9 @@ class LossScalingPrecision(Precision):
             self.scaler.unscale_(optimizer)
         # on_before_optimizer_step hooks and gradient clipping see unscaled gradients.
         self._after_closure(model, optimizer)
-        on_device = self._skips_on_device(model, optimizer)
+        # Steps before the first applied one are decided on the host (one read each): a skipped first step then
+        # does not create the optimizer's state, so a skip leaves the optimizer exactly as it was.
+        on_device = id(optimizer) in self._applied and self._skips_on_device(model, optimizer)
         step_output = self.scaler.step(optimizer, on_device=on_device, **kwargs)
         found_inf = self.scaler.found_inf(optimizer)
         self.scaler.update()
@@ -342,6 +345,8 @@ class LossScalingPrecision(Precision):
             self._check_floor(model)
         elif self.scaler.last_step_skipped:
             self._on_skipped_step(model, optimizer)
+        else:
+            self._applied.add(id(optimizer))
         return step_output
 
     @override
@@ -477,6 +482,7 @@ class LossScalingPrecision(Precision):
         self._patched_schedulers.clear()
         on_device = any(self._on_device.values())
         self._on_device.clear()
+        self._applied.clear()
         self._mirror.clear()
         super().teardown()
         if on_device:  # a floor event in the last steps of a sync-free run may not have been seen yet
