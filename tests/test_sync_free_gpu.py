@@ -75,12 +75,13 @@ OPTIMIZERS = {
 def test_full_stack_makes_no_sync_between_logging_steps(precision, optimizer, accumulation):
     callback = (AccumulationScheduler(ramp=(1, 3, 8), unit="step") if accumulation == "ramp"
                 else AccumulationScheduler({0: 2}, normalize="tokens"))
-    trainer, debug = _fit(LossScalingPrecision(precision), OPTIMIZERS[optimizer], callback)
+    # A scale that fits from the start: steps before the first applied one are decided on the host by design
+    trainer, debug = _fit(LossScalingPrecision(precision, init_scale=2.0**8), OPTIMIZERS[optimizer], callback)
     assert trainer.global_step == 24 and len(debug.checked) >= 15
     assert trainer.precision_plugin.skipped_steps >= 0  # a host read after fit is allowed
 
 
 def test_control_host_decided_skip_raises_under_sync_debug():
     with pytest.raises(RuntimeError, match="synchroniz"):
-        _fit(LossScalingPrecision("16-mixed"), partial(torch.optim.AdamW, lr=1e-3, foreach=True),
+        _fit(LossScalingPrecision("16-mixed", init_scale=2.0**8), partial(torch.optim.AdamW, lr=1e-3, foreach=True),
              AccumulationScheduler({0: 1}))

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
 from lightning_effi._host import device_scalar
+from lightning_effi.callbacks._logging import metrics_due
 from lightning_effi.callbacks.schedule import NORMALIZE, UNITS, AccumulationWindow, parse_ramp, parse_schedule
 
 _WINDOW_KEY = "lightning_effi.accumulation.partial_window"
@@ -318,7 +319,9 @@ class AccumulationScheduler(Callback):
         if not w.closed:
             self._close_window(trainer, pl_module, fix_grads=False)
         w.finish()
-        # Device tensors, so logging every step needs no host copy (a Python number would be copied to the device).
+        if not metrics_due(trainer):
+            return
+        # Device tensors: a Python number would be copied to the device, which waits for it.
         device = trainer.strategy.root_device
         pl_module.log("accumulation/factor", device_scalar(w.last_size, device), on_step=True, on_epoch=False)
         counts = w.last_counts

@@ -35,6 +35,7 @@ the tracker properties, :meth:`state_dict`) waits for the device: do it on loggi
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections import defaultdict
@@ -317,25 +318,10 @@ class DynamicLossScaler:
 
     def _apply_rule(self, state: Tensor, found: Tensor) -> Tensor:
         """The scale policy on device tensors (overridable): returns the next state vector."""
-        scale, g, tol = state[SCALE], state[GROWTH], state[TOL]
-        backoff = found & (tol <= 1)
-        at_floor = backoff & (scale <= self.min_scale)
-        new_scale = torch.where(backoff, torch.clamp(scale * self.backoff_factor, min=self.min_scale), scale)
-        new_tol = torch.where(found & ~backoff, tol - 1, tol)
-        new_g = torch.where(found, torch.zeros_like(g), g + 1)
-        if self.consecutive_hysteresis:
-            new_tol = torch.where(found, new_tol, torch.full_like(tol, self.hysteresis))
-        grow = ~found & (new_g >= self.growth_interval)
-        new_scale = torch.where(grow, torch.clamp(new_scale * self.growth_factor, max=self.max_scale), new_scale)
-        new_g = torch.where(grow, torch.zeros_like(new_g), new_g)
-        new_tol = torch.where(grow, torch.full_like(tol, self.hysteresis), new_tol)
-        updates = state[UPDATES]
-        first = state[FIRST_FLOOR]
-        return torch.stack([
-            new_scale, new_g, new_tol, state[SKIPPED] + found, state[FLOOR_EVENTS] + at_floor,
-            torch.where(at_floor & (first < 0), updates, first), torch.where(at_floor, updates, state[LAST_FLOOR]),
-            found.to(torch.float64), updates + 1,
-        ])
+        knobs = (self.backoff_factor, self.growth_factor, self.growth_interval, float(self.hysteresis),
+                 self.min_scale, self.max_scale, self.consecutive_hysteresis)
+        rule = _compiled_rule() if state.is_cuda else _rule
+        return rule(state, found, *knobs)
 
     # -------------------------------------------------------------------------------- host reads (they wait)
     def get_scale(self) -> float:
@@ -461,6 +447,41 @@ class DynamicLossScaler:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(init_scale={self.init_scale}, hysteresis={self.hysteresis}, "
                 f"growth_interval={self.growth_interval}, min_scale={self.min_scale}, max_scale={self.max_scale})")
+
+
+def _rule(state: Tensor, found: Tensor, backoff_factor: float, growth_factor: float, growth_interval: int,
+          hysteresis: float, min_scale: float, max_scale: float, consecutive: bool) -> Tensor:
+    """One update of the state vector (see the module docstring); 0-dim tensor ops only."""
+    scale, g, tol = state[SCALE], state[GROWTH], state[TOL]
+    backoff = found & (tol <= 1)
+    at_floor = backoff & (scale <= min_scale)
+    new_scale = torch.where(backoff, torch.clamp(scale * backoff_factor, min=min_scale), scale)
+    new_tol = torch.where(found & ~backoff, tol - 1, tol)
+    new_g = torch.where(found, torch.zeros_like(g), g + 1)
+    if consecutive:
+        new_tol = torch.where(found, new_tol, torch.full_like(tol, hysteresis))
+    grow = ~found & (new_g >= growth_interval)
+    new_scale = torch.where(grow, torch.clamp(new_scale * growth_factor, max=max_scale), new_scale)
+    new_g = torch.where(grow, torch.zeros_like(new_g), new_g)
+    new_tol = torch.where(grow, torch.full_like(tol, hysteresis), new_tol)
+    updates = state[UPDATES]
+    first = state[FIRST_FLOOR]
+    return torch.stack([
+        new_scale, new_g, new_tol, state[SKIPPED] + found, state[FLOOR_EVENTS] + at_floor,
+        torch.where(at_floor & (first < 0), updates, first), torch.where(at_floor, updates, state[LAST_FLOOR]),
+        found.to(torch.float64), updates + 1,
+    ])
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_rule():
+    """The rule as one fused GPU kernel (about twenty launches of 0-dim ops otherwise), where inductor generates
+    Triton kernels; the eager rule elsewhere. The same float64 arithmetic either way."""
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # pragma: no cover - a torch without the helper
+        return _rule
+    return torch.compile(_rule, fullgraph=True, dynamic=False) if has_triton() else _rule
 
 
 def _first_param_device(optimizer: Optimizer) -> torch.device:
