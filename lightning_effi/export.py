@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_effi import _compat
+
 
 def _export_file(path: Path) -> dict[str, torch.Tensor]:
     # weights_only=False as Lightning itself loads checkpoints (they hold hyper-parameters and callback state):
@@ -42,18 +44,16 @@ def _export_dcp(path: Path) -> dict[str, torch.Tensor]:
     Lightning's sharded save puts the model under the top-level key ``"state_dict"`` (optimizers under
     ``"optimizer_<i>"``, loops and callbacks in ``meta.pt``); only the model entries are read, so the optimizer
     state (2x the weights for Adam/LAMB) is never loaded. DCP stores each tensor by its global shape, so the result
-    does not depend on how many ranks wrote it. ``_load_state_dict_from_keys`` is torch's (private, 2.4+) reader
-    for exactly this; the public ``format_utils.dcp_to_torch_save`` would also load every optimizer state.
+    does not depend on how many ranks wrote it. Read with ``_compat.dcp_load_keys`` (torch's private reader for
+    exactly this; the public ``format_utils.dcp_to_torch_save`` would also load every optimizer state).
     """
     import warnings
-
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     with warnings.catch_warnings():
         # "torch.distributed is unavailable or uninitialized, assuming the intent is to load in a single process":
         # exactly the intent here.
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        loaded = _load_state_dict_from_keys(keys={"state_dict"}, checkpoint_id=str(path))
+        loaded = _compat.dcp_load_keys({"state_dict"}, str(path))
     if "state_dict" not in loaded:
         raise ValueError(f"{str(path)!r} is a torch.distributed.checkpoint directory without a 'state_dict' entry: "
                          "not a Lightning checkpoint")

@@ -1,6 +1,8 @@
 """lightning_effi.callbacks."""
 
 from lightning_effi.callbacks.accumulation import AccumulationScheduler
-from lightning_effi.callbacks.microbatch import AutoMicroBatch
 from lightning_effi.callbacks.health import TrainingHealthMonitor
+from lightning_effi.callbacks.microbatch import AutoMicroBatch
 from lightning_effi.callbacks.progress import SyncFreeProgressBar
+
+__all__ = ["AccumulationScheduler", "AutoMicroBatch", "SyncFreeProgressBar", "TrainingHealthMonitor"]

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
 from lightning_effi._host import device_scalar
+from lightning_effi._protocols import AccumulationEngine
 from lightning_effi.callbacks._logging import metrics_due
 from lightning_effi.callbacks.schedule import NORMALIZE, UNITS, AccumulationWindow, parse_ramp, parse_schedule
 
@@ -175,7 +176,7 @@ class AccumulationScheduler(Callback):
             )
         strategy = trainer.strategy
         name = type(strategy).__name__
-        if strategy.handles_gradient_accumulation and not hasattr(strategy, "effi_set_accumulation"):
+        if strategy.handles_gradient_accumulation and not isinstance(strategy, AccumulationEngine):
             raise RuntimeError(
                 f"{name} accumulates gradients inside its engine and cannot change the factor during training; "
                 "use strategy='effi_deepspeed_stage_1' / '_2' / '_3', or Trainer(accumulate_grad_batches=k) "
@@ -253,7 +254,7 @@ class AccumulationScheduler(Callback):
             epoch=trainer.current_epoch, batch_size=extract_batch_size(batch) if self.global_batch_size else 0,
             engine_accumulates=strategy.handles_gradient_accumulation,
         )
-        if plan.engine_factor is not None and hasattr(strategy, "effi_set_accumulation"):
+        if plan.engine_factor is not None and isinstance(strategy, AccumulationEngine):
             strategy.effi_set_accumulation(plan.engine_factor)
         trainer.accumulate_grad_batches = plan.accumulate  # after the engine hook, which sets the factor itself
         if plan.zero_grad:

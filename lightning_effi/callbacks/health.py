@@ -19,6 +19,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_effi._protocols import TrustRatioOptimizer
+
 __all__ = ["TrainingHealthMonitor"]
 
 log = logging.getLogger(__name__)
@@ -160,9 +162,9 @@ class TrainingHealthMonitor(Callback):
     def _trust_ratio_tensors(self, trainer: pl.Trainer) -> Optional[Tensor]:
         """[min, median, max] of the finite trust ratios of the last step, on the device (no host read)."""
         for opt in trainer.optimizers:
-            ratios = getattr(opt, "trust_ratios", None)
-            if ratios is None:  # DeepSpeed wraps the client optimizer
-                ratios = getattr(getattr(opt, "optimizer", None), "trust_ratios", None)
+            inner = getattr(opt, "optimizer", None)  # DeepSpeed wraps the client optimizer
+            source = opt if isinstance(opt, TrustRatioOptimizer) else inner
+            ratios = source.trust_ratios if isinstance(source, TrustRatioOptimizer) else None
             if ratios is None or ratios.numel() == 0:
                 continue
             r = ratios.float()

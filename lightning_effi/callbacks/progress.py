@@ -20,6 +20,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar
 from typing_extensions import override
 
+from lightning_effi._protocols import HostMetricsModule
+
 
 class SyncFreeProgressBar(RichProgressBar):
     """``RichProgressBar`` (same arguments) that adds the module's ``progress_bar_host_metrics()`` to what it shows.
@@ -34,7 +36,6 @@ class SyncFreeProgressBar(RichProgressBar):
     @override
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
-        host = getattr(pl_module, "progress_bar_host_metrics", None)
-        if callable(host):
-            items.update(host())
+        if isinstance(pl_module, HostMetricsModule):
+            items.update(pl_module.progress_bar_host_metrics())
         return items

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from lightning_effi import _compat
 from lightning_effi._host import HostMirror
+from lightning_effi._protocols import HostMetricsProgressBar
 from lightning_effi.models._common import OptimizerCallable, build_optimizers, check_positive
 
 IGNORE_INDEX = -100
@@ -185,11 +187,7 @@ def _can_fuse_loss(device: torch.device) -> bool:
     installed, compute capability >= 7.0); elsewhere (CPU, older GPUs) the eager loss."""
     if device.type != "cuda":
         return False
-    try:
-        from torch.utils._triton import has_triton
-    except ImportError:  # pragma: no cover - a torch without the helper
-        return False
-    return bool(has_triton()) and torch.cuda.get_device_capability(device) >= (7, 0)
+    return _compat.has_triton() and torch.cuda.get_device_capability(device) >= (7, 0)
 
 
 class _LMModule(pl.LightningModule):
@@ -270,7 +268,7 @@ class _LMModule(pl.LightningModule):
         # BENCHMARKS.md 3d). SyncFreeProgressBar shows the loss from progress_bar_host_metrics() instead.
         trainer = self._trainer
         bar = trainer.progress_bar_callback if trainer is not None else None
-        host_bar = getattr(bar, "reads_host_metrics", False)
+        host_bar = isinstance(bar, HostMetricsProgressBar) and bar.reads_host_metrics
         pbar = trainer is None or (bar is not None and not host_bar)
         mean = loss_sum.detach() / n.clamp_min(1)
         if host_bar:

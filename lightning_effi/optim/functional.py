@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_effi import _compat
 from lightning_effi.optim.norms import (
     FlatLayout,
     _dtensor_type,
@@ -641,7 +642,7 @@ def _host_ratio(hp: dict, i: int, xn: float, un: float) -> float:
 
 
 def _cpu_adam_core_ok(plan: _Plan) -> bool:
-    if not hasattr(torch, "_fused_adamw_"):
+    if not _compat.has_fused_adamw():
         return False
     for t in (*plan.p, *plan.g, *plan.m, *plan.v):
         if t.dtype not in (torch.float32, torch.float64) or not t.is_contiguous():
@@ -695,10 +696,9 @@ def _cpu_adam_core(plan: _Plan, hp: dict, state_steps: list[Tensor], coef: float
             torch._foreach_copy_(ys, ps)
         if coef != 1.0:
             gs = torch._foreach_mul(gs, coef)
-        torch._fused_adamw_(
-            ys, gs, ms, vs, [], steps if hp["bias_correction"][i] else [no_bc] * len(ys), amsgrad=False, lr=-1.0,
+        _compat.fused_adamw_(
+            ys, gs, ms, vs, steps if hp["bias_correction"][i] else [no_bc] * len(ys), lr=-1.0,
             beta1=hp["beta1"][i], beta2=hp["beta2"][i], weight_decay=hp["weight_decay"][i] - 1.0, eps=hp["eps"][i],
-            maximize=False,
         )
 
     for items in small.values():

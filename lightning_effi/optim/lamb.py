@@ -129,6 +129,11 @@ class Lamb(Optimizer):
     learning rate need no host sync (the CPU paths read them on the host).
     """
 
+    # Contracts (lightning_effi._protocols): ZeRO strategies describe their flat partitions to it
+    # (FlatLayoutOptimizer), and a held LR schedule writes 0-dim device learning rates (DeviceLROptimizer).
+    accepts_flat_layouts = True
+    accepts_tensor_lr = True
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict],
@@ -165,7 +170,6 @@ class Lamb(Optimizer):
         # optimizers that set this, see torch.optim.Adam) and a 0-dim device tensor lr, so a loss-scaled step and a
         # device-side schedule need no host sync on an accelerator.
         self._step_supports_amp_scaling = True
-        self._effi_tensor_lr = True
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -192,7 +196,6 @@ class Lamb(Optimizer):
         self.__dict__.setdefault("trust_ratios", None)
         self.__dict__.setdefault("norm_process_group", None)
         self.__dict__.setdefault("_step_supports_amp_scaling", True)
-        self.__dict__.setdefault("_effi_tensor_lr", True)
 
     def state_dict(self):
         # flat_layouts are strategy wiring, rebuilt by the strategy; they are not optimizer state.

@@ -29,6 +29,7 @@ from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
 from lightning_effi._host import HostMirror
+from lightning_effi._protocols import DeviceLROptimizer
 from lightning_effi.plugins.held_schedule import HeldSchedule, can_hold
 from lightning_effi.plugins.scaler import FIRST_FLOOR, FLOOR_EVENTS, LAST_FLOOR, SCALE, SKIPPED, DynamicLossScaler
 
@@ -142,8 +143,8 @@ def _held_class(cls: type) -> type:
 
 def _takes_device_lr(optimizer: Optimizer) -> bool:
     """Whether ``optimizer.step`` reads a 0-dim device tensor ``lr`` without a host sync: torch's fused Adam/AdamW and
-    optimizers that declare it (``_effi_tensor_lr``, e.g. ``lightning_effi.optim.Lamb``)."""
-    if getattr(optimizer, "_effi_tensor_lr", False):
+    optimizers that declare it (:class:`~lightning_effi._protocols.DeviceLROptimizer`, e.g. ``Lamb``)."""
+    if isinstance(optimizer, DeviceLROptimizer) and optimizer.accepts_tensor_lr:
         return True
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         return all(g.get("fused") for g in optimizer.param_groups)

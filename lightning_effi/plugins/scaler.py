@@ -46,6 +46,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_effi import _compat
+
 __all__ = ["DynamicLossScaler", "validate_scaler_knobs"]
 
 _STATE_KEYS = ("scale", "growth_tracker", "hysteresis_tracker", "skipped_steps", "num_updates")
@@ -224,7 +226,7 @@ class DynamicLossScaler:
                 dev_found.copy_(torch.maximum(dev_found, (~torch.stack(norms).isfinite()).any().float()))
                 torch._foreach_mul_(grads, inv_scale.to(torch.bfloat16))
             else:
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, dev_found, inv_scale)
+                _compat.non_finite_check_and_unscale_(grads, dev_found, inv_scale)
         for dev_found, _ in per_device.values():
             found_inf = torch.maximum(found_inf, dev_found.to(device, non_blocking=True))
         if self._should_sync():
@@ -477,11 +479,7 @@ def _rule(state: Tensor, found: Tensor, backoff_factor: float, growth_factor: fl
 def _compiled_rule():
     """The rule as one fused GPU kernel (about twenty launches of 0-dim ops otherwise), where inductor generates
     Triton kernels; the eager rule elsewhere. The same float64 arithmetic either way."""
-    try:
-        from torch.utils._triton import has_triton
-    except ImportError:  # pragma: no cover - a torch without the helper
-        return _rule
-    return torch.compile(_rule, fullgraph=True, dynamic=False) if has_triton() else _rule
+    return torch.compile(_rule, fullgraph=True, dynamic=False) if _compat.has_triton() else _rule
 
 
 def _first_param_device(optimizer: Optimizer) -> torch.device:

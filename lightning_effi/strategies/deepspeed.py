@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import sys
 from collections.abc import Generator, Mapping
@@ -50,6 +49,8 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_effi import _compat
+from lightning_effi._protocols import FlatLayoutOptimizer
 from lightning_effi.strategies._config import build_deepspeed_config, load_user_config
 
 if TYPE_CHECKING:
@@ -294,7 +295,7 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
     def setup_distributed(self) -> None:
         if isinstance(self.accelerator, CUDAAccelerator):
             # NCCL carries the GPU collectives; the CPU shared-memory op would only be a JIT build at startup.
-            with _without_shm_comm_build():
+            with _compat.deepspeed_without_shm_build():
                 super().setup_distributed()
             return
         # Upstream validates device indices, which are [None, None] on CPU.
@@ -307,20 +308,16 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
             )
         reset_seed()
         self.set_world_ranks()
-        with _without_shm_comm_build():
+        with _compat.deepspeed_without_shm_build():
             self._init_deepspeed_distributed()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._init_config_if_needed()
-        if self.config.get("fp16", {}).get("enabled") and not isinstance(self.accelerator, CUDAAccelerator):
-            from deepspeed.accelerator import get_accelerator
-
-            # DeepSpeed's CPU accelerator reports fp16 support only if oneDNN has native fp16 kernels for this CPU
-            # model; PyTorch computes fp16 on any CPU. Report it on this accelerator instance (not the class) so
-            # fp16 works, and is tested, independently of the CPU model.
-            get_accelerator().is_fp16_supported = lambda: True
-        super().setup(trainer)
+        cpu_fp16 = self.config.get("fp16", {}).get("enabled") and not isinstance(self.accelerator, CUDAAccelerator)
+        # fp16 on the CPU, whatever DeepSpeed's oneDNN check says about this CPU model, while the engine is built
+        with _compat.deepspeed_fp16_on_cpu() if cpu_fp16 else contextlib.nullcontext():
+            super().setup(trainer)
 
     def _device_rank(self) -> int:
         # DeepSpeed uses args.device_rank to pick its device; root_device.index is None on CPU.
@@ -473,25 +470,6 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def _without_shm_comm_build() -> Generator[None, None, None]:
-    """Skip DeepSpeed's shared-memory all-reduce op while its communication backend initialises.
-
-    DeepSpeed's TorchBackend JIT-compiles ``deepspeed_shm_comm`` (about 20 s per process, needs a C++ compiler) the
-    first time it starts; it is an intra-node fast path for all_reduce of CPU tensors, and gloo (CPU) or NCCL (GPU)
-    does the same job. The
-    module is fetched with importlib because ``import deepspeed.comm.torch`` binds the ``torch`` package instead
-    (``deepspeed.comm`` re-exports a ``torch`` name). The original function is restored afterwards.
-    """
-    ds_torch = importlib.import_module("deepspeed.comm.torch")
-    original = ds_torch.build_shm_op
-    ds_torch.build_shm_op = lambda: None
-    try:
-        yield
-    finally:
-        ds_torch.build_shm_op = original
-
-
 def _logical_ids(optimizer: Optimizer) -> dict[int, int]:
     """id(param) -> its index over all param groups in order (the logical ids FlatLayout refers to)."""
     ids: dict[int, int] = {}
@@ -502,7 +480,7 @@ def _logical_ids(optimizer: Optimizer) -> dict[int, int]:
 
 
 def _is_partition_aware(optimizer: Optimizer) -> bool:
-    return type(optimizer).__module__.startswith("lightning_effi.optim")
+    return isinstance(optimizer, FlatLayoutOptimizer) and optimizer.accepts_flat_layouts
 
 
 def _check_optimizer_supported(optimizer: Optimizer) -> None:
@@ -572,12 +550,12 @@ def _stage3_segments(ds_optimizer: Any, logical_ids: dict[int, int]) -> list[lis
 
 def _install_flat_layouts(ds_optimizer: Any, optimizer: Optimizer, logical_ids: dict[int, int] | None,
                           config: Mapping[str, Any], layouts: list[Any] | None = None) -> list[Any] | None:
-    """Describe ZeRO's flat fp32 partitions to a partition-aware optimizer (interface 3 of models_api.md).
+    """Describe ZeRO's flat fp32 partitions to a partition-aware optimizer (:class:`FlatLayoutOptimizer`).
 
     Returns the layouts (per param group for stage 1/2, per sub-group for stage 3) or None when the optimizer
     does not need them (element-wise optimizers are unaffected by flattening).
     """
-    if not _is_partition_aware(optimizer) or not hasattr(optimizer, "norm_process_group"):
+    if not _is_partition_aware(optimizer):
         return None
     from lightning_effi.optim.norms import FlatLayout
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import types
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union
@@ -62,6 +61,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
+
+from lightning_effi import _compat
 
 _DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -268,17 +269,13 @@ def _install_host_sigterm_check(trainer: Trainer) -> bool:
     Lightning without these private methods keeps its own behaviour, and so do a single process (no per-batch
     agreement there) and a group without gloo (e.g. ``process_group_backend="nccl"``).
     """
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    connector = getattr(trainer, "_signal_connector", None)
-    if not (hasattr(type(loop), "_broadcast_sigterm_tensor") and hasattr(type(connector), "_sigterm_notifier_fn")):
-        return False
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or trainer.world_size < 2:
         return False  # one process: Lightning's loop never agrees, its handler's own flag is what stops it
     if "gloo" not in str(torch.distributed.get_backend()):
         return False
-    loop._broadcast_sigterm_tensor = types.MethodType(_agree_on_sigterm, loop)
-    connector._sigterm_notifier_fn = types.MethodType(_on_sigterm, connector)
-    setattr(connector, _SIGTERM_PENDING, False)
+    if not _compat.install_sigterm_agreement(trainer, _agree_on_sigterm, _on_sigterm):
+        return False
+    setattr(trainer._signal_connector, _SIGTERM_PENDING, False)
     return True
 
 

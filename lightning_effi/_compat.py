@@ -1,0 +1,276 @@
+"""Every runtime patch of another library and every use of a private API, in one place.
+
+Upgrading torch, Lightning or DeepSpeed is the main risk to this package: a private function that changes its
+signature, or a method an override relies on, would otherwise break silently (a lost speed-up) or late (a crash mid
+run). Each entry below says what it relies on and the versions it was written for, and :data:`CHECKS` holds one
+check per entry that the test suite runs (``tests/test_compat.py``), so an upgrade fails loudly in CI instead.
+
+Written for: torch 2.11-2.13, lightning 2.6, deepspeed 0.19.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import types
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+WRITTEN_FOR = {"torch": "2.11-2.13", "lightning": "2.6", "deepspeed": "0.19"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One private dependency: ``check()`` raises ``AssertionError`` naming what changed, or ``ImportError`` when
+    the optional package is not installed (the test then skips)."""
+
+    name: str
+    relies_on: str
+    check: Callable[[], None]
+
+
+CHECKS: list[Check] = []
+
+
+def _register(name: str, relies_on: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    def deco(fn: Callable[[], None]) -> Callable[[], None]:
+        CHECKS.append(Check(name, relies_on, fn))
+        return fn
+
+    return deco
+
+
+def _params(fn: Any) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def _has_params(fn: Any, names: Iterable[str], what: str) -> None:
+    have = _params(fn)
+    missing = [n for n in names if n not in have]
+    assert not missing, f"{what} lost the parameters {missing}; it takes {have} now"
+
+
+def _schema_args(op: str) -> list[str]:
+    """Argument names of every overload of a native torch operator."""
+    names: list[str] = []
+    for schema in torch._C._jit_get_schemas_for_operator(op):
+        names += [a.name for a in schema.arguments]
+    return names
+
+
+# ------------------------------------------------------------------------------------------------- torch kernels
+def fused_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                 exp_avg_sqs: list[torch.Tensor], state_steps: list[torch.Tensor], *, lr: float, beta1: float,
+                 beta2: float, weight_decay: float, eps: float) -> None:
+    """torch's fused AdamW kernel (``torch._fused_adamw_``), used by Lamb's CPU path on a scratch copy."""
+    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], state_steps, amsgrad=False, lr=lr, beta1=beta1,
+                        beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)
+
+
+def has_fused_adamw() -> bool:
+    return hasattr(torch, "_fused_adamw_")
+
+
+@_register("torch._fused_adamw_", "Lamb's CPU step runs torch's fused AdamW kernel on a copy of each parameter")
+def _check_fused_adamw() -> None:
+    assert has_fused_adamw(), "torch._fused_adamw_ is gone"
+    args = _schema_args("aten::_fused_adamw_")
+    for name in ("lr", "beta1", "beta2", "weight_decay", "eps", "amsgrad", "maximize", "grad_scale", "found_inf"):
+        assert name in args, f"aten::_fused_adamw_ has no argument {name!r} any more ({sorted(set(args))})"
+
+
+def non_finite_check_and_unscale_(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
+    """torch's fused overflow check + unscale (what GradScaler uses)."""
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+
+
+@_register("torch._amp_foreach_non_finite_check_and_unscale_", "DynamicLossScaler's one-kernel check and unscale")
+def _check_amp_unscale() -> None:
+    args = _schema_args("aten::_amp_foreach_non_finite_check_and_unscale_")
+    assert args[:3] == ["self", "found_inf", "inv_scale"], f"its arguments are {args} now"
+
+
+@_register("torch.optim fused Adam/AdamW: grad_scale/found_inf and a tensor lr",
+           "LossScalingPrecision steps torch's fused optimizers with found_inf (they skip an overflowing step in "
+           "their kernel) and a 0-dim device lr (a schedule held on the device)")
+def _check_fused_adam_protocol() -> None:
+    from torch.optim import adam, adamw
+
+    _has_params(adam.adam, ("grad_scale", "found_inf", "fused", "lr", "decoupled_weight_decay"), "torch.optim.adam.adam")
+    _has_params(adam._fused_adam, ("grad_scale", "found_inf", "lr"), "torch.optim.adam._fused_adam")
+    p = torch.nn.Parameter(torch.zeros(1))
+    assert getattr(adamw.AdamW([p], fused=True), "_step_supports_amp_scaling", False), \
+        "AdamW(fused=True) no longer sets _step_supports_amp_scaling"
+
+
+@functools.lru_cache(maxsize=None)
+def has_triton() -> bool:
+    """Whether inductor can generate Triton kernels here (torch's private helper)."""
+    try:
+        from torch.utils._triton import has_triton as _has_triton
+    except ImportError:
+        return False
+    return bool(_has_triton())
+
+
+@_register("torch.utils._triton.has_triton", "compile the loss and the scaler rule only where Triton kernels exist")
+def _check_has_triton() -> None:
+    from torch.utils._triton import has_triton as _has_triton
+
+    assert _params(_has_triton) == [], f"has_triton takes {_params(_has_triton)} now"
+
+
+@_register("torch.optim.lr_scheduler internals",
+           "held schedules copy a scheduler (its __dict__, nested _schedulers), step the copy and load its "
+           "state_dict snapshots into the original")
+def _check_lr_scheduler() -> None:
+    from torch.optim.lr_scheduler import LRScheduler, SequentialLR
+
+    _has_params(LRScheduler.step, ("epoch",), "LRScheduler.step")
+    _has_params(LRScheduler.load_state_dict, ("state_dict",), "LRScheduler.load_state_dict")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    seq = SequentialLR(opt, [torch.optim.lr_scheduler.ConstantLR(opt, total_iters=1)] * 2, milestones=[1])
+    assert isinstance(getattr(seq, "_schedulers", None), list), "SequentialLR keeps its schedulers elsewhere now"
+
+
+# ---------------------------------------------------------------------------------------- torch.distributed.checkpoint
+def dcp_load_keys(keys: set[str], checkpoint_id: str) -> dict[str, Any]:
+    """Load only ``keys`` of a DCP checkpoint in one process (torch's private reader; the public
+    ``dcp_to_torch_save`` would also load every optimizer state)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return _load_state_dict_from_keys(keys=keys, checkpoint_id=checkpoint_id)
+
+
+@_register("torch.distributed.checkpoint.state_dict_loader._load_state_dict_from_keys",
+           "effi export reads a sharded checkpoint's model weights without its optimizer state")
+def _check_dcp_loader() -> None:
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    _has_params(_load_state_dict_from_keys, ("keys", "checkpoint_id"), "_load_state_dict_from_keys")
+
+
+# --------------------------------------------------------------------------------------------------- Lightning
+def install_sigterm_agreement(trainer: Any, agree: Callable[[Any], None],
+                              on_signal: Callable[[Any, int, Any], None]) -> bool:
+    """Replace, on this trainer's instances only, Lightning's per-batch SIGTERM broadcast
+    (``_TrainingEpochLoop._broadcast_sigterm_tensor``) and its signal handler (``_SignalConnector.
+    _sigterm_notifier_fn``). Returns False (nothing replaced) on a Lightning without them."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    connector = getattr(trainer, "_signal_connector", None)
+    if not (hasattr(type(loop), "_broadcast_sigterm_tensor") and hasattr(type(connector), "_sigterm_notifier_fn")):
+        return False
+    loop._broadcast_sigterm_tensor = types.MethodType(agree, loop)
+    connector._sigterm_notifier_fn = types.MethodType(on_signal, connector)
+    return True
+
+
+@_register("lightning _broadcast_sigterm_tensor / _sigterm_notifier_fn",
+           "EffiFSDPStrategy agrees on SIGTERM over gloo on the host instead of a per-batch device broadcast")
+def _check_sigterm_hooks() -> None:
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    assert _params(_TrainingEpochLoop._broadcast_sigterm_tensor) == ["self"]
+    assert _params(_SignalConnector._sigterm_notifier_fn)[1:] == ["signum", "_"] or \
+        len(_params(_SignalConnector._sigterm_notifier_fn)) == 3, "_sigterm_notifier_fn(self, signum, frame) changed"
+    src = inspect.getsource(_TrainingEpochLoop.advance)
+    assert "_broadcast_sigterm_tensor" in src, "the training loop no longer calls _broadcast_sigterm_tensor"
+
+
+@_register("lightning private helpers", "the strategies use Lightning's registry, materialisation and optimizer moves")
+def _check_lightning_helpers() -> None:
+    from lightning.fabric.strategies.registry import _StrategyRegistry
+    from lightning.fabric.utilities.init import _materialize_distributed_module
+    from lightning.fabric.utilities.optimizer import _optimizers_to_device
+    from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    _has_params(_StrategyRegistry.register, ("name", "strategy", "description"), "_StrategyRegistry.register")
+    _has_params(_materialize_distributed_module, ("module", "device"), "_materialize_distributed_module")
+    _has_params(_optimizers_to_device, ("optimizers", "device"), "_optimizers_to_device")
+    _has_params(_init_optimizers_and_lr_schedulers, ("model",), "_init_optimizers_and_lr_schedulers")
+    _has_params(_SubprocessScriptLauncher.launch, ("function",), "_SubprocessScriptLauncher.launch")
+
+
+@_register("lightning ModelParallelStrategy hooks", "EffiFSDPStrategy overrides them")
+def _check_model_parallel() -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    for name, params in (("setup_environment", ["self"]), ("setup", ["self", "trainer"]),
+                         ("optimizer_step", ["self", "optimizer", "closure", "model"]),
+                         ("_get_process_group_backend", ["self"])):
+        have = _params(getattr(ModelParallelStrategy, name))
+        assert have[:len(params)] == params, f"ModelParallelStrategy.{name} takes {have} now"
+
+
+@_register("lightning DeepSpeedStrategy private methods", "EffiDeepSpeedStrategy overrides them")
+def _check_deepspeed_strategy() -> None:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    for name, params in (("_setup_model_and_optimizer", ["self", "model", "optimizer"]),
+                         ("_initialize_deepspeed_train", ["self", "model"]),
+                         ("_initialize_deepspeed_inference", ["self", "model"]),
+                         ("_format_config", ["self"]), ("_configure_launcher", ["self"]),
+                         ("_init_deepspeed_distributed", ["self"]), ("_auto_select_batch_size", ["self"])):
+        assert hasattr(DeepSpeedStrategy, name), f"DeepSpeedStrategy.{name} is gone"
+        have = _params(getattr(DeepSpeedStrategy, name))
+        assert have[:len(params)] == params, f"DeepSpeedStrategy.{name} takes {have} now"
+
+
+# --------------------------------------------------------------------------------------------------- DeepSpeed
+@contextlib.contextmanager
+def deepspeed_without_shm_build() -> Generator[None, None, None]:
+    """Skip DeepSpeed's shared-memory all-reduce op while its communication backend initialises.
+
+    DeepSpeed's TorchBackend JIT-compiles ``deepspeed_shm_comm`` (tens of seconds per process, needs a C++ compiler)
+    the first time it starts; it is an intra-node fast path for all_reduce of CPU tensors, which gloo (CPU) or NCCL
+    (GPU) also do. The module is fetched with importlib because ``import deepspeed.comm.torch`` binds the ``torch``
+    package instead (``deepspeed.comm`` re-exports a ``torch`` name). The original is restored afterwards.
+    """
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    original = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = original
+
+
+@_register("deepspeed.comm.torch.build_shm_op", "skipped while DeepSpeed's communication backend initialises")
+def _check_build_shm_op() -> None:
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    assert callable(getattr(ds_torch, "build_shm_op", None)), "deepspeed.comm.torch.build_shm_op is gone"
+    assert _params(ds_torch.build_shm_op) == [], f"build_shm_op takes {_params(ds_torch.build_shm_op)} now"
+
+
+@contextlib.contextmanager
+def deepspeed_fp16_on_cpu() -> Generator[None, None, None]:
+    """DeepSpeed's CPU accelerator reports fp16 support only where oneDNN has native fp16 kernels for the CPU model,
+    while PyTorch computes fp16 on any CPU: report it while DeepSpeed builds its engine, then restore the
+    accelerator's own answer."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    had = "is_fp16_supported" in vars(acc)
+    original = vars(acc).get("is_fp16_supported")
+    acc.is_fp16_supported = lambda: True
+    try:
+        yield
+    finally:
+        if had:
+            acc.is_fp16_supported = original
+        else:
+            del acc.is_fp16_supported
+
+
+@_register("deepspeed accelerator is_fp16_supported", "reported True while an fp16 engine is built on the CPU")
+def _check_fp16_supported() -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    assert _params(get_accelerator().is_fp16_supported) == [], "is_fp16_supported() takes arguments now"
