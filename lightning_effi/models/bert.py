@@ -10,7 +10,8 @@ from torch import nn
 
 from lightning_effi.models._common import OptimizerCallable
 from lightning_effi.models.data import MASK_ID, NUM_BYTES, VOCAB_SIZE
-from lightning_effi.models.gpt import IGNORE_INDEX, Block, _check_shapes, _LMModule
+from lightning_effi.models._lm import IGNORE_INDEX, _LMModule
+from lightning_effi.models.gpt import Block, _check_shapes
 
 
 def mlm_mask(input_ids: torch.Tensor, *, mask_id: int = MASK_ID, num_random: int = NUM_BYTES, prob: float = 0.15,

@@ -35,6 +35,17 @@ import os
 import torch
 from torch import Tensor
 
+from lightning_effi.optim._plan import (
+    decode_lid_params,
+    encode_lid_params,
+    h2d,
+    lid_hyper,
+    lr_vector,
+    reduce_lid_vectors,
+    skip_and_coef,
+    trust_ratio,
+)
+
 try:  # Triton is an optional, GPU-only dependency; its absence is reported by fused_unavailable_reason.
     import triton
     import triton.language as tl
@@ -246,7 +257,7 @@ def _tl_types(dtype: torch.dtype):
 def _block_table(numels: tuple[int, ...], block: int, device):
     """Blocks of every unit, split into full blocks (unmasked launch) and tails (masked launch); cached by sizes.
 
-    Block ids are contiguous per unit, so a unit's sums are a difference of cumulative sums over block partials.
+    Block ids are contiguous per unit (``first``, ``nb``), so the reduce kernel sums a unit's partials in order.
     """
     key = (numels, block, str(device))
     hit = _BLOCK_CACHE.get(key)
@@ -270,13 +281,6 @@ def _block_table(numels: tuple[int, ...], block: int, device):
         _BLOCK_CACHE.clear()
     _BLOCK_CACHE[key] = out
     return out
-
-
-def _h2d(values, dtype, device) -> Tensor:
-    t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cpu":  # only under TRITON_INTERPRET=1 (kernel debugging on CPU)
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class _Launch:
@@ -328,7 +332,7 @@ def _offsets(tensors: list[Tensor]):
     return kb, offs, aligned
 
 
-def _build_cache(key, plan, hp, device, ctx) -> _Cache:
+def _build_cache(key, plan, hp, device) -> _Cache:
     for kind, ts in (("gradient", plan.g), ("exp_avg", plan.m), ("exp_avg_sq", plan.v), ("parameter", plan.p)):
         if not all(t.is_contiguous() for t in ts):
             raise RuntimeError(f"Lamb(fused): a {kind} is not contiguous (the kernel indexes flat memory); "
@@ -361,23 +365,23 @@ def _build_cache(key, plan, hp, device, ctx) -> _Cache:
         is64 = dtype == torch.float64
         launches.append(_Launch(
             dtype=dtype, ks=ks, kbs=kbs, bt=bt, n=len(ks), is64=is64,
-            off_t=_h2d(offsets, torch.int64, device), numel_t=_h2d(list(numels), torch.int64, device),
-            hp_t=_h2d([rows[k] for k in ks], torch.float64, device).reshape(-1).contiguous(),
-            uparam_t=_h2d([plan.param[k] for k in ks], torch.int32, device),
-            lid_t=_h2d([plan.lid[k] for k in ks], torch.int32, device),
-            lids=_h2d([plan.lid[k] for k in ks], torch.long, device),
-            uparam=_h2d([plan.param[k] for k in ks], torch.long, device),
+            off_t=h2d(offsets, torch.int64, device), numel_t=h2d(list(numels), torch.int64, device),
+            hp_t=h2d([rows[k] for k in ks], torch.float64, device).reshape(-1).contiguous(),
+            uparam_t=h2d([plan.param[k] for k in ks], torch.int32, device),
+            lid_t=h2d([plan.lid[k] for k in ks], torch.int32, device),
+            lids=h2d([plan.lid[k] for k in ks], torch.long, device),
+            uparam=h2d([plan.param[k] for k in ks], torch.long, device),
             consts=dict(DT=dt, CT=ct, BLOCK=BLOCK, CHUNK=CHUNK, ALIGN=(16 // dtype.itemsize) if aligned else 1,
                         IS64=is64, HPW=HPW, num_warps=NUM_WARPS),
         ))
     lid_hyper = None
     if not fast and plan.flat_group is None:  # the lid -> param map is static outside flat mode
-        lid_hyper = ctx["lid_hyper"](plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"],
+        lid_hyper = lid_hyper(plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"],
                                      torch.float64, device, None)
     return _Cache(key, launches, fast, lid_hyper, device)
 
 
-def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, ctx, workspace=None) -> Tensor:
+def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, workspace=None) -> Tensor:
     num = plan.num_lids
     key = _signature(plan, hp, state_steps)
     cache = None if workspace is None else workspace.get("lamb_fused")
@@ -385,10 +389,10 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         for s in state_steps:
             if s.device != device:
                 raise RuntimeError(f"the fused path keeps 'step' on the parameters' device; got one on {s.device}")
-        cache = _build_cache(key, plan, hp, device, ctx)
+        cache = _build_cache(key, plan, hp, device)
         if workspace is not None:
             workspace["lamb_fused"] = cache
-    update_lrs(cache, hp["lr"], device, ctx)
+    update_lrs(cache, hp["lr"], device)
     mode = (found_inf is not None, grad_scale is not None, max_grad_norm)
     if cache.fast and device.type == "cuda" and CUDA_GRAPHS:
         # The whole step as one CUDA graph once the signature has held for GRAPH_AFTER steps: host work per step
@@ -402,19 +406,18 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = _advance_and_launch(cache, plan, hp, state_steps, max_grad_norm,
                                           cache.scale_buf if mode[1] else None, cache.found_buf if mode[0] else None,
-                                          acc, num, device, ctx)
+                                          acc, num, device)
             cache.graph, cache.graph_ratio, cache.graph_mode = graph, out, mode
         if cache.graph is not None:
             return replay(cache, grad_scale, found_inf)
-    return _advance_and_launch(cache, plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, num, device,
-                               ctx)
+    return _advance_and_launch(cache, plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, num, device)
 
 
-def update_lrs(cache: _Cache, lrs: list, device, ctx) -> None:
+def update_lrs(cache: _Cache, lrs: list, device) -> None:
     """Bring the cached per-unit learning rates (the buffer a captured graph reads) up to date without a sync."""
     if any(isinstance(lr, torch.Tensor) for lr in lrs):
         # Device learning rates (a device-side schedule): gathered on the device every step.
-        vec = ctx["lr_vector"](lrs, list(range(len(lrs))), device, torch.float64)
+        vec = lr_vector(lrs, list(range(len(lrs))), device, torch.float64)
         if cache.lr_t is None:
             cache.lr_t = vec
         else:
@@ -424,7 +427,7 @@ def update_lrs(cache: _Cache, lrs: list, device, ctx) -> None:
     lr_key = tuple(lrs)
     if cache.lr_key != lr_key:
         if cache.lr_t is None:
-            cache.lr_t = _h2d(list(lr_key), torch.float64, device)
+            cache.lr_t = h2d(list(lr_key), torch.float64, device)
         else:  # in place: a captured graph reads this address (pinned source: no host sync)
             cache.lr_t.copy_(torch.tensor(lr_key, dtype=torch.float64).pin_memory(), non_blocking=True)
         cache.lr_key = lr_key
@@ -440,21 +443,20 @@ def replay(cache: _Cache, grad_scale, found_inf) -> Tensor:
     return cache.graph_ratio.clone()
 
 
-def _advance_and_launch(cache, plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, num, device, ctx):
+def _advance_and_launch(cache, plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, num, device):
     """The skip decision and clipping coefficient on the device, the step counts, then every kernel."""
     if grad_scale is None and found_inf is None and max_grad_norm is None:
         torch._foreach_add_(state_steps, 1.0)
-        return _launch_all(cache, plan, hp, state_steps, None, cache.zero_i32, cache.one32, cache.one64, num, device,
-                           ctx)
-    skip, coef = ctx["skip_and_coef"](plan, max_grad_norm, grad_scale, found_inf, acc, device)
+        return _launch_all(cache, plan, hp, state_steps, None, cache.zero_i32, cache.one32, cache.one64, num, device)
+    skip, coef = skip_and_coef(plan, max_grad_norm, grad_scale, found_inf, acc, device)
     # The list overload: the single-Tensor overload of _foreach_add_ reads the scalar on the host.
     torch._foreach_add_(state_steps, [(~skip).to(torch.float32)] * len(state_steps))
     skip_t = skip.reshape(1).to(torch.int32)
     coef32, coef64 = coef.reshape(1).to(torch.float32), coef.reshape(1).to(torch.float64)
-    return _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num, device, ctx)
+    return _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num, device)
 
 
-def _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num, device, ctx) -> Tensor:
+def _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num, device) -> Tensor:
     """Everything after the step counts were advanced: phase 1, the reduce (or the sharded reduction), phase 2."""
     steps = torch.stack(state_steps)
     lr_t = cache.lr_t
@@ -489,15 +491,15 @@ def _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num,
         for L, _, sumsq, _ in live:
             xsq.index_add_(0, L.lids, sumsq[:, 0])
             usq.index_add_(0, L.lids, sumsq[:, 1])
-        enc = ctx["encode_lid_params"](plan, torch.float64, device)
-        ctx["reduce_lid_vectors"]([xsq, usq, *enc], plan)
-        lid_param = ctx["decode_lid_params"](plan, enc)
+        enc = encode_lid_params(plan, torch.float64, device)
+        reduce_lid_vectors([xsq, usq, *enc], plan)
+        lid_param = decode_lid_params(plan, enc)
         if cache.lid_hyper is not None and lid_param is None:
             adapt_t, wclip, tclip = cache.lid_hyper
         else:
-            adapt_t, wclip, tclip = ctx["lid_hyper"](plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"],
+            adapt_t, wclip, tclip = lid_hyper(plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"],
                                                      torch.float64, device, lid_param)
-        ratio = ctx["trust_ratio"](xsq, usq, adapt_t, wclip, tclip)
+        ratio = trust_ratio(xsq, usq, adapt_t, wclip, tclip)
         for L, _, _, scale in live:
             torch.mul(lr_t[L.uparam], ratio[L.lids], out=scale).neg_()
     if skip is not None:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_effi.optim.functional import lamb, resolve_path
+from lightning_effi.optim.functional import lamb_step, resolve_path
 
 __all__ = ["Lamb"]
 
@@ -278,7 +278,7 @@ class Lamb(Optimizer):
             self.trust_ratios = ratios
             return loss
         path, lists = self._prepared(with_grad)
-        self.trust_ratios = lamb(
+        self.trust_ratios = lamb_step(
             lists["params"],
             lists["grads"],
             lists["exp_avgs"],
@@ -298,10 +298,8 @@ class Lamb(Optimizer):
             norm_process_group=self.norm_process_group,
             grad_scale=grad_scale,
             found_inf=found_inf,
-            foreach=path == "foreach",
-            fused=path == "fused",
+            path=path,
             workspace=self._workspace(),
-            _resolved_path=path,
         )
         self._remember_replay(with_grad, path, grad_scale, found_inf)
         return loss
@@ -372,7 +370,8 @@ class Lamb(Optimizer):
         unchanged: rebuilding the lists for every parameter on every step cost ~1 ms of host time per 300 tensors,
         time in which a GPU that finished the backward pass waits for the optimizer's first kernel."""
         ws = self._workspace()
-        key = (tuple(map(id, with_grad)), tuple(
+        # Devices and dtypes too: a module moved with .to() keeps its parameter objects but may need another path.
+        key = (tuple(map(id, with_grad)), tuple((p.device, p.dtype) for p in with_grad), tuple(
             (g["betas"], g["eps"], g["weight_decay"], g["adapt"], g["bias_correction"], g["trust_clip"],
              g["weight_norm_clip"], g["foreach"], g["fused"], id(g.get("flat_layouts")), len(g["params"]))
             for g in self.param_groups))

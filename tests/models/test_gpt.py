@@ -119,7 +119,7 @@ def _check_fused_loss(logits, labels, grad_atol):
 
 
 def test_fused_loss_matches_float64_reference_and_module_switch(monkeypatch):
-    import lightning_effi.models.gpt as gpt_mod
+    import lightning_effi.models._lm as gpt_mod
 
     # aot_eager: dynamo + AOTAutograd without a C++ toolchain; inductor's kernels are checked by the GPU test.
     real = torch.compile
@@ -141,7 +141,7 @@ def test_fused_loss_matches_float64_reference_and_module_switch(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_loss_inductor_on_gpu_matches_float64_reference(dtype):
-    import lightning_effi.models.gpt as gpt_mod
+    import lightning_effi.models._lm as gpt_mod
 
     gpt_mod._COMPILED_TOKEN_LOSS = None
     # bf16 logits are upcast inside the fused kernel: the loss keeps fp32 accuracy (a bf16 log-softmax would be off
@@ -236,12 +236,11 @@ def test_tokens_counter_syncs_only_on_logging_steps():
     """train/tokens is summed over ranks (a barrier + all_reduce in Lightning) only where the logger writes."""
     from types import SimpleNamespace
 
-    from lightning_effi.models.gpt import _logs_this_step
+    from lightning_effi.models._lm import _logs_this_step
 
     def trainer(world=2, stepped=0, every=50, logger=True, stop=False):
-        loop = SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=stepped))
         return SimpleNamespace(world_size=world, logger=object() if logger else None, progress_bar_callback=None,
-                               fit_loop=loop, log_every_n_steps=every, should_stop=stop)
+                               global_step=stepped, log_every_n_steps=every, should_stop=stop)
 
     assert _logs_this_step(None) and not _logs_this_step(trainer(world=1, stepped=3))
     assert _logs_this_step(trainer(stepped=49)) and _logs_this_step(trainer(stepped=99))
@@ -304,7 +303,7 @@ def test_module_with_host_loss_slots_still_copies_and_pickles():
     import pickle
     import threading
 
-    from lightning_effi.models.gpt import _can_fuse_loss
+    from lightning_effi.models._lm import _can_fuse_loss
 
     model = GPTLightningModule(vocab_size=50, block_size=16)
     model._note_loss(torch.full((), 1.5))
@@ -317,7 +316,7 @@ def test_module_with_host_loss_slots_still_copies_and_pickles():
 
 @pytest.mark.gpu
 def test_host_loss_copy_on_gpu_needs_no_sync():
-    from lightning_effi.models.gpt import _HOST_LOSS_SLOTS
+    from lightning_effi.models._lm import _HOST_LOSS_SLOTS
 
     model = GPTLightningModule(vocab_size=50, block_size=16)
     assert model.progress_bar_host_metrics() == {}

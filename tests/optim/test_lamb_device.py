@@ -8,6 +8,7 @@ import torch
 
 from lightning_effi.optim import Lamb
 from lightning_effi.optim import functional as F
+from lightning_effi.optim._plan import build_plan
 from tests.optim._reference import ReferenceLamb
 from tests.optim.test_lamb import DEFAULTS, SPECS, _build, _make_grads, _make_params, _ref_groups
 
@@ -50,7 +51,7 @@ def test_accelerator_step_matches_reference_and_skips_exactly(name, opt_kwargs, 
         before = [params[i].clone() for i in live], [m[i].clone() for i in live], [steps[i].clone() for i in live]
         hp = _hp(opt_kwargs, b_overrides, [0 if i in GROUP_A else 1 for i in live])
         hp["lr"] = [torch.tensor(lr, dtype=torch.float64) for lr in hp["lr"]]  # a device-side schedule's values
-        plan = F._build_plan([params[i] for i in live], [grads[i] for i in live], [m[i] for i in live],
+        plan = build_plan([params[i] for i in live], [grads[i] for i in live], [m[i] for i in live],
                              [v[i] for i in live], None, None)
         ratios = F._device_step(plan, hp, [steps[i] for i in live], opt_kwargs.get("max_grad_norm"), None,
                                 torch.tensor(float(skip)), torch.float64, torch.device("cpu"))
