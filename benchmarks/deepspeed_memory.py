@@ -1,7 +1,10 @@
 """Peak GPU memory and throughput of DeepSpeed ZeRO 1/2/3 under EffiDeepSpeedStrategy, beside Lightning's stock
-DeepSpeedStrategy, on a ~1.4B-parameter GPT (the issue's baseline shape), one case per process group.
+DeepSpeedStrategy, on a ~1.4B-parameter GPT (d_model 2048, 26 layers), one case per process group.
 
-    torchrun --nproc_per_node=2 benchmarks/deepspeed_memory.py --case effi:2:adamw --out benchmarks/results/ds.jsonl
+    torchrun --nproc_per_node=2 benchmarks/deepspeed_memory.py --case effi:2:adamw
+
+Rank 0 appends one JSON line per case to ``--out``, by default
+``benchmarks/results/deepspeed_memory_<hardware>_<yyyymmdd>.jsonl`` (e.g. hardware ``h200x2``: GPU model x ranks).
 
 A case is ``<strategy>:<stage>:<optimizer>`` with strategy ``effi`` (EffiDeepSpeedStrategy) or ``stock`` (Lightning's
 DeepSpeedStrategy), stage 1-3, optimizer ``adamw`` (torch.optim.AdamW) or ``lamb`` (lightning_effi.optim.Lamb).
@@ -28,6 +31,7 @@ import gc
 import json
 import os
 import platform
+import re
 import sys
 import time
 import traceback
@@ -37,12 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning.pytorch as pl  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import lightning.pytorch as pl
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
-from lightning_effi.models import GPT  # noqa: E402
-from lightning_effi.optim import Lamb, param_groups  # noqa: E402
+from lightning_effi.models import GPT
+from lightning_effi.optim import Lamb, param_groups
 
 H200_BF16_FLOPS = 989.5e12
 CUDA = torch.cuda.is_available()
@@ -113,9 +117,9 @@ class Meter(pl.Callback):
 def run(case: str, steps: int, warmup: int, micro: int, tiny: bool) -> dict:
     kind, stage, optimizer = case.split(":")
     stage = int(stage)
-    shape = dict(vocab_size=50304, block_size=1024, n_layer=26, n_head=16, d_model=2048, dropout=0.0)
+    shape = {"vocab_size": 50304, "block_size": 1024, "n_layer": 26, "n_head": 16, "d_model": 2048, "dropout": 0.0}
     if tiny:  # a smoke test of this script on CPU
-        shape = dict(vocab_size=256, block_size=32, n_layer=2, n_head=2, d_model=32, dropout=0.0)
+        shape = {"vocab_size": 256, "block_size": 32, "n_layer": 2, "n_head": 2, "d_model": 32, "dropout": 0.0}
     world = int(os.environ["WORLD_SIZE"])
     if kind == "effi":
         from lightning_effi.strategies import EffiDeepSpeedStrategy
@@ -144,6 +148,7 @@ def run(case: str, steps: int, warmup: int, micro: int, tiny: bool) -> dict:
     return {
         "_rank": trainer.global_rank,
         "case": case, "params": psi, "world_size": world, "micro_batch": micro, "seq_len": shape["block_size"],
+        "steps": steps, "warmup": warmup,
         "tokens_per_s": round(tps, 1), "mfu": round(tps * flops_per_token / (world * H200_BF16_FLOPS), 4),
         "model_state_gib": round(meter.result["model_state_bytes"] / gib, 2),
         "peak_gib": round(meter.result["peak_bytes"] / gib, 2),
@@ -153,18 +158,29 @@ def run(case: str, steps: int, warmup: int, micro: int, tiny: bool) -> dict:
     }
 
 
+def default_out(world: int) -> Path:
+    """benchmarks/results/deepspeed_memory_<hardware>_<yyyymmdd>.jsonl, hardware as GPU model x ranks (or cpu)."""
+    hardware = "cpu"
+    if CUDA:
+        model = re.search(r"[a-z]+\d+", torch.cuda.get_device_name(0).lower().replace("nvidia", ""))
+        hardware = f"{model.group(0) if model else 'gpu'}x{world}"
+    day = time.strftime("%Y%m%d", time.gmtime())
+    return Path(__file__).resolve().parent / "results" / f"deepspeed_memory_{hardware}_{day}.jsonl"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", required=True, help="<effi|stock>:<1|2|3>:<adamw|lamb>")
     parser.add_argument("--steps", type=int, default=10, help="measured steps (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
     parser.add_argument("--micro", type=int, default=8, help="micro-batch per GPU (default 8)")
-    parser.add_argument("--out", default="benchmarks/results/deepspeed_memory.jsonl")
+    parser.add_argument("--out", default=None, help="JSON-lines file to append to (default: "
+                        "benchmarks/results/deepspeed_memory_<hardware>_<yyyymmdd>.jsonl)")
     parser.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test of the script)")
     args = parser.parse_args()
     try:
         result = run(args.case, args.steps, args.warmup, args.micro, args.tiny)
-    except Exception as err:  # recorded, so the remaining cases of a sweep still run
+    except Exception as err:  # noqa: BLE001 - recorded, so the remaining cases of a sweep still run
         result = {"case": args.case, "error": f"{type(err).__name__}: {err}",
                   "traceback": traceback.format_exc()[-3000:]}
     # Lightning's rank (set on every process it drives); the environment's RANK only when the run failed early.
@@ -172,7 +188,7 @@ def main() -> None:
     if rank == 0:
         result.update({"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                        else "cpu", "host": platform.node(), "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
-        out = Path(args.out)
+        out = Path(args.out) if args.out else default_out(int(os.environ.get("WORLD_SIZE", "1")))
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as f:
             f.write(json.dumps(result) + "\n")

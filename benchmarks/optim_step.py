@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_effi.optim import Lamb  # noqa: E402
+from lightning_effi.optim import Lamb
 
 
 def gpt_shapes(n_layer: int, d: int, vocab: int, block: int = 1024) -> list[tuple[int, ...]]:
@@ -68,7 +68,7 @@ def copy_bandwidth(device, nbytes: int, reps: int) -> float:
 def peers(device, args):
     """name -> (factory(params) -> optimizer, or None, reason when missing)."""
     out = {}
-    lamb_kw = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+    lamb_kw = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01}
     out["effi.Lamb(default)"] = (lambda ps: Lamb(ps, **lamb_kw), None)
     out["effi.Lamb(foreach)"] = (lambda ps: Lamb(ps, foreach=True, **lamb_kw), None)
     if device.type == "cuda":
@@ -187,7 +187,7 @@ def compiled_lamb_factory():
 
     class Compiled(torch.optim.Optimizer):
         def __init__(self, params):
-            super().__init__(params, dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01))
+            super().__init__(params, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01})
             ps = self.param_groups[0]["params"]
             self.t = torch.zeros((), device=ps[0].device)
             self.ms = [torch.zeros_like(p) for p in ps]
@@ -240,7 +240,8 @@ def fused_breakdown(shapes, device):
     out = {"step_ms": triton.testing.do_bench(opt.step, warmup=50, rep=300, return_mode="median")}
     for i, (name, grid, a, k) in enumerate(launches):
         out[f"{i}:{name}:{'masked' if k.get('MASKED') else 'full'}:{grid[0]}blocks"] = triton.testing.do_bench(
-            lambda: real[name][grid](*a, **k), warmup=50, rep=300, return_mode="median")
+            lambda name=name, grid=grid, a=a, k=k: real[name][grid](*a, **k), warmup=50, rep=300,
+            return_mode="median")
     out["kernels_ms"] = sum(v for key, v in out.items() if ":" in key)
     out["host_and_small_ops_ms"] = out["step_ms"] - out["kernels_ms"]
     # Where the host time goes (Python functions by own time, per step), for the sync-after-each-step gap.

@@ -1,6 +1,6 @@
 """What each lightning_effi plugin costs next to stock Lightning, all cases in one process on one GPU.
 
-    python benchmarks/stack_overhead.py --out benchmarks/results/stack_overhead_h200x1_<yyyymmdd>.jsonl
+    python benchmarks/stack_overhead.py --out benchmarks/results/stack_overhead_<hardware>_<yyyymmdd>.jsonl
     python benchmarks/stack_overhead.py --cases stock_bf16,lsp_bf16 --steps 25      # a subset
 
 Workload: the example ``GPTLightningModule`` at GPT-2-small shape (12 layers, d=768, 12 heads, vocab 50304, block
@@ -127,7 +127,8 @@ def run_case(name: str, args) -> dict:
     tokens = args.steps * micro * per_step * args.block_size
     row = {
         "bench": "stack_overhead", "case": name, **dataclasses.asdict(case), "micro_batch": micro,
-        "micro_batches_per_step": per_step, "tokens_per_s": round(tokens / seconds, 1),
+        "micro_batches_per_step": per_step, "steps": args.steps, "warmup": args.warmup,
+        "tokens_per_s": round(tokens / seconds, 1),
         "step_ms": round(1e3 * seconds / args.steps, 3),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "lightning": pl.__version__,

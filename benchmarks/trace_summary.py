@@ -1,6 +1,7 @@
 """Summarise a torch.profiler chrome trace of training steps (``train_throughput.py --profile``): where GPU time goes.
 
-    python benchmarks/trace_summary.py benchmarks/results/trace_effi_fsdp_adamw_compile_v7.json.gz
+    python benchmarks/train_throughput.py --cases effi_fsdp_adamw_compile --steps 3 --warmup 6 --profile
+    python benchmarks/trace_summary.py profiles/trace_effi_fsdp_adamw_compile.json   # .json.gz works too
 
 Prints, over the span from the first to the last GPU activity: the wall time, the time at least one kernel / copy /
 memset ran (the union over streams) and the idle rest, GPU time by kernel class (GEMM, attention, NCCL, Triton
