@@ -161,8 +161,8 @@ def install_sigterm_agreement(trainer: Any, agree: Callable[[Any], None],
     """Replace, on this trainer's instances only, Lightning's per-batch SIGTERM broadcast
     (``_TrainingEpochLoop._broadcast_sigterm_tensor``) and its signal handler (``_SignalConnector.
     _sigterm_notifier_fn``). Returns False (nothing replaced) on a Lightning without them."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    connector = getattr(trainer, "_signal_connector", None)
+    loop: Any = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    connector: Any = getattr(trainer, "_signal_connector", None)
     if not (hasattr(type(loop), "_broadcast_sigterm_tensor") and hasattr(type(connector), "_sigterm_notifier_fn")):
         return False
     loop._broadcast_sigterm_tensor = types.MethodType(agree, loop)
@@ -233,7 +233,7 @@ def deepspeed_without_shm_build() -> Generator[None, None, None]:
     (GPU) also do. The module is fetched with importlib because ``import deepspeed.comm.torch`` binds the ``torch``
     package instead (``deepspeed.comm`` re-exports a ``torch`` name). The original is restored afterwards.
     """
-    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch: Any = importlib.import_module("deepspeed.comm.torch")
     original = ds_torch.build_shm_op
     ds_torch.build_shm_op = lambda: None
     try:
@@ -244,7 +244,7 @@ def deepspeed_without_shm_build() -> Generator[None, None, None]:
 
 @_register("deepspeed.comm.torch.build_shm_op", "skipped while DeepSpeed's communication backend initialises")
 def _check_build_shm_op() -> None:
-    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch: Any = importlib.import_module("deepspeed.comm.torch")
     assert callable(getattr(ds_torch, "build_shm_op", None)), "deepspeed.comm.torch.build_shm_op is gone"
     assert _params(ds_torch.build_shm_op) == [], f"build_shm_op takes {_params(ds_torch.build_shm_op)} now"
 

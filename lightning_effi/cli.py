@@ -36,7 +36,7 @@ class EffiCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # The always-on callbacks above would make Lightning reject `--trainer.enable_progress_bar=false` and
         # `--trainer.enable_checkpointing=false` ("found RichProgressBar in callbacks list"): honour the flags instead.
-        drop = []
+        drop: list[type] = []
         if config.get("enable_progress_bar") is False:
             drop.append(RichProgressBar)
         if config.get("enable_checkpointing") is False:

@@ -355,7 +355,7 @@ class AccumulationScheduler(Callback):
         out: dict[str, torch.Tensor] = {}
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
         for name, p in pl_module.named_parameters():
-            g = p.grad
+            g: Any = p.grad
             if g is None:
                 continue
             if _is_dtensor(g):
@@ -387,7 +387,7 @@ class AccumulationScheduler(Callback):
         if missing:
             raise RuntimeError(f"Checkpoint holds partial gradients for unknown parameters {missing[:5]}")
         for name, saved in grads.items():
-            p = params[name]
+            p: Any = params[name]
             if _is_dtensor(p):
                 from torch.distributed.tensor import distribute_tensor
 
@@ -407,7 +407,7 @@ def _scale_grads(grads: list[torch.Tensor], fix: Any) -> None:
     float or a 0-dim device tensor, in each gradient's dtype."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
-        local = g.to_local() if _is_dtensor(g) else g
+        local = g.to_local() if _is_dtensor(g) else g  # type: ignore[attr-defined]
         by_dtype.setdefault(local.dtype, []).append(local)
     for dtype, gs in by_dtype.items():
         torch._foreach_mul_(gs, fix.to(gs[0].device, dtype) if isinstance(fix, torch.Tensor) else fix)

@@ -117,7 +117,8 @@ class TrainingHealthMonitor(Callback):
             if flag is not None:
                 self._device_skips.append((step - 1, flag))
         elif skipped:
-            self._report_skip(trainer, step - 1, _loss_scale_state(trainer)[0], self._plugin_names(trainer))
+            state = _loss_scale_state(trainer)
+            self._report_skip(trainer, step - 1, state[0] if state else None, self._plugin_names(trainer))
         if step % self.log_every_n_steps == 0:
             self._emit(trainer, step)
 

@@ -112,9 +112,9 @@ class AutoMicroBatch(AccumulationScheduler):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dp = self._data_parallel_size(trainer)
+        assert self.global_batch_size is not None  # required by the constructor
         limit = self.max_micro_batch_size or self.global_batch_size
-        candidates = micro_batch_candidates(self.global_batch_size, data_parallel_size=dp,  # type: ignore[arg-type]
-                                            max_micro_batch_size=limit)
+        candidates = micro_batch_candidates(self.global_batch_size, data_parallel_size=dp, max_micro_batch_size=limit)
         chosen = None
         if self._can_probe(trainer):
             for m in candidates:
@@ -141,7 +141,8 @@ class AutoMicroBatch(AccumulationScheduler):
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule, m: int) -> str:
         lightning_setattr(pl_module, self.batch_arg_name, m)
-        source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        datamodule = getattr(trainer, "datamodule", None)
+        source = datamodule if datamodule is not None else pl_module
         batch = next(iter(source.train_dataloader()))
         got = extract_batch_size(batch)
         if got != m:
@@ -188,7 +189,7 @@ class AutoMicroBatch(AccumulationScheduler):
         try:
             with trainer.precision_plugin.forward_context():
                 out = step(batch, 0)
-            loss = out["loss"] if isinstance(out, dict) else out
+            loss: Any = out["loss"] if isinstance(out, dict) else out
             loss.backward()
         finally:
             if "log" in vars(pl_module):

@@ -115,8 +115,8 @@ class _LMModule(pl.LightningModule):
         if task is not None and task != self.data_task:
             raise ValueError(f"{name} needs data with task={self.data_task!r}, but {type(dm).__name__}.task is "
                              f"{task!r}; set the data module's task to {self.data_task!r}")
-        if vocab is not None and self.hparams.vocab_size < vocab:
-            raise ValueError(f"{name}.vocab_size {self.hparams.vocab_size} is smaller than the data's vocabulary "
+        if vocab is not None and self.hparams["vocab_size"] < vocab:
+            raise ValueError(f"{name}.vocab_size {self.hparams['vocab_size']} is smaller than the data's vocabulary "
                              f"({type(dm).__name__}.vocab_size={vocab}); set vocab_size >= {vocab}")
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):  # pragma: no cover - abstract

@@ -96,7 +96,7 @@ class BertMLMLightningModule(_LMModule):
         return self.model(idx)
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):
-        ids, labels = mlm_mask(batch["input_ids"], prob=self.hparams.mask_prob, generator=generator)
+        ids, labels = mlm_mask(batch["input_ids"], prob=self.hparams["mask_prob"], generator=generator)
         return self.select_token_loss(self(ids), labels)
 
     def val_generator(self, batch: dict, batch_idx: int) -> torch.Generator:

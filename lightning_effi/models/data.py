@@ -35,7 +35,7 @@ def _hash01(rel: str) -> float:
 def stdlib_files(root: str | Path | None = None) -> list[Path]:
     """The ``.py`` files of the standard library in the fixed order used for the corpus (by path hash)."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
-    files = []
+    files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
         files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
@@ -180,12 +180,14 @@ class CorpusDataModule(pl.LightningDataModule):
     def unigram_entropy(self) -> float:
         """Entropy (nats/token) of the training split's token frequencies: the loss of the best context-free model."""
         self.prepare_corpus()
+        assert self.train_tokens is not None  # prepare_corpus() filled it
         counts = torch.bincount(self.train_tokens.long(), minlength=VOCAB_SIZE).double()
         p = counts[counts > 0] / counts.sum()
         return float(-(p * p.log()).sum())
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_corpus()
+        assert self.train_tokens is not None and self.val_tokens is not None  # prepare_corpus() filled them
         self.train_set = BlockDataset(self.train_tokens, self.block_size, self.task)
         self.val_set = BlockDataset(self.val_tokens, self.block_size, self.task)
         source = "python stdlib " + sysconfig.get_paths()["stdlib"] if self.path is None else self.path

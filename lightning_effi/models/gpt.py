@@ -9,6 +9,7 @@ compiles with ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -155,6 +156,8 @@ class GPTLightningModule(_LMModule):
             installed, compute capability >= 7.0). ``False``: always eager.
     """
 
+    _forward: Callable[[torch.Tensor], torch.Tensor]  # the network, compiled or not (not a submodule)
+
     def __init__(self, vocab_size: int = 260, block_size: int = 128, n_layer: int = 2, n_head: int = 2,
                  d_model: int = 64, dropout: float = 0.0, optimizer: OptimizerCallable | None = None,
                  weight_decay: float = 0.1, no_decay: list[str] = ["bias", "norm"],  # noqa: B006 (CLI default)
@@ -178,6 +181,6 @@ class GPTLightningModule(_LMModule):
 
     @rank_zero_only
     def on_fit_start(self) -> None:
-        n = self.model.num_params()
+        n = self.model.num_params()  # type: ignore[operator]  # GPT.num_params (self.model is typed nn.Module)
         self.print(f"GPT: {n / 1e6:.2f}M non-embedding parameters")
 

@@ -63,7 +63,7 @@ def resolve_path(tensors: Sequence[Tensor], foreach: bool | None, fused: bool | 
     if fused is None and foreach is None and on_cuda:
         from lightning_effi.optim.fused import fused_unavailable_reason
 
-        grads = [to_local(t.grad) for t in tensors if getattr(t, "grad", None) is not None]
+        grads = [to_local(t.grad) for t in tensors if t.grad is not None]
         if fused_unavailable_reason(locals_) is None and all(g.is_contiguous() for g in grads):
             return "fused"
     if foreach is False:

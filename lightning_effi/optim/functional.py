@@ -36,6 +36,7 @@ import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -240,7 +241,7 @@ _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float
              torch.bfloat16: torch.int16}
 
 
-def _select(skip: Tensor, keep: list[Tensor], instead: list[Tensor]) -> list[Tensor]:
+def _select(skip: Tensor, keep: Sequence[Tensor], instead: Sequence[Tensor]) -> list[Tensor]:
     """Per element ``instead`` when ``skip`` (a 0-dim device bool), else ``keep``, bit for bit, as new tensors."""
     dtype = keep[0].dtype
     it = _INT_VIEW[dtype]
@@ -368,11 +369,14 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
             batch_list.append((key, items))
 
     # --- phase 2: moments, update direction, sums of squares per view ---
-    view_units, xsq_parts, usq_parts = [], [], []
-    kept_u: list[list[Tensor]] = []
+    view_units: list[int] = []
+    xsq_parts: list[Tensor] = []
+    usq_parts: list[Tensor] = []
+    kept_u: list[Any] = []
     for key, items in batch_list:
         _, b1, b2, eps, wd, bc1, bc2 = key
         ps, gs, ms, vs = ([it[j] for it in items] for j in (1, 2, 3, 4))
+        us: Any
         if path == "single":
             us = [_single_moments_and_u(p, g, m, v, coef, b1, b2, eps, wd, bc1, bc2) for p, g, m, v in zip(ps, gs, ms, vs)]
         else:
@@ -469,12 +473,12 @@ def _cpu_adam_core(plan: Plan, hp: dict, state_steps: list[Tensor], coef: float,
         need[dtype] = max(need.get(dtype, 0), min(n, piece))
     buffers = {}
     for dtype, n in need.items():
-        key = ("lamb_cpu_u", dtype)
-        buf = None if workspace is None else workspace.get(key)
+        ws_key = ("lamb_cpu_u", dtype)
+        buf = None if workspace is None else workspace.get(ws_key)
         if buf is None or buf.numel() < n:
             buf = torch.empty(n, dtype=dtype)
             if workspace is not None:
-                workspace[key] = buf
+                workspace[ws_key] = buf
         buffers[dtype] = buf
     no_bc = torch.tensor(_NO_BIAS_CORRECTION_STEP, dtype=torch.float32)
 
@@ -492,7 +496,8 @@ def _cpu_adam_core(plan: Plan, hp: dict, state_steps: list[Tensor], coef: float,
     for items in small.values():
         start = 0
         while start < len(items):
-            batch, total = [], 0
+            batch: list[int] = []
+            total = 0
             while start < len(items) and (not batch or total + plan.p[items[start]].numel() <= piece):
                 batch.append(items[start])
                 total += plan.p[items[start]].numel()
@@ -597,7 +602,7 @@ def _single_moments_and_u(p, g, m, v, coef, b1, b2, eps, wd, bc1, bc2) -> Tensor
     return u
 
 
-def _foreach_moments_and_u(ps, gs, ms, vs, coef, b1, b2, eps, wd, bc1, bc2) -> list[Tensor]:
+def _foreach_moments_and_u(ps, gs, ms, vs, coef, b1, b2, eps, wd, bc1, bc2) -> Any:
     if coef != 1.0:
         gs = torch._foreach_mul(gs, coef)
     torch._foreach_lerp_(ms, gs, 1 - b1)
@@ -606,7 +611,7 @@ def _foreach_moments_and_u(ps, gs, ms, vs, coef, b1, b2, eps, wd, bc1, bc2) -> l
     return _foreach_u(ps, ms, vs, eps, wd, bc1, bc2)
 
 
-def _foreach_u(ps, ms, vs, eps, wd, bc1, bc2) -> list[Tensor]:
+def _foreach_u(ps, ms, vs, eps, wd, bc1, bc2) -> Any:
     # m̂ / (√v̂ + eps) = (√bc2 / bc1) · m / (√v + eps·√bc2): one sqrt pass and one fused addcdiv.
     sbc2 = math.sqrt(bc2)
     denom = torch._foreach_sqrt(vs)

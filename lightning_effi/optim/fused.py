@@ -243,7 +243,7 @@ if triton is not None:
                 _st(PB + po + idx, x.to(DT), mask, MASKED)
 
 
-_TL = {}
+_TL: dict = {}
 _BLOCK_CACHE: dict = {}
 
 
@@ -374,11 +374,11 @@ def _build_cache(key, plan, hp, device) -> _Cache:
             consts=dict(DT=dt, CT=ct, BLOCK=BLOCK, CHUNK=CHUNK, ALIGN=(16 // dtype.itemsize) if aligned else 1,
                         IS64=is64, HPW=HPW, num_warps=NUM_WARPS),
         ))
-    lid_hyper = None
+    static_hyper = None
     if not fast and plan.flat_group is None:  # the lid -> param map is static outside flat mode
-        lid_hyper = lid_hyper(plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"],
-                                     torch.float64, device, None)
-    return _Cache(key, launches, fast, lid_hyper, device)
+        static_hyper = lid_hyper(plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"], torch.float64, device,
+                                 None)
+    return _Cache(key, launches, fast, static_hyper, device)
 
 
 def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, workspace=None) -> Tensor:
@@ -498,10 +498,11 @@ def _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num,
             adapt_t, wclip, tclip = cache.lid_hyper
         else:
             adapt_t, wclip, tclip = lid_hyper(plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"],
-                                                     torch.float64, device, lid_param)
+                                              torch.float64, device, lid_param)
         ratio = trust_ratio(xsq, usq, adapt_t, wclip, tclip)
         for L, _, _, scale in live:
             torch.mul(lr_t[L.uparam], ratio[L.lids], out=scale).neg_()
+    assert ratio is not None  # the fast reduce kernel or the sharded reduction above filled it
     if skip is not None:
         ratio = torch.where(skip, torch.full_like(ratio, math.nan), ratio)
 

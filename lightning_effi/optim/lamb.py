@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -334,11 +335,12 @@ class Lamb(Optimizer):
         addresses), the same hyperparameters. This skips the per-tensor preparation of a step, host time during
         which a GPU that waits for the step idles; only the learning rates are brought up to date."""
         ws = self._workspace()
-        hit = ws.get("replay")
+        hit: Any = ws.get("replay")
         if hit is None:
             return None
-        cache, mode = hit["cache"], hit["mode"]
-        if (cache is not ws.get("lamb_fused") or cache.graph is None or cache.graph_mode != mode
+        fc: Any = hit["cache"]
+        mode = hit["mode"]
+        if (id(fc) != id(ws.get("lamb_fused")) or fc.graph is None or fc.graph_mode != mode
                 or mode[:2] != (found_inf is not None, grad_scale is not None)
                 or len(with_grad) != len(hit["params"]) or not all(map(operator.is_, with_grad, hit["params"]))
                 or tuple(map(Tensor.data_ptr, [p.grad for p in with_grad])) != hit["grad_ptrs"]
@@ -349,17 +351,17 @@ class Lamb(Optimizer):
 
         lrs = [g["lr"] for g in self.param_groups]
         if any(isinstance(lr, Tensor) for lr in lrs):  # device learning rates: gathered on the device
-            vec = torch.stack([lr.reshape(()).to(cache.lr_t.device, torch.float64) if isinstance(lr, Tensor)
-                               else torch.full((), float(lr), dtype=torch.float64, device=cache.lr_t.device)
+            vec = torch.stack([lr.reshape(()).to(fc.lr_t.device, torch.float64) if isinstance(lr, Tensor)
+                               else torch.full((), float(lr), dtype=torch.float64, device=fc.lr_t.device)
                                for lr in lrs])
-            cache.lr_t.copy_(vec[hit["unit_group"]])
-            cache.lr_key = hit["group_lrs"] = None
+            fc.lr_t.copy_(vec[hit["unit_group"]])
+            fc.lr_key = hit["group_lrs"] = None
         elif tuple(lrs) != hit["group_lrs"]:
             per_unit = [lr for lr, c in zip(lrs, hit["counts"]) for _ in range(c)]
-            cache.lr_t.copy_(torch.tensor(per_unit, dtype=torch.float64).pin_memory(), non_blocking=True)
-            cache.lr_key, hit["group_lrs"] = tuple(per_unit), tuple(lrs)
-        cache.hits += 1
-        return replay(cache, grad_scale, found_inf)
+            fc.lr_t.copy_(torch.tensor(per_unit, dtype=torch.float64).pin_memory(), non_blocking=True)
+            fc.lr_key, hit["group_lrs"] = tuple(per_unit), tuple(lrs)
+        fc.hits += 1
+        return replay(fc, grad_scale, found_inf)
 
     _KEYS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps", "lr", "beta1", "beta2", "eps",
              "weight_decay", "adapt", "bias_correction", "trust_clip", "weight_norm_clip", "flat_layouts")
@@ -399,17 +401,17 @@ class Lamb(Optimizer):
                 return path, out
         g0 = self.param_groups[0]
         path = resolve_path(with_grad, g0["foreach"], g0["fused"])
-        lists: dict[str, list] = {k: [] for k in self._KEYS}
+        built: dict[str, list] = {k: [] for k in self._KEYS}
         counts = []
         for group in self.param_groups:
-            before = len(lists["params"])
-            self._init_group(group, path, lists)
-            counts.append(len(lists["params"]) - before)
-        static = {k: v for k, v in lists.items() if k not in ("grads", "exp_avgs", "exp_avg_sqs", "state_steps", "lr")}
+            before = len(built["params"])
+            self._init_group(group, path, built)
+            counts.append(len(built["params"]) - before)
+        static = {k: v for k, v in built.items() if k not in ("grads", "exp_avgs", "exp_avg_sqs", "state_steps", "lr")}
         ws["prepared"] = (key, path, static, counts)
-        return path, lists
+        return path, built
 
-    def _workspace(self) -> dict:
+    def _workspace(self) -> dict[str, Any]:
         # Per-optimizer caches reused across steps: the prepared lists (_prepared), the CPU path's scratch buffer,
         # the fused path's step plan and CUDA graph. Not optimizer state: never saved, copied or pickled.
         ws = self.__dict__.get("_effi_workspace")

@@ -19,6 +19,8 @@ This module imports no Lightning.
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,10 +96,10 @@ def is_dtensor(t: Tensor) -> bool:
 
 def to_local(t: Tensor) -> Tensor:
     """The local piece of a DTensor, or the tensor itself."""
-    return t.to_local() if is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
-def dtensor_reduce_group(t: Tensor):
+def dtensor_reduce_group(t: Any):
     """The process group over which squares of this DTensor's local shard must be summed, or None (replicated).
 
     Only one mesh dimension may be sharded: summing over two sharded dimensions (FSDP x TP on one parameter)

@@ -56,8 +56,8 @@ class _StandIn:
 
 def _shadow(scheduler: Any, stand_in: _StandIn, cls: type) -> Any:
     """A copy of ``scheduler`` bound to ``stand_in`` (nested schedulers too); shared callables, copied containers."""
-    c = object.__new__(cls)
-    d = {}
+    c: Any = object.__new__(cls)
+    d: dict[str, Any] = {}
     for k, v in vars(scheduler).items():
         if k == "optimizer":
             d[k] = stand_in

@@ -230,7 +230,7 @@ class LossScalingPrecision(Precision):
             raise ValueError(f"Invalid warn_every_n_steps {warn_every_n_steps!r}: must be an int >= 1")
         if device is not None and device not in ("cpu", "cuda"):
             raise ValueError(f"Invalid device {device!r}: must be 'cpu', 'cuda' or None (the Trainer's device)")
-        given = {k: v for k, v in zip(_KNOBS, (init_scale, growth_factor, backoff_factor, growth_interval,
+        given: dict[str, Any] = {k: v for k, v in zip(_KNOBS, (init_scale, growth_factor, backoff_factor, growth_interval,
                                                 hysteresis, min_scale, max_scale, consecutive_hysteresis))
                  if v is not None}
         if scaler is not None:
@@ -342,6 +342,7 @@ class LossScalingPrecision(Precision):
         found_inf = self.scaler.found_inf(optimizer)
         self.scaler.update()
         if on_device:
+            assert found_inf is not None  # unscale_ recorded it
             self._hold_on_device(model, optimizer, found_inf)
             self._check_floor(model)
         elif self.scaler.last_step_skipped:
@@ -479,7 +480,7 @@ class LossScalingPrecision(Precision):
                 if hold is not None:
                     hold.release()
                 _HeldScheduler._effi_pending.pop(scheduler, None)
-                scheduler.__class__ = type(scheduler)._effi_original_class
+                scheduler.__class__ = getattr(type(scheduler), "_effi_original_class")
         self._patched_schedulers.clear()
         on_device = any(self._on_device.values())
         self._on_device.clear()
