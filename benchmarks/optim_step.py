@@ -296,7 +296,8 @@ def main():
     names = [n for n in names if n in medians]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "machine": (torch.cuda.get_device_name() if device.type == "cuda"
+                    else platform.processor() or platform.machine()),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "command": " ".join(sys.argv),

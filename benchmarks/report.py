@@ -354,7 +354,8 @@ def render_throughput(result: Result, link_base: Path, plots: list[Path]) -> lis
         good = [r for r in run if "error" not in r]
         ref = good[0] if good else {}
         cases = ",".join(r["strategy"] for r in run)
-        cmd = (f"python benchmarks/train_throughput.py --steps {ref.get('steps', '?')} --warmup {ref.get('warmup', '?')}"
+        cmd = (f"python benchmarks/train_throughput.py --steps {ref.get('steps', '?')} "
+               f"--warmup {ref.get('warmup', '?')}"
                f" --cases {cases} --out {shown(result.path)}")
         out += [f"Run {i}, started {run_start(run)}: `{cmd}`", ""]
         body = []
@@ -488,7 +489,8 @@ def fit_summary(result: Result) -> dict:
     command = grab(r'Command being timed: "([^"]+)"').replace(f"{REPO}/", "")
     command = re.sub(r"\S*/(configs/\S+)", r"\1", command)
     return {"val": val, "steps": last_step, "entropy": grab(r"unigram entropy ([\d.]+) nats/token"),
-            "wall": grab(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\):\s*(\S+)"), "cpu": grab(r"Percent of CPU[^:]*:\s*(\S+)"),
+            "wall": grab(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\):\s*(\S+)"),
+            "cpu": grab(r"Percent of CPU[^:]*:\s*(\S+)"),
             "command": command, "log": log if log.exists() else None}
 
 

@@ -101,7 +101,8 @@ def _check_amp_unscale() -> None:
 def _check_fused_adam_protocol() -> None:
     from torch.optim import adam, adamw
 
-    _has_params(adam.adam, ("grad_scale", "found_inf", "fused", "lr", "decoupled_weight_decay"), "torch.optim.adam.adam")
+    _has_params(adam.adam, ("grad_scale", "found_inf", "fused", "lr", "decoupled_weight_decay"),
+                "torch.optim.adam.adam")
     _has_params(adam._fused_adam, ("grad_scale", "found_inf", "lr"), "torch.optim.adam._fused_adam")
     p = torch.nn.Parameter(torch.zeros(1))
     assert getattr(adamw.AdamW([p], fused=True), "_step_supports_amp_scaling", False), \

@@ -10,11 +10,11 @@ import argparse
 import sys
 
 import lightning.pytorch as pl
+from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from jsonargparse import lazy_instance
 
 from lightning_effi.callbacks import SyncFreeProgressBar
 
@@ -48,7 +48,8 @@ class EffiCLI(LightningCLI):
         trainer, model, dm = self.trainer, self.model, self.datamodule
         if trainer.interrupted:
             return
-        has_val_data = (dm is not None and is_overridden("val_dataloader", dm)) or is_overridden("val_dataloader", model)
+        has_val_data = ((dm is not None and is_overridden("val_dataloader", dm))
+                        or is_overridden("val_dataloader", model))
         if is_overridden("validation_step", model) and has_val_data and trainer.limit_val_batches != 0:
             trainer.validate(model, datamodule=dm, verbose=False)
         # trainer.log_dir broadcasts from rank 0 (a collective): every rank must ask before the others return.
@@ -59,7 +60,8 @@ class EffiCLI(LightningCLI):
         ckpt = trainer.checkpoint_callback
         lines = ["", "effi: training finished"]
         if isinstance(ckpt, ModelCheckpoint):
-            lines.append(f"  checkpoints: {ckpt.dirpath}  (last: {ckpt.last_model_path or ckpt.best_model_path or '-'})")
+            last = ckpt.last_model_path or ckpt.best_model_path or "-"
+            lines.append(f"  checkpoints: {ckpt.dirpath}  (last: {last})")
         if log_dir:
             lines.append(f"  logs:        {log_dir}")
         if val is not None:

@@ -27,74 +27,20 @@ _WINDOW_KEY = "lightning_effi.accumulation.partial_window"
 class AccumulationScheduler(Callback):
     r"""Gradient accumulation whose factor follows a schedule, with exact windows and exact loss normalisation.
 
-    A *window* is the run of micro-batches (per rank) whose gradients make one optimizer step. Its size, the
-    *factor*, is read from the schedule when the window opens and held until it closes, so a window never straddles
-    a schedule change: a change at a step threshold takes effect at exactly that step; a sample or token threshold
-    crossed inside a window takes effect at the next window. A window never crosses an epoch end either: the last one
-    of an epoch is cut short, stepped, and normalised by what it actually accumulated (Lightning's stock loop divides
-    it by the nominal factor, under-weighting it).
+    A *window* is the run of micro-batches (per rank) whose gradients make one optimizer step; its size (the
+    *factor*) is read from the schedule when the window opens, so a window never straddles a schedule change or an
+    epoch end (the last window of an epoch is cut short and normalised by what it holds). ``normalize="tokens"``
+    makes the applied gradient the exact per-token mean over the whole window on all ranks; ``training_step`` then
+    returns ``{"loss": summed_token_loss, "num_tokens": n}`` (the example models with ``loss_reduction="sum"``).
+    Nothing reads a device value on the host between logging steps; ``unit="token"`` positions leave out the window
+    that closed last. Single device, DDP, FSDP2 and ``effi_deepspeed_*`` (mean normalisation); checkpoints and
+    resumes mid-window. How the loop is driven, the strategies and the exact rules: ``docs/accumulation.md``.
 
     Example::
 
         Trainer(callbacks=[AccumulationScheduler({0: 1, 1000: 4}, unit="step")])
         Trainer(callbacks=[AccumulationScheduler(ramp=(1, 8, 2_000_000), unit="token", normalize="tokens")])
         Trainer(callbacks=[AccumulationScheduler(global_batch_size=512)])
-
-    **Normalisation.** ``normalize="mean"`` makes the applied gradient the mean over the window's micro-batches (and,
-    through the data-parallel average, over ranks) of each micro-batch's gradient: what one big batch gives when the
-    module returns a per-sample or per-token mean and all micro-batches weigh the same. ``normalize="tokens"`` makes
-    it exactly ``grad(sum of token losses over the window on all ranks) / (valid tokens in the window on all ranks)``,
-    the big-batch per-token mean, however unevenly the valid tokens (padding, ``ignore_index``) are spread over
-    micro-batches and ranks. The mean of per-micro-batch means that ``normalize="mean"`` (and every stock
-    accumulation loop) computes differs from it whenever token counts differ (the 2024 "gradient accumulation bug").
-
-    **Token protocol.** With ``normalize="tokens"`` (or ``unit="token"``), ``training_step`` returns
-    ``{"loss": summed_token_loss, "num_tokens": n}``: the loss *summed* (not averaged) over the micro-batch's valid
-    tokens, and their number (int or integer tensor). The example models do this with ``loss_reduction="sum"``.
-    The window's token total is not known before its backward passes, so each micro-batch's summed loss is scaled
-    by a constant ``s`` identical on all ranks (``1 / tokens of the previous window``; for the run's first window,
-    ``1 / (first micro-batch's tokens on all ranks x window size)``), which keeps gradient magnitudes those of a
-    per-token mean (what fp16 loss scaling expects). After the window's last backward, once its token count has been
-    summed over ranks (one all-reduce of two integers per optimizer step), the gradients are multiplied by
-    ``1 / (s * window_tokens)``, before any ``on_before_optimizer_step`` hook, clipping and the step. This is exact, not
-    an approximation: the applied gradient is the one a look-ahead count would give, up to float rounding.
-
-    **How the loop is driven.** Lightning decides boundaries with ``batch_idx % accumulate_grad_batches`` within an
-    epoch and divides each loss by that value. This callback sets ``trainer.accumulate_grad_batches`` before each
-    micro-batch to a value that lands the boundary where the window ends (see
-    :func:`~lightning_effi.callbacks.schedule.loop_accumulate_value`; it is the factor itself whenever windows are
-    aligned) and multiplies the loss returned by ``training_step`` so the division comes out right. To see that loss
-    before backward it wraps this module instance's ``training_step`` for the duration of ``fit`` (restored at
-    teardown): callbacks otherwise only see training-step outputs after the optimizer step. As a result
-    ``outputs["loss"]`` in ``on_train_batch_end`` is this micro-batch's contribution to the window objective.
-    ``trainer.global_step``, LR schedulers with ``interval="step"``, and logging advance once per optimizer step.
-
-    **Strategies.**
-
-    * Single device, DDP: non-boundary micro-batches run under DDP's ``no_sync`` (Lightning's loop does this when its
-      ``_should_accumulate()`` is right, which the value above guarantees), so gradients are all-reduced once per
-      window.
-    * FSDP2 (Lightning's ``ModelParallelStrategy`` or ``effi_fsdp``): gradients are reduce-scattered on *every*
-      micro-batch and accumulated in the sharded gradients. The alternative, deferring with
-      ``module.set_requires_gradient_sync(False)`` until the window's last micro-batch, saves ``factor - 1``
-      reduce-scatters per step but keeps an *unsharded* fp32 gradient for every parameter alive across the window:
-      the full model's gradient memory on every rank, which is what sharding was meant to remove. This callback does
-      not defer; a strategy that wants to may do it in ``effi_set_accumulation``.
-    * DeepSpeed (``effi_deepspeed_stage_*``): the loop still decides the boundaries (the strategy passes
-      ``not _should_accumulate()`` to ``engine.set_gradient_accumulation_boundary`` and backs with
-      ``scale_wrt_gas=False``, so the engine does not divide the loss a second time). When the strategy has
-      ``effi_set_accumulation(factor)`` it is called at the first micro-batch of every window whose size differs from
-      the previous one, to keep the engine's batch-size bookkeeping in step. ZeRO keeps the accumulated gradients in
-      engine-private partitions, so what needs ``p.grad`` is refused with a clear error:
-      ``normalize="tokens"`` (at setup), unsized loaders (whose partial last window needs a rescale; at train start)
-      and mid-window checkpoints (at the save; ``ModelCheckpoint`` saves at optimizer steps, which is fine). Stock strategies that accumulate inside their engine (``handles_gradient_accumulation``, e.g.
-      Lightning's ``DeepSpeedStrategy``) are refused too: their windows cannot follow a schedule.
-
-    **Checkpoints.** The window position, counters and (when saved mid-window) the partial gradients are saved, so
-    resuming mid-window or mid-ramp reproduces the uninterrupted run. Under DDP the partial gradients are summed over
-    ranks at save time and restored on rank 0 (zero elsewhere), which gives the same averaged gradient at the step.
-    Lightning only restores the data position of a resumable (stateful) loader; with a plain ``DataLoader`` resuming
-    mid-epoch replays the epoch's first batches, with or without this callback.
 
     Args:
         schedule: ``{threshold: factor}``; factor 1 before the first threshold. Keys may be strings (YAML).
@@ -185,7 +131,8 @@ class AccumulationScheduler(Callback):
         if self.normalize == "tokens" and not _grads_reachable(strategy):
             raise RuntimeError(
                 f"AccumulationScheduler(normalize='tokens') with {name}: the engine keeps gradients in private "
-                "partitions (p.grad is not the accumulated gradient), so the exact per-token rescale cannot be applied. "
+                "partitions (p.grad is not the accumulated gradient), so the exact per-token rescale cannot be "
+                "applied. "
                 "Use normalize='mean' with DeepSpeed, or strategy='ddp' / 'effi_fsdp' for token-exact normalisation."
             )
         self._trainer = trainer
@@ -307,7 +254,8 @@ class AccumulationScheduler(Callback):
         fix = self.window.close(trainer.strategy.root_device)
         if fix_grads and fix is not None:
             if not _grads_reachable(trainer.strategy):  # pragma: no cover - refused at setup/train start
-                raise RuntimeError(f"AccumulationScheduler: cannot rescale gradients under {type(trainer.strategy).__name__}")
+                raise RuntimeError(
+                    f"AccumulationScheduler: cannot rescale gradients under {type(trainer.strategy).__name__}")
             _scale_grads([p.grad for p in pl_module.parameters() if p.grad is not None], fix)
 
     @override
@@ -339,7 +287,8 @@ class AccumulationScheduler(Callback):
             return  # at a boundary the optimizer state already holds everything
         if not _grads_reachable(trainer.strategy):
             raise RuntimeError(
-                f"Checkpoint requested in the middle of an accumulation window under {type(trainer.strategy).__name__}: "
+                "Checkpoint requested in the middle of an accumulation window under "
+                f"{type(trainer.strategy).__name__}: "
                 "the engine's partial gradients cannot be saved. Checkpoint at optimizer steps "
                 "(ModelCheckpoint(every_n_train_steps=...) does)."
             )

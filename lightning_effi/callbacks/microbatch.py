@@ -44,7 +44,8 @@ class AutoMicroBatch(AccumulationScheduler):
     (``batch_arg_name`` on the module, its hparams or the datamodule, as Lightning's ``BatchSizeFinder`` finds it),
     builds the train DataLoader, and runs ``training_step`` + backward on one batch per candidate, largest first.
     A candidate is accepted when it raises no ``torch.OutOfMemoryError`` and its peak allocated memory stays within
-    ``memory_fraction`` of what the process may allocate (device total x ``set_per_process_memory_fraction``): the rest is headroom for what one forward/backward does not allocate
+    ``memory_fraction`` of what the process may allocate (device total x ``set_per_process_memory_fraction``): the
+    rest is headroom for what one forward/backward does not allocate
     (optimizer state is created at the first step; fragmentation). Gradients are dropped after each probe; weights are
     never stepped.
 

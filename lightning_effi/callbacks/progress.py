@@ -3,8 +3,7 @@
 Lightning turns every ``prog_bar=True`` metric into a Python number with ``.item()`` at the end of every training
 batch once it has been logged (in its logger connector, progress bar or not), and its progress bars read them again
 at every refresh. On a GPU each ``.item()`` waits for all queued work: the queue drains at every step boundary and
-the next step's launch overhead is exposed (the example GPT on one H200: 46.8% -> 49.9% MFU once it stopped,
-BENCHMARKS.md 3d).
+the next step's launch overhead is exposed.
 
 ``SyncFreeProgressBar`` shows, next to Lightning's own progress-bar metrics, the host-side values a LightningModule
 offers through ``progress_bar_host_metrics()`` (a dict of Python floats it can produce without a sync, e.g. from a

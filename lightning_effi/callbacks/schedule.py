@@ -56,7 +56,8 @@ def parse_schedule(schedule: Mapping[int | str, int] | None) -> tuple[tuple[int,
     if schedule is None:
         return ()
     if not isinstance(schedule, Mapping):
-        raise TypeError(f"Invalid schedule {schedule!r}: must be a mapping {{threshold: factor}}, e.g. {{0: 1, 1000: 4}}")
+        raise TypeError(
+            f"Invalid schedule {schedule!r}: must be a mapping {{threshold: factor}}, e.g. {{0: 1, 1000: 4}}")
     if not schedule:
         raise ValueError("Invalid schedule {}: give at least one {threshold: factor} entry, or leave schedule=None")
     out: list[tuple[int, int]] = []
@@ -324,7 +325,8 @@ class AccumulationWindow:
         # Lightning divides the loss by `accumulate`; multiply it back and apply the weight we want.
         if self.normalize == "tokens":
             # the data-parallel average divides by dp; the fix at close() does the rest
-            self.multiplier = None if self.scale is None else _mul(self.scale, value.accumulate * self.data_parallel_size)
+            weight = value.accumulate * self.data_parallel_size
+            self.multiplier = None if self.scale is None else _mul(self.scale, weight)
         else:
             self.multiplier = value.accumulate / self.opened_size
         return MicroBatchPlan(accumulate=value.accumulate, zero_grad=zero, engine_factor=engine_factor)

@@ -84,7 +84,8 @@ class _LMModule(pl.LightningModule):
                  loss_reduction: str, fused_loss: bool | None = None):
         super().__init__()
         if fused_loss not in (None, True, False):
-            raise ValueError(f"Invalid fused_loss {fused_loss!r}: must be true, false or null (auto: on GPUs with Triton)")
+            raise ValueError(
+                f"Invalid fused_loss {fused_loss!r}: must be true, false or null (auto: on GPUs with Triton)")
         self.fused_loss = fused_loss
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"Invalid loss_reduction {loss_reduction!r}: must be 'mean' or 'sum'")
@@ -140,8 +141,8 @@ class _LMModule(pl.LightningModule):
         self.tokens_seen += n
         # A prog_bar metric only under a progress bar that needs one: Lightning turns every prog_bar metric into a
         # Python number (.item(), a device sync) at the end of every batch once it has been logged, progress bar or
-        # not, which drains the GPU queue at each step boundary (measured on 1xH200 with the benchmark GPT,
-        # BENCHMARKS.md 3d). SyncFreeProgressBar shows the loss from progress_bar_host_metrics() instead.
+        # not, which drains the GPU queue at each step boundary. SyncFreeProgressBar shows the loss from
+        # progress_bar_host_metrics() instead.
         trainer = self._trainer
         bar = trainer.progress_bar_callback if trainer is not None else None
         host_bar = isinstance(bar, HostMetricsProgressBar) and bar.reads_host_metrics

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_effi.models._common import OptimizerCallable
-from lightning_effi.models.data import MASK_ID, NUM_BYTES, VOCAB_SIZE
 from lightning_effi.models._lm import IGNORE_INDEX, _LMModule
+from lightning_effi.models.data import MASK_ID, NUM_BYTES, VOCAB_SIZE
 from lightning_effi.models.gpt import Block, _check_shapes
 
 
@@ -52,7 +52,7 @@ class BertEncoder(nn.Module):
         self.head_dense = nn.Linear(d_model, d_model)
         self.head_ln = nn.LayerNorm(d_model)
         self.head_bias = nn.Parameter(torch.zeros(vocab_size))
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.ndim >= 2:
                 nn.init.normal_(p, std=0.02)
 

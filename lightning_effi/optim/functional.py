@@ -309,7 +309,8 @@ def _device_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, ac
     return torch.where(skip, torch.full_like(ratio, math.nan), ratio).to(torch.float32)
 
 
-def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, path, workspace=None) -> Tensor:
+def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, path,
+               workspace=None) -> Tensor:
     num = plan.num_lids
     # --- phase 1: skip decision and clipping coefficient (host scalars on these paths) ---
     inv_scale = 1.0
@@ -335,7 +336,7 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
     one_unit_per_lid = len(plan.lid) == plan.num_lids and all(lid == k for k, lid in enumerate(plan.lid))
     if chunked and one_unit_per_lid and not distinct_groups(plan.lid_group):
         # Unsharded on the CPU: each trust ratio depends on its own tensor only, so each tensor can be finished
-        # while it is still in cache (measured ~30% faster than the batched two-pass path on a 27M-param GPT).
+        # while it is still in cache, instead of two passes of the whole step over DRAM.
         if _cpu_adam_core_ok(plan):
             return _cpu_adam_core(plan, hp, state_steps, coef, acc, workspace)
         return _cpu_per_tensor(plan, hp, [float(s) for s in state_steps], coef, acc)
@@ -378,7 +379,8 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         ps, gs, ms, vs = ([it[j] for it in items] for j in (1, 2, 3, 4))
         us: Any
         if path == "single":
-            us = [_single_moments_and_u(p, g, m, v, coef, b1, b2, eps, wd, bc1, bc2) for p, g, m, v in zip(ps, gs, ms, vs)]
+            us = [_single_moments_and_u(p, g, m, v, coef, b1, b2, eps, wd, bc1, bc2)
+                  for p, g, m, v in zip(ps, gs, ms, vs)]
         else:
             us = _foreach_moments_and_u(ps, gs, ms, vs, coef, b1, b2, eps, wd, bc1, bc2)
         xsq_parts.append(torch.stack(torch._foreach_norm(ps, 2, dtype=acc)))
@@ -462,7 +464,8 @@ def _cpu_adam_core(plan: Plan, hp: dict, state_steps: list[Tensor], coef: float,
     for k, p in enumerate(plan.p):
         if p.numel() <= _CPU_SMALL:
             i = plan.param[k]
-            key = (p.dtype, hp["beta1"][i], hp["beta2"][i], hp["eps"][i], hp["weight_decay"][i], hp["bias_correction"][i])
+            key = (p.dtype, hp["beta1"][i], hp["beta2"][i], hp["eps"][i], hp["weight_decay"][i],
+                   hp["bias_correction"][i])
             small.setdefault(key, []).append(k)
             small_total[p.dtype] = small_total.get(p.dtype, 0) + p.numel()
         else:

@@ -13,18 +13,17 @@ scale ``-lr * ratio`` itself; sharded units instead go through one all_reduce of
 A step is therefore, unsharded: one multi-tensor add (step counts), one stack, and per dtype 2 + 1 + 2 launches
 (full and masked tail chunks of each phase, and the reduce). Everything that depends only on tensor addresses,
 sizes and hyperparameters (offset tables, block tables, hyperparameter rows) is built once and cached in the
-optimizer's workspace under a signature of those; only the learning rates are re-sent when they change. Before this
-cache the host spent ~1.7 ms per step on 292 tensors (H200 machine) building tables, which the GPU waited for.
+optimizer's workspace under a signature of those; only the learning rates are re-sent when they change (rebuilding
+them is host time per tensor, during which a GPU that finished the backward pass waits).
 
 No host synchronisation: the skip decision (AMP ``found_inf`` or a non-finite clipping norm), the clipping
 coefficient, bias corrections and trust ratios are device tensors read by the kernels; a skipped step writes
 nothing and leaves the step counts unchanged.
 
-Why Triton and not ``torch.compile``: measured on an H200 (benchmarks/results/optim_step_h200*.json) a compiled
-LAMB step on a 103M-parameter subset took 2.5-3.8 ms against 1.2-1.4 ms for fused AdamW, and the sharded step needs
-the per-parameter sums, one all_reduce, then the update, which a compiled graph would break around anyway. The
-kernel shape (64K-element chunks walked 2048 elements at a time, 8 warps) was chosen by the block sweep in
-benchmarks/optim_step.py.
+Why Triton and not ``torch.compile``: a compiled LAMB step was about twice as slow as fused AdamW on the same
+tensors (``benchmarks/optim_step.py`` compares them), and the sharded step needs the per-parameter sums, one
+all_reduce, then the update, which a compiled graph would break around anyway. The kernel shape is the one
+``optim_step.py --blocks`` found fastest.
 """
 
 from __future__ import annotations
@@ -285,7 +284,7 @@ def _block_table(numels: tuple[int, ...], block: int, device):
 
 class _Launch:
     """One dtype's launch arguments. Valid while the signature (addresses, sizes, hyperparameters, sharding
-    structure) is unchanged: built once, not every step (the per-step host work was 1.7 ms on 292 tensors)."""
+    structure) is unchanged: built once, not every step."""
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
@@ -396,7 +395,7 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
     mode = (found_inf is not None, grad_scale is not None, max_grad_norm)
     if cache.fast and device.type == "cuda" and CUDA_GRAPHS:
         # The whole step as one CUDA graph once the signature has held for GRAPH_AFTER steps: host work per step
-        # drops to the signature check and one replay (5 Triton launches + the torch ops cost ~1 ms of host time).
+        # drops to the signature check and one replay instead of the launches and torch ops of an eager step.
         # The AMP flag and scale enter through static buffers, so loss-scaled and clipped steps replay too.
         if cache.graph is not None and cache.graph_mode != mode:
             cache.graph, cache.graph_ratio, cache.hits = None, None, 0

@@ -16,7 +16,8 @@ from lightning_effi.optim.functional import lamb_step, resolve_path
 __all__ = ["Lamb"]
 
 _GROUP_DEFAULTS = dict(
-    bias_correction=True, trust_clip=None, weight_norm_clip=None, max_grad_norm=None, adapt=True, foreach=None, fused=None
+    bias_correction=True, trust_clip=None, weight_norm_clip=None, max_grad_norm=None, adapt=True, foreach=None,
+    fused=None
 )
 
 
@@ -369,8 +370,8 @@ class Lamb(Optimizer):
     def _prepared(self, with_grad: list) -> tuple[str, dict]:
         """The per-parameter lists for :func:`lamb`. Everything but the gradients, the state tensors and the learning
         rates is cached while the set of parameters with gradients and the groups' other hyperparameters are
-        unchanged: rebuilding the lists for every parameter on every step cost ~1 ms of host time per 300 tensors,
-        time in which a GPU that finished the backward pass waits for the optimizer's first kernel."""
+        unchanged: rebuilding the lists for every parameter on every step is host time in which a GPU that finished
+        the backward pass waits for the optimizer's first kernel."""
         ws = self._workspace()
         # Devices and dtypes too: a module moved with .to() keeps its parameter objects but may need another path.
         key = (tuple(map(id, with_grad)), tuple((p.device, p.dtype) for p in with_grad), tuple(

@@ -9,8 +9,8 @@ Three layouts are recognised:
 
 - plain tensors: one unit per parameter, nothing to reduce;
 - DTensors (FSDP2 ``fully_shard``, tensor parallel): one unit per parameter (its local shard, possibly empty);
-  squares are summed over the mesh dimension that carries a ``Shard`` placement. ``.to_local().norm()`` alone would
-  be the shard's norm, which is wrong (CPU_DISTRIBUTED.md measured it);
+  squares are summed over the mesh dimension that carries a ``Shard`` placement (``.to_local().norm()`` alone would
+  be the shard's norm);
 - flat partitions (DeepSpeed ZeRO): one tensor per param group holding slices of many parameters, described by a
   :class:`FlatLayout`; one unit per segment, reduced over ``optimizer.norm_process_group``.
 
@@ -19,10 +19,9 @@ This module imports no Lightning.
 
 from __future__ import annotations
 
-from typing import Any
-
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor

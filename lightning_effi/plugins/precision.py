@@ -7,7 +7,7 @@ plugins change compared with Lightning's ``MixedPrecision`` / ``HalfPrecision``:
   scaler), so the loss-scaling paths run in CPU CI;
 * a skipped step (non-finite gradients) does not advance the step-interval LR schedulers, so the schedule position
   equals the number of applied optimizer steps and torch's "lr_scheduler.step() before optimizer.step()" warning is
-  never triggered by a skipped first step (Lightning issues 5558, 16228, 21339);
+  never triggered by a skipped first step;
 * the scale has hysteresis, a floor (with a choice between stopping and skipping when it is reached) and a ceiling,
   and is agreed on across ranks.
 """
@@ -230,14 +230,15 @@ class LossScalingPrecision(Precision):
             raise ValueError(f"Invalid warn_every_n_steps {warn_every_n_steps!r}: must be an int >= 1")
         if device is not None and device not in ("cpu", "cuda"):
             raise ValueError(f"Invalid device {device!r}: must be 'cpu', 'cuda' or None (the Trainer's device)")
-        given: dict[str, Any] = {k: v for k, v in zip(_KNOBS, (init_scale, growth_factor, backoff_factor, growth_interval,
-                                                hysteresis, min_scale, max_scale, consecutive_hysteresis))
-                 if v is not None}
+        values = (init_scale, growth_factor, backoff_factor, growth_interval, hysteresis, min_scale, max_scale,
+                  consecutive_hysteresis)
+        given: dict[str, Any] = {k: v for k, v in zip(_KNOBS, values) if v is not None}
         if scaler is not None:
             if not isinstance(scaler, DynamicLossScaler):
                 raise TypeError(f"Invalid scaler {scaler!r}: must be a lightning_effi.plugins.DynamicLossScaler")
             if given:
-                raise ValueError(f"Give the scaler settings {sorted(given)} to the DynamicLossScaler passed as scaler=, "
+                raise ValueError(f"Give the scaler settings {sorted(given)} to the DynamicLossScaler passed as "
+                                 "scaler=, "
                                  "not to LossScalingPrecision as well")
         else:
             scaler = DynamicLossScaler(**given)
@@ -304,7 +305,8 @@ class LossScalingPrecision(Precision):
     def forward_context(self) -> Generator[None, None, None]:
         if self.device is None:
             raise RuntimeError(
-                "LossScalingPrecision has no device yet: pass it to a Trainer (plugins=[...]) or give device='cpu'/'cuda'"
+                "LossScalingPrecision has no device yet: pass it to a Trainer (plugins=[...]) or give "
+                "device='cpu'/'cuda'"
             )
         # cache_enabled=False as in Lightning's MixedPrecision: each weight is cast once per forward in a transformer
         # anyway, and the cast cache is known to hold stale casts across no_grad/inference boundaries.
@@ -480,7 +482,7 @@ class LossScalingPrecision(Precision):
                 if hold is not None:
                     hold.release()
                 _HeldScheduler._effi_pending.pop(scheduler, None)
-                scheduler.__class__ = getattr(type(scheduler), "_effi_original_class")
+                scheduler.__class__ = type(scheduler)._effi_original_class
         self._patched_schedulers.clear()
         on_device = any(self._on_device.values())
         self._on_device.clear()
@@ -588,7 +590,8 @@ class MasterWeightsPrecision(HalfPrecision):
             for p in group["params"]:
                 if p.dtype != torch.bfloat16:
                     raise RuntimeError(
-                        f"MasterWeightsPrecision found a {p.dtype} parameter of shape {tuple(p.shape)} in the optimizer; "
+                        f"MasterWeightsPrecision found a {p.dtype} parameter of shape {tuple(p.shape)} in the "
+                        "optimizer; "
                         f"the module should be bf16 (it converts it in convert_module). Do not cast parameters back."
                     )
                 master = torch.nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)

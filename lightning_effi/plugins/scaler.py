@@ -202,7 +202,8 @@ class DynamicLossScaler:
                     continue
                 g = _local(p.grad)
                 if g.is_sparse:
-                    # Sparse gradients may hold duplicate indices whose sum can overflow: coalesce first (as torch does).
+                    # Sparse gradients may hold duplicate indices whose sum can overflow: coalesce first (as torch
+                    # does).
                     if g.dtype == torch.float16:
                         g = g.coalesce()
                         p.grad = g
@@ -514,7 +515,8 @@ def validate_scaler_knobs(
         _finite_pos(name, v)
     _finite_pos("growth_factor", growth_factor)
     if growth_factor <= 1:
-        raise ValueError(f"Invalid growth_factor {growth_factor!r}: must be > 1 (use a huge growth_interval to never grow)")
+        raise ValueError(
+            f"Invalid growth_factor {growth_factor!r}: must be > 1 (use a huge growth_interval to never grow)")
     _finite_pos("backoff_factor", backoff_factor)
     if backoff_factor >= 1:
         raise ValueError(f"Invalid backoff_factor {backoff_factor!r}: must be in (0, 1)")

@@ -315,7 +315,8 @@ class StepCounter(Callback):
         (lambda: TinyLM(with_tokens=False), dict(unit="token", schedule={0: 2}), {}, RuntimeError,
          r"unit='token'\) needs training_step"),
         (TinyLM, dict(global_batch_size=5), {}, ValueError,
-         r"Invalid global_batch_size 5: not a multiple of micro_batch_size 2 x data-parallel size 1 = 2; use e.g. 4 or 6"),
+         r"Invalid global_batch_size 5: not a multiple of micro_batch_size 2 x data-parallel size 1 = 2; "
+         r"use e.g. 4 or 6"),
     ],
     ids=["manual", "trainer-accumulate", "no-num-tokens", "token-unit-no-num-tokens", "indivisible-global"],
 )
@@ -337,7 +338,8 @@ def test_stock_engine_accumulation_strategy_is_refused():
         def handles_gradient_accumulation(self) -> bool:
             return True
 
-    with pytest.raises(RuntimeError, match=r"EngineAccumulates accumulates gradients inside its engine.*effi_deepspeed"):
+    match = r"EngineAccumulates accumulates gradients inside its engine.*effi_deepspeed"
+    with pytest.raises(RuntimeError, match=match):
         _trainer([AccumulationScheduler({0: 2})], strategy=EngineAccumulates(torch.device("cpu"))).fit(
             TinyLM(), ListLoader(make_batches(4)))
 

@@ -221,10 +221,10 @@ def test_data_mismatch_raises_before_training(make, match):
 
 
 def test_epoch_run_with_accumulation_schedule_needs_max_steps():
+    import lightning.pytorch as pl
+
     from lightning_effi.callbacks import AccumulationScheduler
     from lightning_effi.models import CorpusDataModule
-
-    import lightning.pytorch as pl
 
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          callbacks=[AccumulationScheduler({0: 4})], enable_model_summary=False)
@@ -256,13 +256,13 @@ def test_training_step_reads_no_metric_back_except_on_logging_steps(tmp_path, mo
     GPUs). Without a progress bar, or with SyncFreeProgressBar, train/loss is no prog_bar metric: only the logger reads
     values back, on its steps, and the CSV still gets both metrics there; SyncFreeProgressBar shows the loss from the
     module's host-side copy."""
-    from lightning_effi.callbacks import SyncFreeProgressBar
-
     import csv
 
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
+
+    from lightning_effi.callbacks import SyncFreeProgressBar
 
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": t[:-1], "labels": t[1:]} for t in torch.randint(0, 50, (32, 17), generator=g)]

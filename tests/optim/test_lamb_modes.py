@@ -64,7 +64,8 @@ def test_flat_layout_single_process_matches_reference(device, path):
         for i in range(len(SHAPES)):
             gi, o, n = where[i]
             torch.testing.assert_close(flats[gi].detach()[o : o + n].cpu(), ref.x[i].reshape(-1), atol=1e-10, rtol=1e-9)
-        torch.testing.assert_close(opt.trust_ratios.cpu().double(), torch.tensor(ratios, dtype=torch.float64), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(opt.trust_ratios.cpu().double(), torch.tensor(ratios, dtype=torch.float64),
+                                   atol=1e-6, rtol=1e-6)
         for gi, flat in enumerate(flats):
             covered = torch.zeros(flat.numel(), dtype=torch.bool)
             for i in groups_idx[gi]:

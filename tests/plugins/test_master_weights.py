@@ -162,9 +162,11 @@ def test_kahan_compensation_keeps_small_updates():
 def test_strategy_errors_name_the_alternative():
     from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
-    for strategy in (DeepSpeedStrategy.__new__(DeepSpeedStrategy), ModelParallelStrategy.__new__(ModelParallelStrategy)):
+    strategies = (DeepSpeedStrategy.__new__(DeepSpeedStrategy), ModelParallelStrategy.__new__(ModelParallelStrategy))
+    for strategy in strategies:
         fake = types.SimpleNamespace(strategy=strategy)
-        with pytest.raises(RuntimeError, match=f"does not support {type(strategy).__name__}.*effi_fsdp.*effi_deepspeed"):
+        match = f"does not support {type(strategy).__name__}.*effi_fsdp.*effi_deepspeed"
+        with pytest.raises(RuntimeError, match=match):
             MasterWeightsPrecision._check_strategy(fake)
 
 

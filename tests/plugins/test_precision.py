@@ -99,7 +99,8 @@ class ClipProbe(ToyModule):
         self.post_clip = []
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
         grads = [p.grad.float() for p in self.parameters()]
         self.post_clip.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
@@ -223,7 +224,8 @@ def test_accumulation_scales_every_microbatch_and_unscales_once(monkeypatch):
         calls = []
         if plugins:
             real = plugins[0].scaler.unscale_
-            monkeypatch.setattr(plugins[0].scaler, "unscale_", lambda opt, real=real: calls.append(1) or real(opt))
+            monkeypatch.setattr(plugins[0].scaler, "unscale_",
+                                lambda opt, real=real, calls=calls: calls.append(1) or real(opt))
         snap = GradSnap()
         fit(ToyModule(optimizer="sgd", lr_decay=None), plugins=plugins, callbacks=[snap], max_steps=2,
             accumulate_grad_batches=4)
