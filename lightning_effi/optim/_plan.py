@@ -19,7 +19,7 @@ from lightning_effi.optim.norms import (
     FlatLayout,
     _dtensor_type,
     all_reduce_parts,
-    dtensor_reduce_group,
+    dtensor_reduce_groups,
     is_dtensor,
     resolve_flat_group,
     to_local,
@@ -82,7 +82,7 @@ class Plan:
     lid: list[int] = field(default_factory=list)
     param: list[int] = field(default_factory=list)  # index into the params list, for hyperparameters
     num_lids: int = 0
-    lid_group: list = field(default_factory=list)  # per lid: process group to sum over, or None
+    lid_group: list = field(default_factory=list)  # per lid: the process groups to sum over, in order (may be empty)
     lid_param: list[int] = field(default_factory=list)  # per lid: a param index (-1: not held on this rank)
     flat_group: object = None
 
@@ -97,7 +97,7 @@ def build_plan(params, grads, exp_avgs, exp_avg_sqs, flat_layouts, norm_process_
             raise RuntimeError(f"FlatLayouts disagree on num_logical: {sorted(nl)}; it must count all groups")
         plan.num_lids = nl.pop() if nl else 0
         plan.flat_group = resolve_flat_group(norm_process_group)
-        plan.lid_group = [plan.flat_group] * plan.num_lids
+        plan.lid_group = [() if plan.flat_group is None else (plan.flat_group,)] * plan.num_lids
         plan.lid_param = [-1] * plan.num_lids
         for i, (x, g, m, v, lay) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, flat_layouts)):
             if not isinstance(lay, FlatLayout):
@@ -118,16 +118,16 @@ def build_plan(params, grads, exp_avgs, exp_avg_sqs, flat_layouts, norm_process_
     if dt is None or not any(isinstance(x, dt) for x in params):  # plain tensors: no per-parameter work
         plan.p, plan.g, plan.m, plan.v = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
         plan.lid, plan.param, plan.lid_param = list(range(n)), list(range(n)), list(range(n))
-        plan.lid_group = [None] * n
+        plan.lid_group = [()] * n
         return plan
     for i, (x, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         if is_dtensor(x):
             if not is_dtensor(g):
                 raise RuntimeError("Lamb got a DTensor parameter whose gradient is a plain tensor")
-            plan.lid_group.append(dtensor_reduce_group(x))
+            plan.lid_group.append(dtensor_reduce_groups(x))
             x, g, m, v = x.to_local(), g.to_local(), to_local(m), to_local(v)
         else:
-            plan.lid_group.append(None)
+            plan.lid_group.append(())
         plan.p.append(x)
         plan.g.append(g)
         plan.m.append(m)
@@ -147,39 +147,40 @@ def h2d(values, dtype, device) -> Tensor:
 
 
 def distinct_groups(lid_group) -> list:
+    """The process groups of all lids, each once, in first-appearance order (the same on every rank)."""
     seen, out = set(), []
-    for grp in lid_group:
-        if grp is not None and id(grp) not in seen:
-            seen.add(id(grp))
-            out.append(grp)
+    for groups in lid_group:
+        for grp in groups:
+            if id(grp) not in seen:
+                seen.add(id(grp))
+                out.append(grp)
     return out
 
 
 def reduce_lid_vectors(vecs: list[Tensor], plan: Plan) -> None:
-    """Sum per-lid vectors across ranks: one all_reduce per distinct group, all vectors in it."""
+    """Sum per-lid vectors across ranks: one all_reduce per distinct group, all vectors in it. A lid sharded over
+    several mesh dimensions is summed over one group after the other."""
     groups = distinct_groups(plan.lid_group)
     if not groups:
         return
     device = vecs[0].device
-    if len(groups) == 1 and all(grp is not None for grp in plan.lid_group):
+    if len(groups) == 1 and all(len(gs) == 1 for gs in plan.lid_group):
         flat = torch.cat(vecs)
         all_reduce_parts([(groups[0], flat)])
         for k, v in enumerate(vecs):
             v.copy_(flat[k * v.numel() : (k + 1) * v.numel()])
         return
-    parts, idxs = [], []
     for grp in groups:
-        idx = h2d([j for j, gg in enumerate(plan.lid_group) if gg is grp], torch.long, device)
-        idxs.append(idx)
-        parts.append((grp, torch.cat([v[idx] for v in vecs])))
-    all_reduce_parts(parts)
-    for (_, flat), idx in zip(parts, idxs):
+        idx = h2d([j for j, gs in enumerate(plan.lid_group) if any(g is grp for g in gs)], torch.long, device)
+        flat = torch.cat([v[idx] for v in vecs])
+        all_reduce_parts([(grp, flat)])
         for k, v in enumerate(vecs):
             v[idx] = flat[k * idx.numel() : (k + 1) * idx.numel()]
 
 
 def grad_total_sumsq(plan: Plan, acc: torch.dtype, device) -> Tensor:
-    """Global sum of squares of all gradients (first collective, only with max_grad_norm)."""
+    """Global sum of squares of all gradients (first collective, only with max_grad_norm): units are summed per set
+    of groups they are sharded over, and each set's sum reduced over its groups, one all_reduce per group."""
     if not plan.g:
         return torch.zeros((), dtype=acc, device=device)
     norms = torch.stack(torch._foreach_norm(plan.g, 2, dtype=acc))
@@ -187,16 +188,17 @@ def grad_total_sumsq(plan: Plan, acc: torch.dtype, device) -> Tensor:
     groups = distinct_groups(plan.lid_group)
     if not groups:
         return sq.sum()
-    unit_group = [plan.lid_group[lid] for lid in plan.lid]
-    loc = [k for k, grp in enumerate(unit_group) if grp is None]
-    local = sq[h2d(loc, torch.long, device)].sum() if loc else torch.zeros((), dtype=acc, device=device)
-    parts = []
+    classes: dict[tuple, list[int]] = {}
+    for k, lid in enumerate(plan.lid):
+        classes.setdefault(tuple(id(g) for g in plan.lid_group[lid]), []).append(k)
+    members = [plan.lid_group[plan.lid[ks[0]]] for ks in classes.values()]
+    sums = torch.stack([sq[h2d(ks, torch.long, device)].sum() for ks in classes.values()])
     for grp in groups:
-        ks = [k for k, gg in enumerate(unit_group) if gg is grp]
-        part = sq[h2d(ks, torch.long, device)].sum().reshape(1) if ks else torch.zeros(1, dtype=acc, device=device)
-        parts.append((grp, part))
-    all_reduce_parts(parts)
-    return local + sum(p[0] for _, p in parts)
+        sel = h2d([c for c, gs in enumerate(members) if any(g is grp for g in gs)], torch.long, device)
+        part = sums[sel]
+        all_reduce_parts([(grp, part)])
+        sums[sel] = part
+    return sums.sum()
 
 
 def trust_ratio(xsq: Tensor, usq: Tensor, adapt: Tensor, wclip: Tensor, tclip: Tensor) -> Tensor:

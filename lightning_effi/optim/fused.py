@@ -313,7 +313,7 @@ def _signature(plan, hp, state_steps) -> tuple:
         tuple(hp["beta1"]), tuple(hp["beta2"]), tuple(hp["eps"]), tuple(hp["weight_decay"]),
         tuple(hp["bias_correction"]), tuple(hp["adapt"]), tuple(hp["trust_clip"]), tuple(hp["weight_norm_clip"]),
         tuple(plan.lid), tuple(plan.param), plan.num_lids, tuple(plan.lid_param),
-        tuple(id(g) for g in plan.lid_group), id(plan.flat_group),
+        tuple(tuple(id(g) for g in gs) for gs in plan.lid_group), id(plan.flat_group),
     )
 
 
@@ -338,7 +338,7 @@ def _build_cache(key, plan, hp, device) -> _Cache:
                                "use foreach=True for such parameters")
     n_units = len(plan.p)
     fast = (n_units == plan.num_lids and all(lid == k for k, lid in enumerate(plan.lid))
-            and plan.flat_group is None and all(grp is None for grp in plan.lid_group))
+            and plan.flat_group is None and all(not gs for gs in plan.lid_group))
     inf = math.inf
     rows = []
     for i in plan.param:

@@ -98,31 +98,22 @@ def to_local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
-def dtensor_reduce_group(t: Any):
-    """The process group over which squares of this DTensor's local shard must be summed, or None (replicated).
-
-    Only one mesh dimension may be sharded: summing over two sharded dimensions (FSDP x TP on one parameter)
-    would need a group spanning both, which DeviceMesh does not hand out portably across torch versions.
-    """
+def dtensor_reduce_groups(t: Any) -> tuple:
+    """The process groups over which squares of this DTensor's local shard must be summed, one per sharded mesh
+    dimension (FSDP2: the data-parallel dimension; tensor parallel: the tensor-parallel one; 2D: both), in mesh
+    order; empty for a replicated DTensor. Sums over several dimensions are taken one dimension after the other."""
     from torch.distributed.tensor import Replicate, Shard
 
-    sharded = []
+    groups = []
     for dim, pl in enumerate(t.placements):
-        if isinstance(pl, Shard):
-            sharded.append(dim)
+        if isinstance(pl, Shard):  # also _StridedShard, FSDP2's placement over a tensor-parallel shard
+            groups.append(t.device_mesh.get_group(dim))
         elif not isinstance(pl, Replicate):
             raise RuntimeError(
                 f"Lamb got a parameter with placement {pl!r}; only Shard and Replicate placements are supported "
                 "(a Partial parameter has no well-defined norm before it is reduced)"
             )
-    if not sharded:
-        return None
-    if len(sharded) > 1:
-        raise RuntimeError(
-            f"Lamb got a DTensor parameter sharded over {len(sharded)} mesh dimensions {t.placements!r}; per-parameter "
-            "norms support one sharded mesh dimension (FSDP2 or TP or HSDP), not FSDP x TP on the same parameter"
-        )
-    return t.device_mesh.get_group(sharded[0])
+    return tuple(groups)
 
 
 def resolve_flat_group(group):
