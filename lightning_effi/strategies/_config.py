@@ -6,7 +6,8 @@ once training has started. Here every value that exists on both sides is compare
 disagreements are reported together, each naming both values and which one to change. Keys that only exist on
 one side are copied; ``"auto"`` means "take the Trainer's value".
 
-Everything in this module is plain data in, plain data out, so it is unit-tested without processes or DeepSpeed.
+Each config section has its own ``merge_*`` function and :func:`build_deepspeed_config` composes them. Everything
+here is plain data in, plain data out, so it is unit-tested without processes or DeepSpeed.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ _SCALER_KEYS = {
 
 # Defaults for the ZeRO section when the user's config does not say. Bucket sizes follow Lightning's defaults;
 # sub_group_size is large so that ZeRO-3 keeps one optimizer sub-group per param group (one optimizer call per
-# group; see EffiDeepSpeedStrategy for how Lamb handles several).
+# group; _zero_layout.install_flat_layouts handles several).
 _ZERO_DEFAULTS = {
     "contiguous_gradients": True,
     "overlap_comm": True,
@@ -130,6 +131,215 @@ def _is_auto(value: Any) -> bool:
     return value == "auto"
 
 
+# ---------------------------------------------------------------------------------------------- config sections
+# Each merge_* function takes the config being built (a deep copy of the user's), writes its section into it and
+# returns the conflicts it found, so build_deepspeed_config can report all of them together.
+def merge_zero_optimization(cfg: dict[str, Any], *, stage: int, offload_optimizer: bool = False,
+                            offload_parameters: bool = False) -> list[str]:
+    """``zero_optimization``: the strategy's stage, its offload flags, and defaults for keys the user left out."""
+    conflicts: list[str] = []
+    zero = cfg.get("zero_optimization")
+    if zero is None:
+        zero = {}
+    if not isinstance(zero, Mapping):
+        raise ValueError(f"DeepSpeed config 'zero_optimization' must be an object, got {zero!r}")
+    zero = dict(zero)
+    user_stage = zero.get("stage")
+    if user_stage is not None and not _is_auto(user_stage) and int(user_stage) != stage:
+        conflicts.append(
+            f"zero_optimization.stage is {user_stage} in the DeepSpeed config but the strategy is stage {stage} "
+            f"(effi_deepspeed_stage_{stage}): use effi_deepspeed_stage_{user_stage} / "
+            f"EffiDeepSpeedStrategy(stage={user_stage}), or remove 'stage' from the config"
+        )
+    zero["stage"] = stage
+    for key, value in _ZERO_DEFAULTS.items():
+        zero.setdefault(key, value)
+    for flag, key, device_default in (
+        (offload_optimizer, "offload_optimizer", "cpu"),
+        (offload_parameters, "offload_param", "cpu"),
+    ):
+        section = zero.get(key)
+        user_device = section.get("device", "none") if isinstance(section, Mapping) else None
+        if flag:
+            if user_device is None:
+                zero[key] = {"device": device_default}
+            elif user_device == "none":
+                conflicts.append(
+                    f"zero_optimization.{key}.device is 'none' in the DeepSpeed config but the strategy has "
+                    f"{'offload_optimizer' if key == 'offload_optimizer' else 'offload_parameters'}=True: "
+                    "set the device to 'cpu' or 'nvme', or drop the strategy flag"
+                )
+    cfg["zero_optimization"] = zero
+    return conflicts
+
+
+def merge_optimizer(cfg: dict[str, Any], *, client_optimizer: bool = True) -> list[str]:
+    """The keys that let DeepSpeed take the optimizer from ``configure_optimizers``.
+
+    Reads the ``zero_optimization`` section, so it runs after :func:`merge_zero_optimization`.
+    """
+    conflicts: list[str] = []
+    zero = cfg.get("zero_optimization") or {}
+    offloads_optimizer = isinstance(zero.get("offload_optimizer"), Mapping) and zero["offload_optimizer"].get(
+        "device", "none") != "none"
+    if offloads_optimizer and client_optimizer:
+        # An offloaded optimizer otherwise has to be DeepSpeed's own DeepSpeedCPUAdam: DeepSpeed refuses the one
+        # from configure_optimizers.
+        if cfg.get("zero_force_ds_cpu_optimizer", False) is True:
+            conflicts.append(
+                "zero_force_ds_cpu_optimizer is true in the DeepSpeed config but the optimizer comes from "
+                "configure_optimizers and the optimizer is offloaded: set it to false (or remove it)"
+            )
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    return conflicts
+
+
+def merge_accumulation(cfg: dict[str, Any], *, accumulate_grad_batches: int) -> list[str]:
+    """``gradient_accumulation_steps`` from ``Trainer(accumulate_grad_batches=...)``."""
+    conflicts: list[str] = []
+    user_gas = cfg.get("gradient_accumulation_steps")
+    if user_gas is not None and not _is_auto(user_gas) and int(user_gas) != accumulate_grad_batches:
+        conflicts.append(
+            f"gradient_accumulation_steps is {user_gas} in the DeepSpeed config but "
+            f"Trainer(accumulate_grad_batches={accumulate_grad_batches}): set "
+            f"Trainer(accumulate_grad_batches={user_gas}) (or an AccumulationScheduler) and remove the key or set "
+            "it to 'auto'"
+        )
+    cfg["gradient_accumulation_steps"] = accumulate_grad_batches
+    return conflicts
+
+
+def merge_batch_sizes(cfg: dict[str, Any], *, micro_batch_size: int | None, accumulate_grad_batches: int,
+                      world_size: int) -> list[str]:
+    """``train_micro_batch_size_per_gpu`` from the train dataloader and the derived ``train_batch_size``.
+
+    With ``micro_batch_size=None`` (not known yet) an ``"auto"`` micro-batch is dropped for a later call to fill in.
+    """
+    conflicts: list[str] = []
+    user_micro = cfg.get("train_micro_batch_size_per_gpu")
+    if micro_batch_size is not None:
+        if user_micro is not None and not _is_auto(user_micro) and int(user_micro) != micro_batch_size:
+            conflicts.append(
+                f"train_micro_batch_size_per_gpu is {user_micro} in the DeepSpeed config but the train dataloader "
+                f"yields batches of {micro_batch_size}: change the DataLoader batch_size to {user_micro}, or set the "
+                "key to 'auto'"
+            )
+        cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+    elif _is_auto(user_micro):
+        del cfg["train_micro_batch_size_per_gpu"]
+    micro = cfg.get("train_micro_batch_size_per_gpu")
+
+    user_tbs = cfg.get("train_batch_size")
+    if micro is not None:
+        expected = int(micro) * accumulate_grad_batches * world_size
+        if user_tbs is not None and not _is_auto(user_tbs) and int(user_tbs) != expected:
+            conflicts.append(
+                f"train_batch_size is {user_tbs} in the DeepSpeed config but micro-batch {micro} x accumulation "
+                f"{accumulate_grad_batches} x world size {world_size} = {expected}: remove train_batch_size (it is "
+                "derived) or set it to 'auto'"
+            )
+        cfg["train_batch_size"] = expected
+    elif _is_auto(user_tbs):
+        del cfg["train_batch_size"]
+    return conflicts
+
+
+def merge_gradient_clipping(cfg: dict[str, Any], *, gradient_clip_val: float | None) -> list[str]:
+    """``gradient_clipping`` from ``Trainer(gradient_clip_val=...)``; the config's value when the Trainer sets none."""
+    conflicts: list[str] = []
+    user_clip = cfg.get("gradient_clipping")
+    if user_clip is not None and not _is_auto(user_clip):
+        if gradient_clip_val is not None and float(user_clip) != float(gradient_clip_val):
+            conflicts.append(
+                f"gradient_clipping is {user_clip} in the DeepSpeed config but Trainer(gradient_clip_val="
+                f"{gradient_clip_val}): keep one (remove 'gradient_clipping' from the config, or drop the Trainer "
+                "argument)"
+            )
+        cfg["gradient_clipping"] = float(user_clip)
+    else:
+        cfg["gradient_clipping"] = float(gradient_clip_val or 0.0)
+    return conflicts
+
+
+def merge_precision(cfg: dict[str, Any], *, precision: str,
+                    loss_scaler: Mapping[str, Any] | None = None) -> list[str]:
+    """``fp16``/``bf16`` from ``Trainer(precision=...)``; the fp16 loss scaler from ``LossScalingPrecision``.
+
+    Raises ``ValueError`` for loss-scaler settings DeepSpeed cannot express (:func:`loss_scaler_to_fp16`).
+    """
+    conflicts: list[str] = []
+    wanted = _PRECISION_TO_SECTION[precision]
+    for section in ("fp16", "bf16"):
+        if section == wanted:
+            continue
+        if _enabled(cfg.get(section)):
+            fix = (f"set Trainer(precision={'16-mixed' if section == 'fp16' else 'bf16-mixed'!r}) or remove "
+                   f"'{section}' from the config")
+            conflicts.append(f"{section}.enabled is true in the DeepSpeed config but Trainer(precision={precision!r}): "
+                             f"{fix}")
+        cfg.pop(section, None)
+    if wanted == "bf16":
+        conflicts += _merge_bf16(cfg, precision)
+    elif wanted == "fp16":
+        conflicts += _merge_fp16(cfg, precision, loss_scaler)
+    return conflicts
+
+
+def _merge_bf16(cfg: dict[str, Any], precision: str) -> list[str]:
+    conflicts: list[str] = []
+    user_bf16 = cfg.get("bf16")
+    if isinstance(user_bf16, Mapping) and "enabled" in user_bf16 and not user_bf16["enabled"]:
+        conflicts.append(f"bf16.enabled is false in the DeepSpeed config but Trainer(precision={precision!r}): "
+                         "remove 'bf16' from the config or use Trainer(precision='32-true')")
+    cfg["bf16"] = {**(dict(user_bf16) if isinstance(user_bf16, Mapping) else {}), "enabled": True}
+    return conflicts
+
+
+def _merge_fp16(cfg: dict[str, Any], precision: str, loss_scaler: Mapping[str, Any] | None) -> list[str]:
+    conflicts: list[str] = []
+    user_fp16 = dict(cfg.get("fp16") or {})
+    if "enabled" in user_fp16 and not user_fp16["enabled"]:
+        conflicts.append(f"fp16.enabled is false in the DeepSpeed config but Trainer(precision={precision!r}): "
+                         "remove 'fp16' from the config or use Trainer(precision='32-true')")
+    fp16 = {**user_fp16, "enabled": True}
+    if loss_scaler is not None:
+        mapped = loss_scaler_to_fp16(loss_scaler)
+        knob_of = {v: k for k, v in _SCALER_KEYS.items()}
+        knob_of["initial_scale_power"] = "init_scale"
+        for key, value in mapped.items():
+            user_set = key in user_fp16 and not _is_auto(user_fp16[key]) and key != "enabled"
+            if user_set and type(value)(user_fp16[key]) != value:
+                knob = knob_of.get(key, key)
+                conflicts.append(
+                    f"fp16.{key} is {user_fp16[key]} in the DeepSpeed config but LossScalingPrecision("
+                    f"{knob}={loss_scaler.get(knob)!r}) gives {value}: set it in one place (remove "
+                    f"fp16.{key} from the config, or change the plugin)"
+                )
+            fp16[key] = value
+    cfg["fp16"] = {k: v for k, v in fp16.items() if not _is_auto(v)}
+    return conflicts
+
+
+def _check_arguments(*, stage: int, precision: str, accumulate_grad_batches: int, world_size: int,
+                     gradient_clip_algorithm: str | None, offload_parameters: bool) -> None:
+    if stage not in (1, 2, 3):
+        raise ValueError(f"Invalid ZeRO stage {stage!r}: must be 1, 2 or 3")
+    if precision not in _PRECISION_TO_SECTION:
+        raise ValueError(f"Invalid precision {precision!r} for DeepSpeed: use one of {sorted(_PRECISION_TO_SECTION)}")
+    if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+        raise ValueError(f"Invalid accumulate_grad_batches {accumulate_grad_batches!r}: must be an int >= 1")
+    if world_size < 1:
+        raise ValueError(f"Invalid world_size {world_size!r}: must be >= 1")
+    if gradient_clip_algorithm not in (None, "norm"):
+        raise ValueError(
+            f"Trainer(gradient_clip_algorithm={gradient_clip_algorithm!r}) is not supported by DeepSpeed, which only "
+            "clips by global norm: use gradient_clip_algorithm='norm'"
+        )
+    if offload_parameters and stage != 3:
+        raise ValueError(f"offload_parameters=True needs ZeRO stage 3 (got stage {stage}): use effi_deepspeed_stage_3")
+
+
 def build_deepspeed_config(
     *,
     user_config: Mapping[str, Any] | None,
@@ -167,161 +377,20 @@ def build_deepspeed_config(
         A new dict; raises :class:`DeepSpeedConfigConflict` listing every disagreement, or ``ValueError`` for
         invalid arguments.
     """
-    if stage not in (1, 2, 3):
-        raise ValueError(f"Invalid ZeRO stage {stage!r}: must be 1, 2 or 3")
-    if precision not in _PRECISION_TO_SECTION:
-        raise ValueError(f"Invalid precision {precision!r} for DeepSpeed: use one of {sorted(_PRECISION_TO_SECTION)}")
-    if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-        raise ValueError(f"Invalid accumulate_grad_batches {accumulate_grad_batches!r}: must be an int >= 1")
-    if world_size < 1:
-        raise ValueError(f"Invalid world_size {world_size!r}: must be >= 1")
-    if gradient_clip_algorithm not in (None, "norm"):
-        raise ValueError(
-            f"Trainer(gradient_clip_algorithm={gradient_clip_algorithm!r}) is not supported by DeepSpeed, which only "
-            "clips by global norm: use gradient_clip_algorithm='norm'"
-        )
-    if offload_parameters and stage != 3:
-        raise ValueError(f"offload_parameters=True needs ZeRO stage 3 (got stage {stage}): use effi_deepspeed_stage_3")
-
+    _check_arguments(stage=stage, precision=precision, accumulate_grad_batches=accumulate_grad_batches,
+                     world_size=world_size, gradient_clip_algorithm=gradient_clip_algorithm,
+                     offload_parameters=offload_parameters)
     cfg = copy.deepcopy(dict(user_config or {}))
     conflicts: list[str] = []
-
-    # ---- ZeRO section ------------------------------------------------------------------------------------------
-    zero = cfg.get("zero_optimization")
-    if zero is None:
-        zero = {}
-    if not isinstance(zero, Mapping):
-        raise ValueError(f"DeepSpeed config 'zero_optimization' must be an object, got {zero!r}")
-    zero = dict(zero)
-    user_stage = zero.get("stage")
-    if user_stage is not None and not _is_auto(user_stage) and int(user_stage) != stage:
-        conflicts.append(
-            f"zero_optimization.stage is {user_stage} in the DeepSpeed config but the strategy is stage {stage} "
-            f"(effi_deepspeed_stage_{stage}): use effi_deepspeed_stage_{user_stage} / "
-            f"EffiDeepSpeedStrategy(stage={user_stage}), or remove 'stage' from the config"
-        )
-    zero["stage"] = stage
-    for key, value in _ZERO_DEFAULTS.items():
-        zero.setdefault(key, value)
-    for flag, key, device_default in (
-        (offload_optimizer, "offload_optimizer", "cpu"),
-        (offload_parameters, "offload_param", "cpu"),
-    ):
-        section = zero.get(key)
-        user_device = section.get("device", "none") if isinstance(section, Mapping) else None
-        if flag:
-            if user_device in (None,):
-                zero[key] = {"device": device_default}
-            elif user_device == "none":
-                conflicts.append(
-                    f"zero_optimization.{key}.device is 'none' in the DeepSpeed config but the strategy has "
-                    f"{'offload_optimizer' if key == 'offload_optimizer' else 'offload_parameters'}=True: "
-                    "set the device to 'cpu' or 'nvme', or drop the strategy flag"
-                )
-    cfg["zero_optimization"] = zero
-    offloads_optimizer = isinstance(zero.get("offload_optimizer"), Mapping) and zero["offload_optimizer"].get(
-        "device", "none") != "none"
-    if offloads_optimizer and client_optimizer:
-        # DeepSpeed otherwise insists on its own DeepSpeedCPUAdam and refuses the optimizer from
-        # configure_optimizers (CPU_DISTRIBUTED.md).
-        if cfg.get("zero_force_ds_cpu_optimizer", False) is True:
-            conflicts.append(
-                "zero_force_ds_cpu_optimizer is true in the DeepSpeed config but the optimizer comes from "
-                "configure_optimizers and the optimizer is offloaded: set it to false (or remove it)"
-            )
-        cfg["zero_force_ds_cpu_optimizer"] = False
-    cfg.setdefault("zero_allow_untested_optimizer", True)
-
-    # ---- Accumulation and batch sizes --------------------------------------------------------------------------
-    user_gas = cfg.get("gradient_accumulation_steps")
-    if user_gas is not None and not _is_auto(user_gas) and int(user_gas) != accumulate_grad_batches:
-        conflicts.append(
-            f"gradient_accumulation_steps is {user_gas} in the DeepSpeed config but "
-            f"Trainer(accumulate_grad_batches={accumulate_grad_batches}): set "
-            f"Trainer(accumulate_grad_batches={user_gas}) (or an AccumulationScheduler) and remove the key or set "
-            "it to 'auto'"
-        )
-    cfg["gradient_accumulation_steps"] = accumulate_grad_batches
-
-    user_micro = cfg.get("train_micro_batch_size_per_gpu")
-    if micro_batch_size is not None:
-        if user_micro is not None and not _is_auto(user_micro) and int(user_micro) != micro_batch_size:
-            conflicts.append(
-                f"train_micro_batch_size_per_gpu is {user_micro} in the DeepSpeed config but the train dataloader "
-                f"yields batches of {micro_batch_size}: change the DataLoader batch_size to {user_micro}, or set the "
-                "key to 'auto'"
-            )
-        cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
-    elif _is_auto(user_micro):
-        del cfg["train_micro_batch_size_per_gpu"]
-    micro = cfg.get("train_micro_batch_size_per_gpu")
-
-    user_tbs = cfg.get("train_batch_size")
-    if micro is not None:
-        expected = int(micro) * accumulate_grad_batches * world_size
-        if user_tbs is not None and not _is_auto(user_tbs) and int(user_tbs) != expected:
-            conflicts.append(
-                f"train_batch_size is {user_tbs} in the DeepSpeed config but micro-batch {micro} x accumulation "
-                f"{accumulate_grad_batches} x world size {world_size} = {expected}: remove train_batch_size (it is "
-                "derived) or set it to 'auto'"
-            )
-        cfg["train_batch_size"] = expected
-    elif _is_auto(user_tbs):
-        del cfg["train_batch_size"]
-
-    # ---- Gradient clipping -------------------------------------------------------------------------------------
-    user_clip = cfg.get("gradient_clipping")
-    if user_clip is not None and not _is_auto(user_clip):
-        if gradient_clip_val is not None and float(user_clip) != float(gradient_clip_val):
-            conflicts.append(
-                f"gradient_clipping is {user_clip} in the DeepSpeed config but Trainer(gradient_clip_val="
-                f"{gradient_clip_val}): keep one (remove 'gradient_clipping' from the config, or drop the Trainer "
-                "argument)"
-            )
-        cfg["gradient_clipping"] = float(user_clip)
-    else:
-        cfg["gradient_clipping"] = float(gradient_clip_val or 0.0)
-
-    # ---- Precision ---------------------------------------------------------------------------------------------
-    wanted = _PRECISION_TO_SECTION[precision]
-    for section in ("fp16", "bf16"):
-        if section == wanted:
-            continue
-        if _enabled(cfg.get(section)):
-            fix = (f"set Trainer(precision={'16-mixed' if section == 'fp16' else 'bf16-mixed'!r}) or remove "
-                   f"'{section}' from the config")
-            conflicts.append(f"{section}.enabled is true in the DeepSpeed config but Trainer(precision={precision!r}): "
-                             f"{fix}")
-        cfg.pop(section, None)
-    if wanted == "bf16":
-        user_bf16 = cfg.get("bf16")
-        if isinstance(user_bf16, Mapping) and "enabled" in user_bf16 and not user_bf16["enabled"]:
-            conflicts.append(f"bf16.enabled is false in the DeepSpeed config but Trainer(precision={precision!r}): "
-                             "remove 'bf16' from the config or use Trainer(precision='32-true')")
-        cfg["bf16"] = {**(dict(user_bf16) if isinstance(user_bf16, Mapping) else {}), "enabled": True}
-    elif wanted == "fp16":
-        user_fp16 = dict(cfg.get("fp16") or {})
-        if "enabled" in user_fp16 and not user_fp16["enabled"]:
-            conflicts.append(f"fp16.enabled is false in the DeepSpeed config but Trainer(precision={precision!r}): "
-                             "remove 'fp16' from the config or use Trainer(precision='32-true')")
-        fp16 = {**user_fp16, "enabled": True}
-        if loss_scaler is not None:
-            mapped = loss_scaler_to_fp16(loss_scaler)
-            knob_of = {v: k for k, v in _SCALER_KEYS.items()}
-            knob_of["initial_scale_power"] = "init_scale"
-            for key, value in mapped.items():
-                if key in user_fp16 and not _is_auto(user_fp16[key]) and key != "enabled":
-                    if type(value)(user_fp16[key]) != value:
-                        knob = knob_of.get(key, key)
-                        conflicts.append(
-                            f"fp16.{key} is {user_fp16[key]} in the DeepSpeed config but LossScalingPrecision("
-                            f"{knob}={loss_scaler.get(knob)!r}) gives {value}: set it in one place (remove "
-                            f"fp16.{key} from the config, or change the plugin)"
-                        )
-                fp16[key] = value
-        fp16 = {k: v for k, v in fp16.items() if not _is_auto(v)}
-        cfg["fp16"] = fp16
-
+    # The order of the sections is the order of the reported conflicts.
+    conflicts += merge_zero_optimization(cfg, stage=stage, offload_optimizer=offload_optimizer,
+                                         offload_parameters=offload_parameters)
+    conflicts += merge_optimizer(cfg, client_optimizer=client_optimizer)
+    conflicts += merge_accumulation(cfg, accumulate_grad_batches=accumulate_grad_batches)
+    conflicts += merge_batch_sizes(cfg, micro_batch_size=micro_batch_size,
+                                   accumulate_grad_batches=accumulate_grad_batches, world_size=world_size)
+    conflicts += merge_gradient_clipping(cfg, gradient_clip_val=gradient_clip_val)
+    conflicts += merge_precision(cfg, precision=precision, loss_scaler=loss_scaler)
     if conflicts:
         raise DeepSpeedConfigConflict(conflicts)
     return cfg

@@ -12,6 +12,12 @@ from lightning_effi.strategies._config import (
     build_deepspeed_config,
     load_user_config,
     loss_scaler_to_fp16,
+    merge_accumulation,
+    merge_batch_sizes,
+    merge_gradient_clipping,
+    merge_optimizer,
+    merge_precision,
+    merge_zero_optimization,
 )
 
 BASE = dict(stage=2, precision="32-true", accumulate_grad_batches=1, gradient_clip_val=None,
@@ -194,3 +200,151 @@ def test_registered_names():
 
     for stage in (1, 2, 3):
         assert StrategyRegistry[f"effi_deepspeed_stage_{stage}"]["init_params"] == {"stage": stage}
+
+
+# ------------------------------------------------------------------------------------- one function per section
+# Each merge_* function writes its section into the config being built and returns its conflicts (it raises only
+# for a malformed config); build_deepspeed_config above composes them.
+def test_merge_zero_optimization():
+    cfg = {"zero_optimization": {"reduce_bucket_size": 5, "stage": "auto"}}
+    assert merge_zero_optimization(cfg, stage=3) == []
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 5 and zero["overlap_comm"] is True
+    assert "offload_optimizer" not in zero and "offload_param" not in zero
+
+    cfg = {}
+    assert merge_zero_optimization(cfg, stage=3, offload_optimizer=True, offload_parameters=True) == []
+    assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert cfg["zero_optimization"]["offload_param"] == {"device": "cpu"}
+
+    cfg = {"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/x"}}}
+    assert merge_zero_optimization(cfg, stage=2, offload_optimizer=True) == []
+    assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "nvme", "nvme_path": "/x"}
+
+
+def test_merge_zero_optimization_conflicts():
+    (stage,) = merge_zero_optimization({"zero_optimization": {"stage": 1}}, stage=2)
+    assert stage == ("zero_optimization.stage is 1 in the DeepSpeed config but the strategy is stage 2 "
+                     "(effi_deepspeed_stage_2): use effi_deepspeed_stage_1 / EffiDeepSpeedStrategy(stage=1), or "
+                     "remove 'stage' from the config")
+    conflicts = merge_zero_optimization(
+        {"zero_optimization": {"offload_optimizer": {"device": "none"}, "offload_param": {}}}, stage=3,
+        offload_optimizer=True, offload_parameters=True)
+    assert conflicts == [
+        "zero_optimization.offload_optimizer.device is 'none' in the DeepSpeed config but the strategy has "
+        "offload_optimizer=True: set the device to 'cpu' or 'nvme', or drop the strategy flag",
+        "zero_optimization.offload_param.device is 'none' in the DeepSpeed config but the strategy has "
+        "offload_parameters=True: set the device to 'cpu' or 'nvme', or drop the strategy flag",
+    ]
+    with pytest.raises(ValueError, match=r"'zero_optimization' must be an object, got 'fast'"):
+        merge_zero_optimization({"zero_optimization": "fast"}, stage=2)
+
+
+def test_merge_optimizer():
+    cfg = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
+    assert merge_optimizer(cfg) == []
+    assert cfg["zero_force_ds_cpu_optimizer"] is False and cfg["zero_allow_untested_optimizer"] is True
+    # not offloaded, or DeepSpeed's own optimizer from the config: DeepSpeed's choice stands
+    for cfg, client in (({"zero_optimization": {}}, True),
+                        ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, False)):
+        assert merge_optimizer(cfg, client_optimizer=client) == []
+        assert "zero_force_ds_cpu_optimizer" not in cfg
+    cfg = {"zero_allow_untested_optimizer": False}
+    merge_optimizer(cfg)
+    assert cfg["zero_allow_untested_optimizer"] is False
+    (conflict,) = merge_optimizer({"zero_optimization": {"offload_optimizer": {"device": "cpu"}},
+                                   "zero_force_ds_cpu_optimizer": True})
+    assert conflict == ("zero_force_ds_cpu_optimizer is true in the DeepSpeed config but the optimizer comes from "
+                        "configure_optimizers and the optimizer is offloaded: set it to false (or remove it)")
+
+
+def test_merge_accumulation():
+    for user in ({}, {"gradient_accumulation_steps": "auto"}, {"gradient_accumulation_steps": 3}):
+        cfg = dict(user)
+        assert merge_accumulation(cfg, accumulate_grad_batches=3) == []
+        assert cfg["gradient_accumulation_steps"] == 3
+    assert merge_accumulation({"gradient_accumulation_steps": 4}, accumulate_grad_batches=2) == [
+        "gradient_accumulation_steps is 4 in the DeepSpeed config but Trainer(accumulate_grad_batches=2): set "
+        "Trainer(accumulate_grad_batches=4) (or an AccumulationScheduler) and remove the key or set it to 'auto'"
+    ]
+
+
+def test_merge_batch_sizes():
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
+    assert merge_batch_sizes(cfg, micro_batch_size=4, accumulate_grad_batches=3, world_size=2) == []
+    assert cfg == {"train_micro_batch_size_per_gpu": 4, "train_batch_size": 24}
+    # micro-batch not known yet (before launch): "auto" keys are dropped, nothing derived
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
+    assert merge_batch_sizes(cfg, micro_batch_size=None, accumulate_grad_batches=3, world_size=2) == []
+    assert cfg == {}
+    # ... but a micro-batch the user wrote is used
+    cfg = {"train_micro_batch_size_per_gpu": 2}
+    assert merge_batch_sizes(cfg, micro_batch_size=None, accumulate_grad_batches=1, world_size=2) == []
+    assert cfg == {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 4}
+
+
+def test_merge_batch_sizes_conflicts():
+    conflicts = merge_batch_sizes({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 64}, micro_batch_size=4,
+                                  accumulate_grad_batches=2, world_size=2)
+    assert conflicts == [
+        "train_micro_batch_size_per_gpu is 8 in the DeepSpeed config but the train dataloader yields batches of 4: "
+        "change the DataLoader batch_size to 8, or set the key to 'auto'",
+        "train_batch_size is 64 in the DeepSpeed config but micro-batch 4 x accumulation 2 x world size 2 = 16: "
+        "remove train_batch_size (it is derived) or set it to 'auto'",
+    ]
+
+
+def test_merge_gradient_clipping():
+    for user, trainer, expected in (({}, None, 0.0), ({}, 0.5, 0.5), ({"gradient_clipping": "auto"}, 0.5, 0.5),
+                                    ({"gradient_clipping": 0.3}, None, 0.3), ({"gradient_clipping": 1}, 1.0, 1.0)):
+        cfg = dict(user)
+        assert merge_gradient_clipping(cfg, gradient_clip_val=trainer) == []
+        assert cfg["gradient_clipping"] == expected and isinstance(cfg["gradient_clipping"], float)
+    assert merge_gradient_clipping({"gradient_clipping": 1.0}, gradient_clip_val=0.5) == [
+        "gradient_clipping is 1.0 in the DeepSpeed config but Trainer(gradient_clip_val=0.5): keep one (remove "
+        "'gradient_clipping' from the config, or drop the Trainer argument)"
+    ]
+
+
+def test_merge_precision():
+    cfg = {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    assert merge_precision(cfg, precision="32-true") == [] and cfg == {}
+    cfg = {"bf16": {"immediate_grad_update": True}}
+    assert merge_precision(cfg, precision="bf16-true") == []
+    assert cfg == {"bf16": {"immediate_grad_update": True, "enabled": True}}
+    cfg = {"fp16": {"loss_scale_window": "auto", "auto_cast": False}}
+    assert merge_precision(cfg, precision="16-mixed") == []
+    assert cfg == {"fp16": {"auto_cast": False, "enabled": True}}
+    cfg = {"fp16": {"hysteresis": 2}}
+    assert merge_precision(cfg, precision="16-mixed", loss_scaler=SCALER) == []
+    assert cfg["fp16"] == {"hysteresis": 2, "enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                           "loss_scale_window": 1000, "consecutive_hysteresis": False, "min_loss_scale": 1}
+
+
+def test_merge_precision_conflicts():
+    assert merge_precision({"fp16": {"enabled": True}}, precision="bf16-mixed") == [
+        "fp16.enabled is true in the DeepSpeed config but Trainer(precision='bf16-mixed'): set "
+        "Trainer(precision='16-mixed') or remove 'fp16' from the config"
+    ]
+    assert merge_precision({"bf16": {"enabled": True}}, precision="32-true") == [
+        "bf16.enabled is true in the DeepSpeed config but Trainer(precision='32-true'): set "
+        "Trainer(precision='bf16-mixed') or remove 'bf16' from the config"
+    ]
+    assert merge_precision({"bf16": {"enabled": False}}, precision="bf16-mixed") == [
+        "bf16.enabled is false in the DeepSpeed config but Trainer(precision='bf16-mixed'): remove 'bf16' from the "
+        "config or use Trainer(precision='32-true')"
+    ]
+    assert merge_precision({"fp16": {"enabled": False}}, precision="16-mixed") == [
+        "fp16.enabled is false in the DeepSpeed config but Trainer(precision='16-mixed'): remove 'fp16' from the "
+        "config or use Trainer(precision='32-true')"
+    ]
+    assert merge_precision({"fp16": {"initial_scale_power": 10}}, precision="16-mixed", loss_scaler=SCALER) == [
+        "fp16.initial_scale_power is 10 in the DeepSpeed config but LossScalingPrecision(init_scale=65536.0) gives "
+        "16: set it in one place (remove fp16.initial_scale_power from the config, or change the plugin)"
+    ]
+    # a loss scaler DeepSpeed cannot express is an error of the plugin, not a conflict
+    with pytest.raises(ValueError, match=r"growth_factor=4\.0"):
+        merge_precision({}, precision="16-mixed", loss_scaler={**SCALER, "growth_factor": 4.0})
+    # the loss scaler only matters for fp16
+    cfg = {}
+    assert merge_precision(cfg, precision="bf16-mixed", loss_scaler={**SCALER, "growth_factor": 4.0}) == []
