@@ -1,24 +1,9 @@
 """EffiDeepSpeedStrategy: Lightning's DeepSpeedStrategy on CPU and GPU, one config, Lightning-driven accumulation,
 ZeRO-correct LAMB.
 
-What it changes relative to ``lightning.pytorch.strategies.DeepSpeedStrategy`` (each override says why):
-
-- **CPU (gloo) as well as CUDA.** Upstream refuses any accelerator but CUDA and passes ``root_device.index`` (None
-  on CPU) to ``deepspeed.initialize``. DeepSpeed itself runs ZeRO 1/2/3 on its CPU accelerator.
-- **One source of truth.** The user's DeepSpeed config (dict or JSON path) is merged with the Trainer arguments by
-  :func:`lightning_effi.strategies._config.build_deepspeed_config`; every conflict is raised before the worker
-  processes are launched, naming both values.
-- **Accumulation follows Lightning.** Upstream lets DeepSpeed count micro-batches on its own *and* divides the loss
-  twice (Lightning by ``accumulate_grad_batches``, DeepSpeed by ``gradient_accumulation_steps``). Here Lightning's
-  loop decides every accumulation boundary (so ``AccumulationScheduler`` changes and the partial last window of an
-  epoch behave exactly as under DDP) and DeepSpeed neither rescales the loss nor keeps its own window.
-- **fp16 from LossScalingPrecision.** Its knobs become DeepSpeed's fp16 loss-scaler config; a learning-rate
-  scheduler stepped per optimizer step is stepped by DeepSpeed, which skips it when the step was skipped.
-- **Checkpoints** carry the entry DeepSpeed's universal-checkpoint converter needs, so they can be resumed on
-  another world size.
-- **LAMB under ZeRO.** ZeRO hands the optimizer one flat fp32 partition per param group; the strategy describes
-  where each logical parameter lies in it (:class:`~lightning_effi.optim.norms.FlatLayout`) so
-  :class:`~lightning_effi.optim.Lamb` computes one trust ratio per parameter with one all_reduce.
+This module holds the Lightning overrides only; each says why it differs from upstream. The config merge lives in
+:mod:`lightning_effi.strategies._config`, the description of ZeRO's flat partitions in
+:mod:`lightning_effi.strategies._zero_layout`. What the strategy changes and why is in ``docs/deepspeed.md``.
 """
 
 from __future__ import annotations
@@ -27,9 +12,8 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Generator, Mapping
+from collections.abc import Generator
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -50,8 +34,9 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_effi import _compat
-from lightning_effi._protocols import FlatLayoutOptimizer
+from lightning_effi.strategies import _zero_layout
 from lightning_effi.strategies._config import build_deepspeed_config, load_user_config
+from lightning_effi.strategies._zero_layout import check_world_size as _check_world_size
 
 if TYPE_CHECKING:
     import deepspeed
@@ -59,13 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Attributes of lightning_effi.plugins.LossScalingPrecision (interface 5) that map onto DeepSpeed's fp16 section.
+# Attributes of lightning_effi.plugins.LossScalingPrecision that map onto DeepSpeed's fp16 section: a plugin that has
+# them all contributes its loss-scaler settings to the config instead of being rejected.
 _SCALER_KNOBS = ("init_scale", "growth_interval", "hysteresis", "min_scale", "backoff_factor", "growth_factor",
                  "max_scale", "consecutive_hysteresis")
 _OPTIONAL_SCALER_KNOBS = ("on_min_scale",)
-# Per-tensor-norm optimizers that silently compute wrong norms on ZeRO's flat partitions (one norm per rank per
-# group instead of one per parameter). lightning_effi.optim.Lamb is made partition-aware by this strategy.
-_NORM_BASED_OPTIMIZERS = ("lamb", "lars", "adafactor", "novograd")
 
 
 class _EffiDeepSpeedPrecision(DeepSpeedPrecision):
@@ -130,28 +113,16 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
             ``"auto"``; disagreements raise before launch. Everything else is passed to DeepSpeed as is.
         offload_optimizer: keep optimizer state on CPU and step there (ZeRO-Offload). Default False.
         offload_parameters: ZeRO-3 only: keep parameters on CPU. Default False.
-        logging_level: DeepSpeed's logger level. Default ``logging.WARN``.
+        logging_level: DeepSpeed's logger level. Default ``logging.WARNING``.
         load_full_weights: load a single-file checkpoint into a ZeRO-3 model (weights only). Default False.
         exclude_frozen_parameters: leave frozen parameters out of checkpoints. Default False.
         process_group_backend: ``"gloo"``/``"nccl"``; default picks by accelerator.
         timeout: collective timeout.
 
-    Precision: ``precision="bf16-mixed"``/``"bf16-true"`` enables DeepSpeed's bf16 (bf16 weights, fp32 master
-    weights in the optimizer); ``"16-mixed"`` enables DeepSpeed's fp16 with dynamic loss scaling, configured from
-    ``plugins=[LossScalingPrecision(...)]`` if given: ``init_scale`` (a power of two), ``growth_interval``,
-    ``hysteresis``, ``consecutive_hysteresis``, ``min_scale`` map onto DeepSpeed's keys, ``max_scale`` is enforced by
-    the strategy after each step, and values DeepSpeed cannot express (growth/backoff factors other than 2 and 0.5,
-    ``on_min_scale="skip"``) raise. Two differences remain, both DeepSpeed's rule: its window counts from the step
-    after an overflow, so the first growth after one comes one clean step later than with LossScalingPrecision, and
-    an overflow at ``min_scale`` raises. On CPU, DeepSpeed gates fp16 on a CPU feature probe; when fp16 is asked
-    for, this strategy makes DeepSpeed's CPU accelerator report fp16 support (PyTorch runs fp16 on any CPU, more
-    slowly without native support), so behaviour does not depend on the CPU model.
-
-    Checkpoints are DeepSpeed directories (one shard per rank, optimizer/scaler/scheduler state included).
-    ``effi export CKPT OUT.pt`` writes one fp32 ``state_dict``. To resume on another number of processes, convert
-    once with ``python -m deepspeed.checkpoint.ds_to_universal --input_folder CKPT/checkpoint --output_folder
-    CKPT/checkpoint_universal`` and pass ``config={"checkpoint": {"load_universal": True}}``; without that, a
-    world-size mismatch raises with these instructions.
+    Precision: ``"bf16-mixed"``/``"bf16-true"`` enable DeepSpeed's bf16, ``"16-mixed"`` its fp16 with dynamic loss
+    scaling, configured from ``plugins=[LossScalingPrecision(...)]`` if given (settings DeepSpeed cannot express
+    raise). Checkpoints are DeepSpeed directories; resuming on another number of processes needs a one-time
+    conversion to a universal checkpoint. Both are described in ``docs/deepspeed.md``.
     """
 
     strategy_name = "effi_deepspeed"
@@ -162,7 +133,7 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
         config: _PATH | dict[str, Any] | None = None,
         offload_optimizer: bool = False,
         offload_parameters: bool = False,
-        logging_level: int = logging.WARN,
+        logging_level: int = logging.WARNING,
         load_full_weights: bool = False,
         exclude_frozen_parameters: bool = False,
         process_group_backend: str | None = None,
@@ -329,9 +300,9 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
                                    lr_scheduler: Any = None) -> tuple[deepspeed.DeepSpeedEngine, Optimizer]:
         import deepspeed
 
-        logical_ids = _logical_ids(optimizer) if optimizer is not None else {}
+        logical_ids = _zero_layout.logical_ids(optimizer) if optimizer is not None else {}
         if optimizer is not None:
-            _check_optimizer_supported(optimizer)
+            _zero_layout.check_optimizer_supported(optimizer)
             # sizes of the logical parameters (ZeRO-3 params built under zero.Init report numel 0: use ds_numel)
             self._logical_numels = [0] * len(logical_ids)
             for group in optimizer.param_groups:
@@ -347,7 +318,7 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
             dist_init_required=False,
         )
         if optimizer is not None:
-            self._flat_layouts = _install_flat_layouts(ds_optimizer, optimizer, logical_ids, self.config)
+            self._flat_layouts = _zero_layout.install_flat_layouts(ds_optimizer, optimizer, logical_ids)
         return engine, ds_optimizer
 
     @override
@@ -376,7 +347,11 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
                 f"{config.interval!r}, frequency={config.frequency} cannot be stepped by DeepSpeed: use interval='step'"
                 " with frequency=1, or bf16"
             )
-        _move_max_grad_norm_to_deepspeed(optimizer, self.config)
+        max_grad_norm = _zero_layout.move_max_grad_norm_to_deepspeed(optimizer, self.config)
+        if max_grad_norm is not None:
+            rank_zero_info(f"EffiDeepSpeedStrategy: {type(optimizer).__name__}(max_grad_norm={max_grad_norm}) is "
+                           f"applied by DeepSpeed as gradient_clipping={self.config['gradient_clipping']} over all "
+                           "ZeRO partitions")
         engine, ds_optimizer = self._setup_model_and_optimizer(model, optimizer, ds_scheduler)
         self._set_deepspeed_activation_checkpointing()
         self.optimizers = [ds_optimizer]
@@ -462,192 +437,8 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
         client_state = super().load_checkpoint(checkpoint_path, weights_only)
         # Optimizer.load_state_dict replaced the param groups; layouts are strategy wiring, not state.
         if self._flat_layouts is not None:
-            self._flat_layouts = _install_flat_layouts(
-                self.deepspeed_engine.optimizer, _client_optimizer(self.deepspeed_engine.optimizer),
-                None, self.config, layouts=self._flat_layouts,
+            ds_optimizer = self.deepspeed_engine.optimizer
+            self._flat_layouts = _zero_layout.install_flat_layouts(
+                ds_optimizer, _zero_layout.client_optimizer(ds_optimizer), None, layouts=self._flat_layouts,
             )
         return client_state
-
-
-# ------------------------------------------------------------------------------------------------------ helpers
-def _logical_ids(optimizer: Optimizer) -> dict[int, int]:
-    """id(param) -> its index over all param groups in order (the logical ids FlatLayout refers to)."""
-    ids: dict[int, int] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            ids.setdefault(id(p), len(ids))
-    return ids
-
-
-def _is_partition_aware(optimizer: Optimizer) -> bool:
-    return isinstance(optimizer, FlatLayoutOptimizer) and optimizer.accepts_flat_layouts
-
-
-def _check_optimizer_supported(optimizer: Optimizer) -> None:
-    name = type(optimizer).__name__.lower()
-    if not _is_partition_aware(optimizer) and any(n in name for n in _NORM_BASED_OPTIMIZERS):
-        raise RuntimeError(
-            f"{type(optimizer).__module__}.{type(optimizer).__name__} computes per-tensor norms, but ZeRO hands it one "
-            "flat partition per param group, so its trust ratios/norms would silently be wrong. Use "
-            "lightning_effi.optim.Lamb (partition-aware) or an element-wise optimizer such as AdamW"
-        )
-
-
-def _client_optimizer(ds_optimizer: Any) -> Optimizer:
-    return getattr(ds_optimizer, "optimizer", ds_optimizer)
-
-
-def _stage12_segments(ds_optimizer: Any, logical_ids: dict[int, int]) -> list[list[tuple[int, int, int]]]:
-    """Segments per param group for ZeRO 1/2 (DeepSpeedZeroOptimizer) and bf16 ZeRO 1 (BF16_Optimizer).
-
-    Both link every low-precision parameter to its piece of the flat fp32 partition with ``link_hp_params``
-    (the mapping DeepSpeed's universal checkpoints use): ``lp._hp_mapping`` is None when no element of the parameter
-    is in this rank's partition, else its ``hp_fragment_address`` gives (start, numel) inside the partition.
-    """
-    lp_groups = getattr(ds_optimizer, "bit16_groups", None)
-    if lp_groups is None:
-        lp_groups = ds_optimizer.bf16_groups
-    segments = []
-    for params in lp_groups:
-        segs = []
-        for p in params:
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is None:
-                continue
-            address = mapping.get_hp_fragment_address()
-            if address.numel > 0:
-                segs.append((logical_ids[id(p)], int(address.start), int(address.numel)))
-        segments.append(segs)
-    return segments
-
-
-def _stage3_segments(ds_optimizer: Any, logical_ids: dict[int, int]) -> list[list[tuple[int, int, int]]]:
-    """Segments per ZeRO-3 sub-group.
-
-    Each parameter is cut into ``world`` equal pieces of ``ds_tensor.ds_numel`` elements (the last one padded); rank
-    r holds elements ``[r * n, (r + 1) * n)`` of the flattened parameter. A sub-group's flat fp32 tensor is its
-    parameters' pieces back to back, in ``fp16_groups`` order (``_get_parameter_partitions``).
-    """
-    import deepspeed.comm as dist
-
-    segments = []
-    for sub_id, params in enumerate(ds_optimizer.fp16_groups):
-        group = ds_optimizer.sub_group_process_groups[sub_id] if hasattr(ds_optimizer, "sub_group_process_groups") \
-            else ds_optimizer.dp_process_group
-        rank = dist.get_rank(group=group)
-        offset = 0
-        segs = []
-        for p in params:
-            piece = int(p.ds_tensor.ds_numel)
-            start = rank * piece
-            numel = max(0, min(piece, int(p.ds_numel) - start))
-            if numel > 0:
-                segs.append((logical_ids[id(p)], offset, numel))
-            offset += piece
-        segments.append(segs)
-    return segments
-
-
-def _install_flat_layouts(ds_optimizer: Any, optimizer: Optimizer, logical_ids: dict[int, int] | None,
-                          config: Mapping[str, Any], layouts: list[Any] | None = None) -> list[Any] | None:
-    """Describe ZeRO's flat fp32 partitions to a partition-aware optimizer (:class:`FlatLayoutOptimizer`).
-
-    Returns the layouts (per param group for stage 1/2, per sub-group for stage 3) or None when the optimizer
-    does not need them (element-wise optimizers are unaffected by flattening).
-    """
-    if not _is_partition_aware(optimizer):
-        return None
-    from lightning_effi.optim.norms import FlatLayout
-
-    stage3 = hasattr(ds_optimizer, "fp16_groups") and hasattr(ds_optimizer, "fp32_partitioned_groups_flat")
-    if layouts is None:
-        assert logical_ids is not None
-        num_logical = len(logical_ids)
-        segs = _stage3_segments(ds_optimizer, logical_ids) if stage3 else _stage12_segments(ds_optimizer, logical_ids)
-        layouts = [FlatLayout(segments=tuple(s), num_logical=num_logical) for s in segs]
-    optimizer.norm_process_group = ds_optimizer.dp_process_group
-    if not stage3:
-        for group, layout in zip(optimizer.param_groups, layouts):
-            group["flat_layouts"] = [layout]
-        return layouts
-
-    # ZeRO-3 calls optimizer.step() once per sub-group with only that sub-group's flat tensor in its param group
-    # (the others are empty).
-    for group in optimizer.param_groups:
-        group["flat_layouts"] = []
-    sub_to_group = ds_optimizer.sub_group_to_group_id
-    original_step = ds_optimizer._optimizer_step
-    original_step = getattr(original_step, "_effi_original", original_step)
-
-    # Wrapped on this optimizer instance only: the layout must match the one sub-group DeepSpeed puts in the
-    # param group for this call.
-    def _optimizer_step(sub_group_id: int) -> None:
-        group = optimizer.param_groups[sub_to_group[sub_group_id]]
-        group["flat_layouts"] = [layouts[sub_group_id]]
-        try:
-            original_step(sub_group_id)
-        finally:
-            group["flat_layouts"] = []
-
-    _optimizer_step._effi_original = original_step  # type: ignore[attr-defined]
-    ds_optimizer._optimizer_step = _optimizer_step
-    return layouts
-
-
-def _move_max_grad_norm_to_deepspeed(optimizer: Optimizer, config: dict[str, Any]) -> None:
-    """Let DeepSpeed apply a partition-aware optimizer's ``max_grad_norm`` over all partitions.
-
-    ZeRO 1/2 and 3 call ``optimizer.step()`` once per param group (sub-group) with only that group present, so a
-    clipping coefficient computed inside the optimizer would cover one group per call. Clipping by global norm is a
-    rescaling, and two successive clips equal one clip at the smaller threshold, so ``max_grad_norm`` joins DeepSpeed's
-    ``gradient_clipping`` (the norm over every partition, computed before the step) as ``min(clip, max_grad_norm)``.
-    """
-    if not _is_partition_aware(optimizer):
-        return
-    values = {g.get("max_grad_norm") for g in optimizer.param_groups}
-    values.discard(None)
-    if not values:
-        return
-    if len(values) > 1:
-        raise RuntimeError(
-            f"{type(optimizer).__name__} param groups have different max_grad_norm values {sorted(values)}: a global "
-            "gradient-norm clip has one threshold; set the same value on every group"
-        )
-    max_grad_norm = float(values.pop())
-    clip = float(config.get("gradient_clipping") or 0.0)
-    config["gradient_clipping"] = min(clip, max_grad_norm) if clip > 0 else max_grad_norm
-    for group in optimizer.param_groups:
-        group["max_grad_norm"] = None
-    if "max_grad_norm" in optimizer.defaults:
-        optimizer.defaults["max_grad_norm"] = None
-    rank_zero_info(f"EffiDeepSpeedStrategy: {type(optimizer).__name__}(max_grad_norm={max_grad_norm}) is applied by "
-                   f"DeepSpeed as gradient_clipping={config['gradient_clipping']} over all ZeRO partitions")
-
-
-def _saved_world_size(checkpoint_path: _PATH) -> int | None:
-    """World size a DeepSpeed checkpoint directory was written with (from its ZeRO optimizer shard files)."""
-    root = Path(checkpoint_path)
-    tag_dir = root / "checkpoint"
-    if not tag_dir.is_dir():
-        latest = root / "latest"
-        if latest.is_file():
-            tag_dir = root / latest.read_text().strip()
-    if not tag_dir.is_dir():
-        return None
-    shards = list(tag_dir.glob("*_optim_states.pt"))
-    return len(shards) or None
-
-
-def _check_world_size(checkpoint_path: _PATH, world_size: int) -> None:
-    saved = _saved_world_size(checkpoint_path)
-    if saved is not None and saved != world_size:
-        tag_dir = Path(checkpoint_path) / "checkpoint"
-        raise RuntimeError(
-            f"DeepSpeed checkpoint {str(checkpoint_path)!r} was saved by {saved} processes but this run has "
-            f"{world_size}; ZeRO shards cannot be re-partitioned in place. Convert it to a universal checkpoint once:\n"
-            f"  python -m deepspeed.checkpoint.ds_to_universal --input_folder {tag_dir} "
-            f"--output_folder {tag_dir}_universal\n"
-            "and resume with EffiDeepSpeedStrategy(config={'checkpoint': {'load_universal': True}}) (weights, "
-            f"optimizer and scheduler state), or resume with {saved} processes, or take only the weights with "
-            "`effi export CKPT weights.pt`."
-        )
