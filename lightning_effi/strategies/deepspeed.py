@@ -184,7 +184,14 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
     @property
     @override
     def precision_plugin(self) -> Precision:
-        return self._precision_plugin if self._precision_plugin is not None else _EffiDeepSpeedPrecision("32-true")
+        if self._precision_plugin is not None:
+            return self._precision_plugin
+        # The default is kept apart from _precision_plugin: the Trainer reads a set _precision_plugin as the user's
+        # choice, which would override Trainer(precision=...). Built once, so every read sees the same object.
+        default = self.__dict__.get("_default_precision_plugin")
+        if default is None:
+            default = self.__dict__["_default_precision_plugin"] = _EffiDeepSpeedPrecision("32-true")
+        return default
 
     @precision_plugin.setter
     @override

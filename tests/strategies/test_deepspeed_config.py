@@ -193,6 +193,21 @@ def test_strategy_rejects_foreign_precision_plugins():
         strategy.precision_plugin = MixedPrecision("bf16-mixed", "cpu")
 
 
+def test_default_precision_plugin_is_built_once(tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_effi.strategies import EffiDeepSpeedStrategy
+
+    strategy = EffiDeepSpeedStrategy(stage=1)
+    first = strategy.precision_plugin
+    assert strategy.precision_plugin is first and first.precision == "32-true"
+    # The default is not a plugin the user set: Trainer(precision=...) still decides.
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", strategy=strategy, logger=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path)
+    assert trainer.strategy.precision_plugin.precision == "bf16-mixed"
+    assert trainer.strategy.precision_plugin is trainer.strategy.precision_plugin
+
+
 def test_registered_names():
     from lightning.pytorch.strategies import StrategyRegistry
 
