@@ -1,8 +1,9 @@
 """Shared pieces of the DeepSpeed scripts and their single-process references (imported by path).
 
 The model is the example GPT, tiny; the data are fixed random token sequences. Every rank reads its own slice with
-``DistributedSampler(shuffle=False)`` (Lightning would otherwise force shuffling, CPU_DISTRIBUTED.md), so optimizer
-step k of the 2-rank run sees exactly the samples of step k of the single-process reference with twice the batch.
+``DistributedSampler(shuffle=False)`` (Lightning's own distributed sampler always shuffles training data), so
+optimizer step k of the 2-rank run sees exactly the samples of step k of the single-process reference with twice
+the batch.
 """
 
 from __future__ import annotations
@@ -30,16 +31,22 @@ def make_gpt(seed: int = 1) -> GPT:
     return GPT(vocab_size=VOCAB, block_size=T, n_layer=2, n_head=2, d_model=32, dropout=0.0)
 
 
+class MyLamb(Lamb):
+    """A Lamb subclass defined outside the package: the strategy must find it partition-aware by its attributes
+    (``lightning_effi._protocols.FlatLayoutOptimizer``), whatever module it lives in."""
+
+
 def make_optimizer(name: str, model: torch.nn.Module, max_grad_norm: float | None = None) -> torch.optim.Optimizer:
     # Two groups (decay / no decay) so the flat layouts span several param groups.
     groups = param_groups(model, weight_decay=0.1)
     if name == "adamw":
         # eps 1e-3, not 1e-8: the attention key bias has a mathematically zero gradient (softmax is shift-invariant),
-        # so its float noise (~1e-9, depending on summation order) divided by sqrt(v) + 1e-8 would move it by ~lr
-        # per step in either run: an ill-conditioned comparison, not a sharding error.
+        # so its rounding noise (which depends on summation order) divided by sqrt(v) + 1e-8 would move it by about
+        # lr per step in either run: an ill-conditioned comparison, not a sharding error.
         return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.99), eps=1e-3)
-    if name == "lamb":
-        return Lamb(groups, lr=LR, betas=(0.9, 0.99), eps=1e-6, max_grad_norm=max_grad_norm)
+    if name in ("lamb", "mylamb"):
+        cls = Lamb if name == "lamb" else MyLamb
+        return cls(groups, lr=LR, betas=(0.9, 0.99), eps=1e-6, max_grad_norm=max_grad_norm)
     raise ValueError(name)
 
 
@@ -85,11 +92,13 @@ def loader(dataset: TensorDataset, world: int, rank: int, micro: int = MICRO) ->
 
 
 def reference_run(optimizer: str, steps: int, *, world: int = 2, accumulation=lambda step: 1, divisor=None,
-                  clip: float = 0.0, max_grad_norm: float | None = None, dataset: TensorDataset | None = None) -> dict:
+                  clip: float = 0.0, max_grad_norm: float | None = None, dataset: TensorDataset | None = None,
+                  return_optimizer: bool = False):
     """Single process, plain PyTorch: step k averages the gradients of all micro-batches all ranks see in step k.
 
     ``accumulation(k)`` is the number of micro-batches per rank in step k; ``divisor(k)`` what each micro-batch loss
-    is divided by (default the same number; Lightning divides a partial last window by the full factor).
+    is divided by (default the same number; Lightning divides a partial last window by the full factor). Returns
+    the final state dict, with ``return_optimizer`` as ``(state dict, optimizer)`` (e.g. for Lamb's trust ratios).
     """
     divisor = divisor or accumulation
     dataset = dataset or make_dataset()
@@ -108,7 +117,8 @@ def reference_run(optimizer: str, steps: int, *, world: int = 2, accumulation=la
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return (state, opt) if return_optimizer else state
 
 
 def full_fp32_params(module: torch.nn.Module) -> dict:

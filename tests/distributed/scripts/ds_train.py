@@ -91,6 +91,7 @@ class Recorder(pl.Callback):
         client = getattr(opt, "optimizer", opt)
         tr = getattr(client, "trust_ratios", None)
         self.result["trust_ratios"] = None if tr is None else tr.detach().cpu().clone()
+        self.result["optimizer_class"] = f"{type(client).__module__}.{type(client).__qualname__}"
 
 
 # name -> (stage, optimizer, trainer kwargs, recorder kwargs, module kwargs, strategy kwargs, plugins)
@@ -101,6 +102,9 @@ def _cases() -> dict:
     for stage in (1, 2, 3):
         for opt in ("adamw", "lamb"):
             cases[f"s{stage}_{opt}"] = dict(stage=stage, module=dict(optimizer=opt), trainer=dict(max_steps=10))
+    # a Lamb subclass from outside the package (ds_common.MyLamb) must get the same per-parameter trust ratios
+    for stage in (1, 2):
+        cases[f"s{stage}_mylamb"] = dict(stage=stage, module=dict(optimizer="mylamb"), trainer=dict(max_steps=10))
     cases["s2_adamw_acc2"] = dict(stage=2, module=dict(optimizer="adamw"),
                                   trainer=dict(max_steps=5, accumulate_grad_batches=2))
     # accumulation 1 for 4 steps, then 2 (set through the strategy, as AccumulationScheduler does)
