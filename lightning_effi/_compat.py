@@ -275,3 +275,80 @@ def _check_fp16_supported() -> None:
     from deepspeed.accelerator import get_accelerator
 
     assert _params(get_accelerator().is_fp16_supported) == [], "is_fp16_supported() takes arguments now"
+
+
+# ------------------------------------------------------------------------------------ torch.optim Adam on local shards
+# The param-group options of torch's Adam/AdamW that EffiFSDPStrategy's local-shard step passes to the functional adam.
+_ADAM_OPTIONS = frozenset({"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
+                           "differentiable", "fused", "decoupled_weight_decay"})
+_ADAM_STATE = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
+
+
+def check_fused_param(p: torch.Tensor) -> None:
+    """torch's check that ``p`` suits a fused optimizer (floating point, on a device with fused kernels): raises the
+    ``RuntimeError`` torch's Adam raises when it creates the state."""
+    from torch.optim.optimizer import _device_dtype_check_for_fused
+
+    _device_dtype_check_for_fused(p)
+
+
+@_register("torch.optim.adam.adam and the state of Adam(fused=True)",
+           "EffiFSDPStrategy steps fused Adam/AdamW on local shards (strategies/_local_adam.py): it creates the state "
+           "as Adam._init_group does, calls the functional adam with every option of the param group, and runs the "
+           "step hooks through Optimizer.profile_hook_step")
+def _check_functional_adam() -> None:
+    from torch.optim import Optimizer
+    from torch.optim.adam import adam
+    from torch.optim.optimizer import _device_dtype_check_for_fused
+
+    lists = ["params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"]
+    assert _params(adam)[:6] == lists, f"torch.optim.adam.adam takes {_params(adam)} now"
+    _has_params(adam, ("foreach", "capturable", "differentiable", "fused", "grad_scale", "found_inf", "has_complex",
+                       "decoupled_weight_decay", "amsgrad", "beta1", "beta2", "lr", "weight_decay", "eps", "maximize"),
+                "torch.optim.adam.adam")
+    _has_params(_device_dtype_check_for_fused, ("p",), "torch.optim.optimizer._device_dtype_check_for_fused")
+    assert callable(getattr(Optimizer, "profile_hook_step", None)), "Optimizer.profile_hook_step is gone"
+    for cls in (torch.optim.Adam, torch.optim.AdamW):
+        p = torch.nn.Parameter(torch.randn(3))
+        opt = cls([p], fused=True, amsgrad=True)
+        assert getattr(type(opt).step, "hooked", False), f"{cls.__name__}.step is not wrapped by profile_hook_step"
+        options = set(opt.param_groups[0]) - {"params"}
+        assert options == _ADAM_OPTIONS, (
+            f"{cls.__name__}'s param groups changed options: new {sorted(options - _ADAM_OPTIONS)}, gone "
+            f"{sorted(_ADAM_OPTIONS - options)}; step_on_local_shards passes each one to adam(): update it")
+        p.grad = torch.ones(3)
+        opt.step()
+        state = opt.state[p]
+        assert set(state) == _ADAM_STATE, f"{cls.__name__}(fused=True, amsgrad=True) keeps the state {sorted(state)}"
+        step = state["step"]
+        assert (step.shape, step.dtype, step.device) == ((), torch.float32, p.device), \
+            f"the fused step count is {step.shape} {step.dtype} on {step.device} now"
+
+
+def is_lr_scheduler_step_counter(optimizer: Any, step: Any) -> bool:
+    """Whether ``step`` (an instance attribute of ``optimizer``) is the wrapper torch's LR schedulers put around the
+    optimizer's own ``step`` to record that it ran."""
+    return bool(getattr(step, "_wrapped_by_lr_sched", False)) and \
+        getattr(step, "__wrapped__", None) is type(optimizer).step
+
+
+def mark_stepped_for_lr_scheduler(optimizer: Any) -> None:
+    """Record that ``optimizer.step`` ran, as that wrapper does (a scheduler's first ``step`` warns otherwise)."""
+    optimizer._opt_called = True
+
+
+@_register("torch.optim.lr_scheduler's optimizer.step counter",
+           "the local-shard Adam step stands in for a step the LR scheduler wrapped and records the call as it does")
+def _check_lr_scheduler_step_counter() -> None:
+    from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    LambdaLR(opt, lambda _: 1.0)
+    own = vars(opt).get("step")
+    assert own is not None and is_lr_scheduler_step_counter(opt, own), \
+        "LR schedulers no longer wrap optimizer.step in the instance (_wrapped_by_lr_sched, __wrapped__)"
+    assert not getattr(opt, "_opt_called", False)
+    opt.step()
+    assert getattr(opt, "_opt_called", False) is True, "the scheduler's step wrapper no longer sets _opt_called"
+    assert "_opt_called" in inspect.getsource(LRScheduler.step), "LRScheduler.step no longer reads _opt_called"
+

@@ -15,7 +15,7 @@ callbacks and precision-plugin (loss scaler) state. It overrides only:
 - ``__init__``: the sharding options, validated before anything runs;
 - ``setup_environment``: the data-parallel size is the world size (upstream: ``num_nodes``), no tensor parallelism;
 - ``_get_process_group_backend``: on CUDA adds a gloo backend for CPU tensors (``cpu_offload`` shards);
-- ``optimizer_step``: runs torch's fused Adam kernels on local shards (``fused_adam_on_local_shards``) and frees
+- ``optimizer_step``: steps a fused torch Adam/AdamW on the local shards (``fused_adam_on_local_shards``) and frees
   the gradients right after the step (``free_gradients_after_step``);
 - the SIGTERM handler and the fit loop's per-batch SIGTERM check: agreed on over the CPU (gloo) half of the process
   group instead of with an NCCL broadcast and a GPU sync at every batch start (see ``_agree_on_sigterm``);
@@ -41,7 +41,6 @@ backward, which starts with them (the output head).
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Literal, Optional, Union
@@ -63,6 +62,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_effi import _compat
+from lightning_effi.strategies._local_adam import local_shard_steps
 
 _DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,83 +131,6 @@ def _auto_wrap_names(root: nn.Module) -> list[str]:
                 if any(True for _ in child.parameters()):
                     names[type(child).__name__] = None
     return list(names)
-
-
-# torch's fused Adam kernels, called by torch.optim.Adam/AdamW(fused=True) as torch.<name>(params, grads, exp_avgs,
-# exp_avg_sqs, max_exp_avg_sqs, state_steps, **hyperparameters), looked up on the torch module at every step.
-_FUSED_ADAM_OPS = ("_fused_adam_", "_fused_adamw_")
-
-
-def _local_shards(lists: Sequence[Any]) -> Optional[list[list[Any]]]:
-    """The tensor lists with every DTensor replaced by its local shard, or None when that would not be the op
-    DTensor itself runs: entries of one index (parameter, gradient, moments) must be all DTensors with one spec or all
-    plain tensors."""
-    from torch.distributed.tensor import DTensor
-
-    out = [list(lst) for lst in lists]
-    for i, p in enumerate(lists[0]):
-        spec = p._spec if isinstance(p, DTensor) else None
-        for lst in out[1:5]:  # grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (empty without amsgrad)
-            if i < len(lst):
-                t = lst[i]
-                if isinstance(t, DTensor) != (spec is not None):
-                    return None
-                if spec is not None:
-                    if t._spec.placements != spec.placements or t._spec.mesh != spec.mesh:
-                        return None
-                    lst[i] = t._local_tensor
-        if spec is not None:
-            out[0][i] = p._local_tensor
-    if any(isinstance(t, DTensor) for t in out[5]):  # step counts are plain tensors in torch's fused path
-        return None
-    return out
-
-
-# The real kernels while _fused_adam_on_local_shards is active anywhere in the process, and how many are active
-# (Trainers fitting in several threads nest; the outermost exit puts the real kernels back).
-_FUSED_ADAM_REAL: dict[str, Callable] = {}
-_FUSED_ADAM_DEPTH = [0]
-_FUSED_ADAM_LOCK = threading.Lock()
-
-
-def _local_fused_adam(op: Callable) -> Callable:
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():  # a compiled optimizer step: let Dynamo see the real op
-            return op(*args, **kwargs)
-        lists = _local_shards(args[:6]) if len(args) >= 6 and args[0] else None
-        if lists is None or any(isinstance(v, torch.Tensor) and type(v) is not torch.Tensor for v in kwargs.values()):
-            return op(*args, **kwargs)
-        return op(*lists, *args[6:], **kwargs)
-
-    return call
-
-
-@contextlib.contextmanager
-def _fused_adam_on_local_shards() -> Any:
-    """While active, torch's fused Adam/AdamW kernels run on the local shards of DTensor arguments.
-
-    DTensor's dispatcher does exactly this for an element-wise op whose arguments share one placement, but spends
-    host time on every argument: unwrapping, sharding propagation and re-wrapping about 4 x 300 DTensors took 3.1 ms
-    per step for the benchmark GPT (1xH200 host, ``benchmarks/results/trace_summary_h200x1_v9_*``), host time at the
-    step boundary, where the GPU has often caught up with the host. The kernel, the memory it updates and so the
-    results are identical (bitwise, tested); anything else (mixed placements, DTensor step counts) goes through
-    DTensor as before.
-    """
-    with _FUSED_ADAM_LOCK:
-        if _FUSED_ADAM_DEPTH[0] == 0:
-            _FUSED_ADAM_REAL.update({name: getattr(torch, name) for name in _FUSED_ADAM_OPS if hasattr(torch, name)})
-            for name, op in _FUSED_ADAM_REAL.items():
-                setattr(torch, name, _local_fused_adam(op))
-        _FUSED_ADAM_DEPTH[0] += 1
-    try:
-        yield
-    finally:
-        with _FUSED_ADAM_LOCK:
-            _FUSED_ADAM_DEPTH[0] -= 1
-            if _FUSED_ADAM_DEPTH[0] == 0:
-                for name, op in _FUSED_ADAM_REAL.items():
-                    setattr(torch, name, op)
-                _FUSED_ADAM_REAL.clear()
 
 
 # Set by _on_sigterm on the trainer's signal connector: this rank was signalled, not yet agreed on by all ranks.
@@ -346,10 +269,9 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         save_distributed_checkpoint: ``True`` (default) saves a torch.distributed.checkpoint directory, one shard
             file per rank plus metadata, loadable on any world size; ``False`` gathers one full ``.ckpt`` file on
             rank 0. ``lightning_effi.export.export_checkpoint`` turns either into a plain ``state_dict`` file.
-        fused_adam_on_local_shards: during the optimizer step, torch's fused Adam/AdamW kernels
-            (``torch.optim.AdamW(..., fused=True)``) get the local shards of the sharded parameters, gradients and
-            moments instead of the DTensors (default ``True``): the same kernel on the same memory, without DTensor's
-            per-argument dispatch on the host (3.1 ms per step for a 24-layer GPT). Other optimizers are unaffected.
+        fused_adam_on_local_shards: run the step of a ``torch.optim.Adam``/``AdamW(fused=True)`` on the local shards
+            of the sharded tensors instead of through DTensor's dispatcher (default ``True``): the same kernel and
+            results with less host time per step. Other optimizers are unaffected.
         process_group_backend: ``"nccl"`` / ``"gloo"``; default from the device (``"cpu:gloo,cuda:nccl"`` on GPUs:
             the gloo half also carries the fit loop's per-batch SIGTERM agreement, so no batch waits for the GPU;
             with ``"nccl"`` alone Lightning's device broadcast and sync stay).
@@ -488,11 +410,11 @@ class EffiFSDPStrategy(ModelParallelStrategy):
     def optimizer_step(
         self, optimizer: Optimizer, closure: Callable[[], Any], model: Optional[nn.Module] = None, **kwargs: Any
     ) -> Any:
-        with _fused_adam_on_local_shards() if self.fused_adam_on_local_shards else contextlib.nullcontext():
+        inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        with local_shard_steps(inner) if self.fused_adam_on_local_shards else contextlib.nullcontext():
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
         if self.free_gradients_after_step:
             # Lightning would free them only after the next forward (see the class docstring).
-            inner = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
             inner.zero_grad(set_to_none=True)
         return output
 
@@ -513,7 +435,6 @@ class EffiFSDPStrategy(ModelParallelStrategy):
 
     def _shard(self, module: LightningModule) -> None:
         from torch.distributed._composable import checkpoint
-        from torch.distributed.tensor import DTensor
         from torch.distributed.fsdp import (
             CPUOffloadPolicy,
             FSDPModule,
@@ -521,6 +442,7 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             OffloadPolicy,
             fully_shard,
         )
+        from torch.distributed.tensor import DTensor
 
         if any(isinstance(m, FSDPModule) for m in module.modules()):
             where = "configure_model" if is_overridden("configure_model", module) else "your code"

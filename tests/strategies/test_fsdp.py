@@ -293,3 +293,31 @@ def test_sigterm_during_fit_is_deferred_to_the_agreement_and_reported_at_the_end
     validating = connector(TrainerFn.VALIDATING)
     _on_sigterm(validating, 15, None)  # outside fit: stops at the next batch, as upstream
     assert validating.received_sigterm
+
+
+def test_fused_adamw_with_lr_scheduler_steps_on_local_shards_without_warnings(one_process_fit, monkeypatch):
+    import warnings
+
+    seen: list[set] = []
+    kernel = torch._fused_adamw_
+
+    def recording(*args, **kwargs):
+        seen.append({type(t).__name__ for lst in args[:4] for t in lst})
+        return kernel(*args, **kwargs)
+
+    class ScheduledLM(_LM):
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    monkeypatch.setattr(torch, "_fused_adamw_", recording)
+    module = ScheduledLM()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        one_process_fit(EffiFSDPStrategy(), module, max_steps=2)
+    # the scheduler's step counter wraps optimizer.step: the local path still runs and still counts the step
+    assert seen == [{"Tensor"}, {"Tensor"}]
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    assert module.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2
+

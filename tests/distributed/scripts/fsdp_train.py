@@ -92,24 +92,25 @@ class Observe(pl.Callback):
 
         if self.hook_qkv:
             qkv.register_forward_pre_hook(pre_hook)
+        # Step hooks rather than a wrapper around optimizer.step: the strategy keeps the local-shard Adam step only
+        # for a step nothing else wraps.
         optimizer = trainer.optimizers[0]
-        step = optimizer.step
+        real, n = dist.all_reduce, [0]
 
-        def counting_step(*args, **kwargs):
-            real, n = dist.all_reduce, [0]
+        def counted(*a, **k):
+            n[0] += 1
+            return real(*a, **k)
 
-            def counted(*a, **k):
-                n[0] += 1
-                return real(*a, **k)
-
+        def before_step(opt, args, kwargs):
+            n[0] = 0
             dist.all_reduce = counted
-            try:
-                return step(*args, **kwargs)
-            finally:
-                dist.all_reduce = real
-                self.info["allreduce_per_step"].append(n[0])
 
-        optimizer.step = counting_step
+        def after_step(opt, args, kwargs):
+            dist.all_reduce = real
+            self.info["allreduce_per_step"].append(n[0])
+
+        optimizer.register_step_pre_hook(before_step)
+        optimizer.register_step_post_hook(after_step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._calls = 0
@@ -186,7 +187,7 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int, acceler
     )
     model = LM(spec["optimizer"])
     ckpt = str(fc.case_dir(resume_root, case) / "step5") if resume_root else None
-    # what torch's fused AdamW kernel is handed (the strategy wraps whatever torch._fused_adamw_ is during the step)
+    # what torch's fused AdamW kernel is handed (torch's functional adam looks torch._fused_adamw_ up at every call)
     kernel, kernel_args = torch._fused_adamw_, set()
 
     def recording_kernel(*args, **kwargs):
