@@ -352,3 +352,21 @@ def _check_lr_scheduler_step_counter() -> None:
     assert getattr(opt, "_opt_called", False) is True, "the scheduler's step wrapper no longer sets _opt_called"
     assert "_opt_called" in inspect.getsource(LRScheduler.step), "LRScheduler.step no longer reads _opt_called"
 
+
+def composable_checkpoint(module: torch.nn.Module) -> None:
+    """torch's composable activation checkpointing: ``module``'s activations are recomputed in backward, its
+    parameter names stay as they are."""
+    from torch.distributed._composable import checkpoint
+
+    checkpoint(module)
+
+
+@_register("torch.distributed._composable.checkpoint", "apply_fsdp's activation checkpointing keeps parameter names")
+def _check_composable_checkpoint() -> None:
+    from torch.distributed._composable import checkpoint
+
+    _has_params(checkpoint, ("module",), "torch.distributed._composable.checkpoint")
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    names = [n for n, _ in m.named_parameters()]
+    checkpoint(m[0])
+    assert [n for n, _ in m.named_parameters()] == names, "checkpoint() renames parameters now"

@@ -19,7 +19,7 @@ from torch import nn
 from lightning_effi.models import GPT
 from lightning_effi.plugins import LossScalingPrecision, MasterWeightsPrecision
 from lightning_effi.strategies import EffiFSDPStrategy
-from lightning_effi.strategies.fsdp import _auto_wrap_names, _find_modules
+from lightning_effi.strategies.parallelize import _auto_wrap_names, _find_modules
 
 
 @pytest.mark.parametrize(
@@ -247,7 +247,7 @@ def test_sigterm_stops_a_single_process_run(one_process_fit):
 
 
 def test_group_siblings_groups_consecutive_list_entries_only():
-    from lightning_effi.strategies.fsdp import _group_siblings
+    from lightning_effi.strategies.parallelize import _group_siblings
 
     class A(nn.Linear):
         pass
@@ -276,7 +276,7 @@ def test_sigterm_during_fit_is_deferred_to_the_agreement_and_reported_at_the_end
 
     from lightning.pytorch.trainer.states import TrainerFn
 
-    from lightning_effi.strategies.fsdp import _SIGTERM_PENDING, _on_sigterm
+    from lightning_effi.strategies._sigterm import _SIGTERM_PENDING, _on_sigterm
 
     def connector(fn):
         trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), strategy=SimpleNamespace(launcher=None))
@@ -321,3 +321,29 @@ def test_fused_adamw_with_lr_scheduler_steps_on_local_shards_without_warnings(on
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
     assert module.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2
 
+
+# EffiFSDPStrategy.setup runs Strategy.setup instead of ModelParallelStrategy.setup (which requires configure_model)
+# and shards in model_to_device; these are the upstream sources that arrangement was checked against.
+_UPSTREAM_SETUP_SHA256 = {
+    "ModelParallelStrategy.setup": "7a79a2378fefc19c1f08fd0556fab62dd81ec851a0f8443175603ecb0aa79b0d",
+    "Strategy.setup": "199381176c649ac14f8d671c814da7c40957d9916b32c7f7e9ecc8ce0ac822e8",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_UPSTREAM_SETUP_SHA256))
+def test_upstream_setup_is_the_one_the_override_was_checked_against(name):
+    import hashlib
+    import inspect
+    import textwrap
+
+    import lightning
+    from lightning.pytorch import strategies
+
+    cls_name, method = name.split(".")
+    source = textwrap.dedent(inspect.getsource(getattr(getattr(strategies, cls_name), method)))
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    assert digest == _UPSTREAM_SETUP_SHA256[name], (
+        f"Lightning {lightning.__version__} changed {name}. EffiFSDPStrategy.setup skips ModelParallelStrategy.setup "
+        "and runs Strategy.setup, sharding in model_to_device: re-check on this Lightning upgrade that every step "
+        f"upstream now takes is still taken (or deliberately left out), then store the new hash {digest}."
+    )

@@ -174,7 +174,7 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int, acceler
         precision=spec.get("precision", None if plugins else "32-true"),
         plugins=plugins,
         # Epoch-based on purpose: with max_steps Lightning treats every resume as mid-epoch ("iteration-based
-        # training") and replays one extra batch after an end-of-epoch checkpoint (measured with strategy="auto" too).
+        # training") and replays one extra batch after an end-of-epoch checkpoint (strategy="auto" does the same).
         max_epochs=fc.EPOCHS,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=fc.OPTIMIZERS[spec["optimizer"]]["clip"],
