@@ -1,7 +1,8 @@
-"""AccumulationScheduler under 2-process CPU DDP (gloo): several fits in one process pair (one launch, ~4 s saved each).
+"""AccumulationScheduler under 2-process CPU DDP (gloo): several fits in one process pair (one launch for all).
 
-Usage: accum_ddp.py OUT_DIR [cpu|cuda]. Writes ``<out>/ddp.pt`` on rank 0 with, per case: final weights, micro-batches per optimizer step, and (tokens case)
-the global micro-batch index of every DDP all-reduce bucket hook call. The test compares with float64 references.
+Usage: accum_ddp.py OUT_DIR [cpu|cuda]. Writes ``<out>/ddp.pt`` on rank 0 with, per case: final weights,
+micro-batches per optimizer step, and (tokens case) the global micro-batch index of every DDP all-reduce bucket
+hook call. The test compares with float64 references.
 
 Cases:
   tokens: normalize="tokens", schedule {0: 2, 1: 3} over 9 micro-batches per rank -> windows 2, 3, 3, 1 (unaligned

@@ -2,8 +2,9 @@
 ``data_parallel_size=2, tensor_parallel_size=1`` and ``fully_shard`` in ``configure_model`` (CPU_DISTRIBUTED.md).
 
 Same cases and data as accum_ddp.py (tokens, mean, mid-window resume), so the test compares with the same float64
-references; tokens and the resume also run under the package's ``effi_fsdp`` (DCP checkpoint directory). Gradients are DTensor shards here: the boundary rescale and the mid-window checkpoint go through the
-DTensor paths. Writes ``<out>/fsdp.pt`` on rank 0.
+references; tokens and the resume also run under the package's ``effi_fsdp`` (DCP checkpoint directory). Gradients
+are DTensor shards here: the boundary rescale and the mid-window checkpoint go through the DTensor paths. Writes
+``<out>/fsdp.pt`` on rank 0.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def fit(normalize: str, *, optimizer: str = "sgd", callbacks=(), ckpt=None, effi
         # DCP directory checkpoints (the default): the partial-window gradients travel inside it.
         strategy = EffiFSDPStrategy(wrap=["Linear", "Embedding"])
     else:
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+        strategy = ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
     rec = Recorder(hook_comm=False)
     trainer = Trainer(
         accelerator="cpu", devices=2, max_epochs=1, logger=False, enable_checkpointing=False,

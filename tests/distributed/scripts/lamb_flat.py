@@ -76,7 +76,7 @@ def main(out_dir: str) -> None:
                 opt.step()
             counts.append(c.n)
             with torch.no_grad():
-                for part, (span, padded, lo, hi) in zip(parts, spans):
+                for part, (span, _, _, _) in zip(parts, spans):
                     gathered = [torch.empty_like(part) for _ in range(world)]
                     dist.all_gather(gathered, part.detach())
                     full = torch.cat(gathered)

@@ -7,7 +7,6 @@ ratios, and how many all_reduce calls Lamb's step made.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,16 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import clean_exit  # noqa: E402
 from lamb_common import (  # noqa: E402
-    GLOBAL_BATCH, STEPS, CountAllReduce, batch, groups, loss_fn, make_lamb, make_model, reference_run, write,
+    GLOBAL_BATCH,
+    STEPS,
+    CountAllReduce,
+    batch,
+    groups,
+    loss_fn,
+    make_lamb,
+    make_model,
+    reference_run,
+    write,
 )
 
 

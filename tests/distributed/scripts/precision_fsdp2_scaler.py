@@ -1,4 +1,4 @@
-"""DynamicLossScaler on FSDP2 (plain ``fully_shard``, DTensor gradients), 2 processes under torchrun, gloo, no Lightning.
+"""DynamicLossScaler on FSDP2 (plain ``fully_shard``, DTensor grads), 2 processes under torchrun, gloo, no Lightning.
 
 Rank 1 writes an inf/nan into its *local shard* of one gradient at chosen steps; rank 0's shards stay finite. Every
 rank also runs the same model unsharded on the global batch as the reference (SGD, fp32), skipping exactly the injected
@@ -33,7 +33,7 @@ def main(out: Path, optimizer: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 5))  # 5 rows: shards of 3 and 2 rows
     ref = copy.deepcopy(net).double()
