@@ -128,8 +128,14 @@ def step_on_local_shards(optimizer: Optimizer, closure: Optional[Callable[[], An
             has_complex = _init_group(optimizer, group, lists)
             beta1, beta2 = group["betas"]
             local = _local_shards(lists) if _plain(group["lr"], beta1, beta2, grad_scale, found_inf) else None
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = lists if local is None else local
             adam(
-                *(lists if local is None else local),
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                state_steps,
                 foreach=group["foreach"],
                 capturable=group["capturable"],
                 differentiable=group["differentiable"],

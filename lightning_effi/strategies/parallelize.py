@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import nn
@@ -234,7 +234,7 @@ def apply_fsdp(
     names = {id(m): name for name, m in module.named_modules()}
     checkpointed = _find_modules(module, checkpoint_names, "activation_checkpointing")
     unit_classes = tuple(sorted({type(u).__name__ for u in units}))  # before fully_shard renames them FSDP<cls>
-    kwargs = {"mesh": mesh, "mp_policy": mp_policy,
+    kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp_policy,
               "offload_policy": CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy()}
 
     for m in checkpointed:
