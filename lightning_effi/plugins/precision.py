@@ -17,7 +17,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 import torch
 from lightning.pytorch.plugins.precision import HalfPrecision, Precision
@@ -92,6 +92,8 @@ class _HeldScheduler:
 
     _effi_pending: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
     _effi_holds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    # Declared only: set on each class _held_class builds, never on the mixin itself.
+    _effi_original_class: ClassVar[type]
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         hold = _HeldScheduler._effi_holds.get(self)

@@ -212,8 +212,8 @@ class EffiFSDPStrategy(ModelParallelStrategy):
                 f"{type(plugin).__name__} (precision={precision!r}); use one of {sorted(_AUTO_POLICY)} or set "
                 "param_dtype and reduce_dtype explicitly."
             )
-        param = auto[0] if self.param_dtype == "auto" else _DTYPES[self.param_dtype]
-        reduce = auto[1] if self.reduce_dtype == "auto" else _DTYPES[self.reduce_dtype]
+        param = auto[0] if auto is not None and self.param_dtype == "auto" else _DTYPES[self.param_dtype]
+        reduce = auto[1] if auto is not None and self.reduce_dtype == "auto" else _DTYPES[self.reduce_dtype]
         return param, reduce
 
     def _shard(self, module: LightningModule) -> None:
