@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Generator
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from lightning.fabric.plugins import ClusterEnvironment
@@ -51,6 +51,11 @@ _SCALER_KNOBS = ("init_scale", "growth_interval", "hysteresis", "min_scale", "ba
 _OPTIONAL_SCALER_KNOBS = ("on_min_scale",)
 
 
+def _engine(model: pl.LightningModule) -> deepspeed.DeepSpeedEngine:
+    # Trainer.model is typed as an optional Module; under this strategy it is the DeepSpeed engine once set up.
+    return cast("deepspeed.DeepSpeedEngine", model.trainer.model)
+
+
 class _EffiDeepSpeedPrecision(DeepSpeedPrecision):
     """DeepSpeed precision whose backward lets Lightning decide the accumulation boundary.
 
@@ -63,20 +68,25 @@ class _EffiDeepSpeedPrecision(DeepSpeedPrecision):
         super().__init__(precision)  # type: ignore[arg-type]
         self.max_scale = max_scale
 
+    # The narrower signature is Lightning's own DeepSpeedPrecision.backward, which also ignores [override] for it.
     @override
-    def backward(self, tensor: torch.Tensor, model: pl.LightningModule, optimizer: Any, *args: Any,
-                 **kwargs: Any) -> None:
-        engine = model.trainer.model
+    def backward(  # type: ignore[override]
+        self, tensor: torch.Tensor, model: pl.LightningModule, optimizer: Any, *args: Any, **kwargs: Any
+    ) -> None:
+        engine = _engine(model)
         engine.set_gradient_accumulation_boundary(not model.trainer.fit_loop._should_accumulate())
         engine.backward(tensor, *args, scale_wrt_gas=False, **kwargs)
 
+    # As Lightning's DeepSpeedPrecision.optimizer_step, which also ignores [override] for this signature.
     @override
-    def optimizer_step(self, optimizer: Any, model: pl.LightningModule, closure: Any, **kwargs: Any) -> Any:
+    def optimizer_step(  # type: ignore[override]
+        self, optimizer: Any, model: pl.LightningModule, closure: Any, **kwargs: Any
+    ) -> Any:
         out = super().optimizer_step(optimizer, model, closure, **kwargs)
         if self.max_scale is not None:
             # DeepSpeed's dynamic scaler has no ceiling; LossScalingPrecision's max_scale caps growth. Clamping after
             # every step gives exactly the capped sequence (growth happens only inside step()).
-            scaler = getattr(model.trainer.model.optimizer, "loss_scaler", None)
+            scaler = getattr(_engine(model).optimizer, "loss_scaler", None)
             if scaler is None or not hasattr(scaler, "cur_scale"):
                 raise RuntimeError("EffiDeepSpeedStrategy: fp16 is enabled but the DeepSpeed optimizer has no dynamic "
                                    "loss scaler to apply LossScalingPrecision(max_scale) to")
@@ -292,6 +302,7 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         self._init_config_if_needed()
+        assert self.config is not None  # upstream types it Optional; it is a dict from __init__ on
         cpu_fp16 = self.config.get("fp16", {}).get("enabled") and not isinstance(self.accelerator, CUDAAccelerator)
         # fp16 on the CPU, whatever DeepSpeed's oneDNN check says about this CPU model, while the engine is built
         with _compat.deepspeed_fp16_on_cpu() if cpu_fp16 else contextlib.nullcontext():
@@ -334,8 +345,10 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
         # after steps DeepSpeed skipped (fp16 overflow). A scheduler stepped once per optimizer step is left to
         # DeepSpeed, which steps it only when the update was applied; Lightning keeps it in lr_scheduler_configs
         # (checkpointing, LearningRateMonitor) but never reaches its frequency.
+        assert self.config is not None  # upstream types it Optional; it is a dict from __init__ on
         if "optimizer" in self.config:
             return super()._initialize_deepspeed_train(model)
+        assert self.lightning_module is not None  # training is being set up for it
         optimizers, configs = _init_optimizers_and_lr_schedulers(self.lightning_module)
         if len(optimizers) != 1 or len(configs) > 1:
             raise RuntimeError(
@@ -371,6 +384,7 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
         from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 
         # Same as upstream except the device rank (root_device.index is None on CPU).
+        assert self.config is not None  # upstream types it Optional; it is a dict from __init__ on
         inference_config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
         for key in ("fp16", "bf16"):
             if key in self.config:
@@ -417,7 +431,8 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
             if "train_micro_batch_size_per_gpu" in self.config:
                 micro = self.config["train_micro_batch_size_per_gpu"]
                 self.config["train_batch_size"] = micro * self.world_size * factor
-        engine = self.model
+        # None before setup, else the DeepSpeed engine (self.model is typed as a plain Module upstream)
+        engine = cast("deepspeed.DeepSpeedEngine | None", self.model)
         if engine is not None and hasattr(engine, "set_train_batch_size"):
             engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * engine.dp_world_size * factor)
 
@@ -438,6 +453,7 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        assert self.config is not None  # upstream types it Optional; it is a dict from __init__ on
         universal = bool((self.config.get("checkpoint") or {}).get("load_universal", False))
         if not (self.load_full_weights and self.zero_stage_3) and not universal:
             _check_world_size(checkpoint_path, self.world_size)
