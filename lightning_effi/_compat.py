@@ -14,6 +14,7 @@ import contextlib
 import functools
 import importlib
 import inspect
+import re
 import types
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
@@ -370,3 +371,222 @@ def _check_composable_checkpoint() -> None:
     names = [n for n, _ in m.named_parameters()]
     checkpoint(m[0])
     assert [n for n, _ in m.named_parameters()] == names, "checkpoint() renames parameters now"
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed ZeRO
+# ZeRO's optimizers and parameters only get these attributes when they are built, which needs a process group; the
+# checks read the assignments in the constructors' source instead.
+def _set_in(fn: Any, names: Iterable[str], what: str) -> None:
+    src = inspect.getsource(fn)
+    missing = [n for n in names if not re.search(rf"\bself\.{n}\s*(:[^=\n]*)?=(?!=)", src)]
+    assert not missing, f"{what} no longer sets {missing}"
+
+
+def _undecorated(fn: Any, name: str) -> Any:
+    """``fn`` under decorators that return a closure without ``functools.wraps`` (DeepSpeed's ``instrument_w_nvtx``)."""
+    fn = inspect.unwrap(fn)
+    if fn.__name__ == name:
+        return fn
+    for cell in fn.__closure__ or ():
+        inner = cell.cell_contents
+        if inspect.isfunction(inner) and inner.__name__ == name:
+            return inner
+    raise AssertionError(f"cannot find the function {name!r} under its decorator {fn.__qualname__}")
+
+
+@_register("deepspeed ZeRO-1/2 and bf16 optimizers: bit16_groups / bf16_groups, dp_process_group, _hp_mapping",
+           "Lamb's flat layouts under ZeRO 1/2 (strategies/_zero_layout.stage12_segments) read the model's parameters "
+           "per param group and each one's (start, numel) in this rank's flat fp32 partition")
+def _check_zero12_layout() -> None:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.utils.mixed_precision_linkage import link_hp_params
+
+    for cls, groups in ((DeepSpeedZeroOptimizer, "bit16_groups"), (BF16_Optimizer, "bf16_groups")):
+        _set_in(cls.__init__, (groups, "dp_process_group", "optimizer"), f"{cls.__name__}.__init__")
+        assert re.search(rf"link_hp_params\(\s*lp_param_list=self\.{groups}\[", inspect.getsource(cls)), \
+            f"{cls.__name__} no longer links its {groups} to the flat partition with link_hp_params"
+    # is_stage3 tells the optimizers apart by the ZeRO-3 attributes
+    assert not re.search(r"\bself\.fp32_partitioned_groups_flat\s*=", inspect.getsource(DeepSpeedZeroOptimizer)), \
+        "DeepSpeedZeroOptimizer now has fp32_partitioned_groups_flat, which _zero_layout.is_stage3 reads as ZeRO-3"
+    _has_params(link_hp_params, ("lp_param_list", "flat_hp_partition", "partition_start", "partition_size",
+                                 "dp_group"), "deepspeed link_hp_params")
+    # A group of two 4-element parameters (Any: link_hp_params adds _hp_mapping to the tensors). A partition holding
+    # elements [2, 6) of the flattened group has a piece of each; one holding [6, 8) has none of the first.
+    a: Any = torch.zeros(4)
+    b: Any = torch.zeros(4)
+    for start, size in ((2, 4), (6, 2)):
+        link_hp_params(lp_param_list=[a, b], flat_hp_partition=torch.zeros(size), gradient_dict={},
+                       offload_gradient_dict={}, use_offload=False, param_group_index=0, partition_start=start,
+                       partition_size=size, dp_group=None)
+        got = [None if p._hp_mapping is None else
+               (p._hp_mapping.get_hp_fragment_address().start, p._hp_mapping.get_hp_fragment_address().numel)
+               for p in (a, b)]
+        want = [(0, 2), (2, 2)] if start == 2 else [None, (0, 2)]
+        assert got == want, f"_hp_mapping.get_hp_fragment_address() (start, numel) are {got} now, not {want}"
+
+
+def wrap_zero3_optimizer_step(ds_optimizer: Any, around: Callable[[int, Callable[[int], None]], None]) -> None:
+    """Route ZeRO-3's per-sub-group step ``ds_optimizer._optimizer_step(sub_group_id)`` through ``around(sub_group_id,
+    original_step)``, on this optimizer instance only. Calling it again wraps DeepSpeed's own method, not the
+    previous wrapper (after a checkpoint load)."""
+    original = ds_optimizer._optimizer_step
+    original = getattr(original, "_effi_original", original)
+
+    def _optimizer_step(sub_group_id: int) -> None:
+        around(sub_group_id, original)
+
+    _optimizer_step._effi_original = original  # type: ignore[attr-defined]
+    ds_optimizer._optimizer_step = _optimizer_step
+
+
+@_register("deepspeed ZeRO-3 optimizer: fp16_groups, fp32_partitioned_groups_flat, sub-groups, _optimizer_step; "
+           "ds_numel / ds_tensor.ds_numel",
+           "Lamb's flat layouts under ZeRO-3 (strategies/_zero_layout.stage3_segments) cut each parameter into equal "
+           "per-rank pieces laid back to back per sub-group, and wrap_zero3_optimizer_step sets the sub-group's "
+           "layout around each of DeepSpeed's per-sub-group optimizer steps")
+def _check_zero3_layout() -> None:
+    import deepspeed.comm as ds_dist
+    from deepspeed.runtime.zero.partition_parameters import Init
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    _set_in(Stage3.__init__, ("fp16_groups", "fp32_partitioned_groups_flat", "sub_group_process_groups",
+                              "sub_group_to_group_id", "dp_process_group", "optimizer"),
+            "DeepSpeedZeroOptimizer_Stage3.__init__")
+    assert _params(Stage3._optimizer_step) == ["self", "sub_group_id"], \
+        f"DeepSpeedZeroOptimizer_Stage3._optimizer_step takes {_params(Stage3._optimizer_step)} now"
+    step_src = inspect.getsource(Stage3._optimizer_step)
+    for read in ("self.sub_group_to_group_id[sub_group_id]", "self.fp32_partitioned_groups_flat[sub_group_id]"):
+        assert read in step_src, f"_optimizer_step no longer reads {read}"
+    # an instance attribute replaces the method only while DeepSpeed calls it through self
+    assert "self._optimizer_step(sub_group_id)" in inspect.getsource(Stage3), \
+        "DeepSpeedZeroOptimizer_Stage3 no longer calls self._optimizer_step(sub_group_id)"
+    assert re.search(r"for sub_group in self\.fp16_groups for param in sub_group",
+                     inspect.getsource(Stage3._get_parameter_partitions)), \
+        "the flat fp32 sub-groups are no longer the parameters' pieces in fp16_groups order"
+    assert "param.ds_numel = " in inspect.getsource(Init._convert_to_deepspeed_param), \
+        "zero.Init no longer sets param.ds_numel"
+    partition_src = inspect.getsource(_undecorated(Init._partition_param, "_partition_param"))
+    assert "param.ds_tensor.ds_numel = partition_size" in partition_src, \
+        "zero.Init no longer sets param.ds_tensor.ds_numel to the size of one rank's piece"
+    assert "start = partition_size * self._partition_rank(param)" in partition_src, \
+        "rank r no longer holds elements [r * piece, (r + 1) * piece) of a ZeRO-3 parameter"
+    _has_params(ds_dist.get_rank, ("group",), "deepspeed.comm.get_rank")
+
+
+@_register("deepspeed engine: set_gradient_accumulation_boundary, backward(scale_wrt_gas=), set_train_batch_size",
+           "EffiDeepSpeedStrategy tells the engine where Lightning's accumulation window ends, backs without a second "
+           "division by gradient_accumulation_steps, and resizes the engine's batch when the factor changes")
+def _check_deepspeed_engine() -> None:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    assert _params(DeepSpeedEngine.set_gradient_accumulation_boundary) == ["self", "is_boundary"]
+    assert "self._is_gradient_accumulation_boundary" in inspect.getsource(
+        DeepSpeedEngine.is_gradient_accumulation_boundary), "the engine no longer honours the boundary it is told"
+    backward = _undecorated(DeepSpeedEngine.backward, "backward")
+    _has_params(backward, ("loss", "scale_wrt_gas"), "DeepSpeedEngine.backward")
+    assert re.search(r"gradient_accumulation_steps\(\) if scale_wrt_gas", inspect.getsource(backward)), \
+        "DeepSpeedEngine.backward no longer divides by gradient_accumulation_steps only when scale_wrt_gas"
+    assert _params(DeepSpeedEngine.set_train_batch_size) == ["self", "train_batch_size"]
+    assert _params(DeepSpeedEngine.train_micro_batch_size_per_gpu) == ["self"]
+    _set_in(DeepSpeedEngine._configure_distributed_model, ("dp_world_size",),
+            "DeepSpeedEngine._configure_distributed_model")
+    # deepspeed.initialize(args=Namespace(device_rank=...)) picks the device on the CPU, where root_device.index is None
+    assert "args.device_rank" in inspect.getsource(DeepSpeedEngine._set_distributed_vars), \
+        "DeepSpeedEngine no longer reads args.device_rank"
+
+
+@_register("deepspeed ZeRO loss_scaler.cur_scale",
+           "LossScalingPrecision(max_scale) under DeepSpeed fp16 clamps the ZeRO optimizer's dynamic loss scale "
+           "after each step; HealthMonitor reads it")
+def _check_deepspeed_loss_scaler() -> None:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    for cls in (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3):
+        _set_in(cls.__init__, ("loss_scaler",), f"{cls.__name__}.__init__")
+    scaler = DynamicLossScaler(init_scale=16.0, scale_window=1, min_scale=1.0, delayed_shift=1,
+                               consecutive_hysteresis=False)
+    scaler.cur_scale = 4.0
+    assert scaler.loss_scale == 4.0, "the loss scale is no longer DynamicLossScaler.cur_scale"
+    # growth happens in update_scale (called by the optimizer's step) and starts from the clamped value
+    scaler.update_scale(False)
+    scaler.update_scale(False)
+    assert scaler.cur_scale == 8.0, f"DynamicLossScaler grows to {scaler.cur_scale} from 4 after one clean window"
+
+
+@_register("deepspeed checkpoint layout and universal conversion",
+           "the world-size check counts one *_optim_states.pt per rank under <dir>/checkpoint or the 'latest' tag; "
+           "save_checkpoint adds UNIVERSAL_CHECKPOINT_INFO, which ds_to_universal requires; load_universal resumes")
+def _check_deepspeed_checkpoint() -> None:
+    from deepspeed.checkpoint import constants as ckpt_constants
+    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.runtime import constants
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    assert "_optim_states.pt" in inspect.getsource(DeepSpeedEngine._get_rank_zero_ckpt_name) and \
+        "dp_rank" in _params(DeepSpeedEngine._get_rank_zero_ckpt_name), "ZeRO shard files are named differently now"
+    assert '"latest"' in inspect.getsource(DeepSpeedEngine.load_checkpoint), "the 'latest' tag file is gone"
+    assert 'tag="checkpoint"' in inspect.getsource(DeepSpeedStrategy.save_checkpoint), \
+        "Lightning's DeepSpeedStrategy saves under another tag than 'checkpoint'"
+    for name in ("UNIVERSAL_CHECKPOINT_INFO", "UNIVERSAL_CHECKPOINT_VERSION_KEY", "UNIVERSAL_CHECKPOINT_VERSION_VALUE"):
+        assert hasattr(ckpt_constants, name), f"deepspeed.checkpoint.constants.{name} is gone"
+    assert re.search(r"\bUNIVERSAL_CHECKPOINT_INFO\b", inspect.getsource(ds_to_universal)), \
+        "ds_to_universal no longer reads UNIVERSAL_CHECKPOINT_INFO"
+    assert constants.LOAD_UNIVERSAL_CHECKPOINT == "load_universal", \
+        f"the config key is {constants.LOAD_UNIVERSAL_CHECKPOINT!r} now"
+
+
+def should_accumulate(trainer: Any) -> bool:
+    """Whether Lightning's loop will accumulate after this micro-batch's backward rather than step
+    (``_FitLoop._should_accumulate``, what its automatic optimization decides the step with)."""
+    return bool(trainer.fit_loop._should_accumulate())
+
+
+@_register("lightning fit_loop._should_accumulate",
+           "EffiDeepSpeedStrategy's backward tells DeepSpeed's engine where Lightning's accumulation window ends")
+def _check_should_accumulate() -> None:
+    from lightning.pytorch.loops.fit_loop import _FitLoop
+    from lightning.pytorch.loops.optimization.automatic import _AutomaticOptimization
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert _params(_FitLoop._should_accumulate) == ["self"], \
+        f"_FitLoop._should_accumulate takes {_params(_FitLoop._should_accumulate)} now"
+    assert "fit_loop._should_accumulate()" in inspect.getsource(_AutomaticOptimization), \
+        "automatic optimization no longer decides the step with fit_loop._should_accumulate()"
+    # handles_gradient_accumulation=False is what makes Lightning step on an epoch's partial last window
+    assert "handles_gradient_accumulation" in inspect.getsource(_TrainingEpochLoop._should_accumulate)
+
+
+@_register("lightning DeepSpeedStrategy internals",
+           "EffiDeepSpeedStrategy calls _init_config_if_needed, _set_deepspeed_activation_checkpointing and "
+           "remove_module_hooks, repeats setup_distributed and _initialize_deepspeed_inference without the CUDA "
+           "device index, skips setup_environment's CUDA check, and keeps its default precision plugin out of "
+           "_precision_plugin, which the Trainer reads as the user's choice")
+def _check_deepspeed_strategy_internals() -> None:
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from lightning.pytorch.strategies import deepspeed as pl_deepspeed
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    assert _params(DeepSpeedStrategy._init_config_if_needed) == ["self"]
+    assert "self._format_config()" in inspect.getsource(DeepSpeedStrategy._init_config_if_needed), \
+        "_init_config_if_needed no longer builds the config through _format_config"
+    assert _params(DeepSpeedStrategy._set_deepspeed_activation_checkpointing) == ["self"]
+    assert _params(pl_deepspeed.remove_module_hooks) == ["model"]
+    _has_params(DeepSpeedStrategy._setup_model_and_optimizer, ("lr_scheduler",), "_setup_model_and_optimizer")
+    src = inspect.getsource(DeepSpeedStrategy.setup_distributed)
+    for call in ("reset_seed()", "self.set_world_ranks()", "self._init_deepspeed_distributed()"):
+        assert call in src, f"DeepSpeedStrategy.setup_distributed no longer calls {call}"
+    src = inspect.getsource(DeepSpeedStrategy._initialize_deepspeed_inference)
+    for part in ("remove_module_hooks(model)", "zero_allow_untested_optimizer", "device_rank="):
+        assert part in src, f"DeepSpeedStrategy._initialize_deepspeed_inference changed ({part!r} is gone)"
+    src = inspect.getsource(DeepSpeedStrategy.setup_environment)
+    assert "CUDAAccelerator" in src and "super().setup_environment()" in src, \
+        "DeepSpeedStrategy.setup_environment changed; on the CPU it is skipped for its CUDA check only"
+    assert "_strategy_flag._precision_plugin" in inspect.getsource(_AcceleratorConnector), \
+        "the Trainer no longer reads strategy._precision_plugin as the user's precision plugin"
+    assert ".step(" in inspect.getsource(DeepSpeedPrecision.optimizer_step), \
+        "DeepSpeedPrecision.optimizer_step no longer steps the engine"

@@ -7,9 +7,9 @@ DeepSpeed's own bookkeeping to describe each partition as a :class:`~lightning_e
 it to a partition-aware optimizer (:class:`~lightning_effi._protocols.FlatLayoutOptimizer`), move such an
 optimizer's ``max_grad_norm`` into DeepSpeed's global clipping, and read how many ranks wrote a checkpoint.
 
-The DeepSpeed attributes read are those of deepspeed 0.19 (see ``docs/deepspeed.md``). Nothing here imports
-Lightning, and only :func:`stage3_segments` (for its default rank lookup) imports DeepSpeed, so the segment logic
-is unit-tested with small stand-in objects.
+The DeepSpeed attributes read are those of deepspeed 0.19 (see ``docs/deepspeed.md``), each checked by an entry in
+:mod:`lightning_effi._compat`. Nothing here imports Lightning, and only :func:`stage3_segments` (for its default rank
+lookup) imports DeepSpeed, so the segment logic is unit-tested with small stand-in objects.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from lightning_effi import _compat
 from lightning_effi._protocols import FlatLayoutOptimizer
 
 Segments = list[list[tuple[int, int, int]]]
@@ -160,22 +161,18 @@ def install_flat_layouts(ds_optimizer: Any, optimizer: Optimizer, logical_ids: M
     for group in optimizer.param_groups:
         group["flat_layouts"] = []
     sub_to_group = ds_optimizer.sub_group_to_group_id
-    original_step = ds_optimizer._optimizer_step
-    # a second install (after a checkpoint load) wraps DeepSpeed's method, not the previous wrapper
-    original_step = getattr(original_step, "_effi_original", original_step)
 
-    # Wrapped on this optimizer instance only: the layout must match the one sub-group DeepSpeed puts in the
-    # param group for this call.
-    def _optimizer_step(sub_group_id: int) -> None:
+    # On this optimizer instance only: the layout must match the one sub-group DeepSpeed puts in the param group for
+    # this call. A second install (after a checkpoint load) wraps DeepSpeed's method, not the previous wrapper.
+    def with_layout(sub_group_id: int, step: Callable[[int], None]) -> None:
         group = optimizer.param_groups[sub_to_group[sub_group_id]]
         group["flat_layouts"] = [layouts[sub_group_id]]
         try:
-            original_step(sub_group_id)
+            step(sub_group_id)
         finally:
             group["flat_layouts"] = []
 
-    _optimizer_step._effi_original = original_step  # type: ignore[attr-defined]
-    ds_optimizer._optimizer_step = _optimizer_step
+    _compat.wrap_zero3_optimizer_step(ds_optimizer, with_layout)
     return layouts
 
 

@@ -74,7 +74,7 @@ class _EffiDeepSpeedPrecision(DeepSpeedPrecision):
         self, tensor: torch.Tensor, model: pl.LightningModule, optimizer: Any, *args: Any, **kwargs: Any
     ) -> None:
         engine = _engine(model)
-        engine.set_gradient_accumulation_boundary(not model.trainer.fit_loop._should_accumulate())
+        engine.set_gradient_accumulation_boundary(not _compat.should_accumulate(model.trainer))
         engine.backward(tensor, *args, scale_wrt_gas=False, **kwargs)
 
     # As Lightning's DeepSpeedPrecision.optimizer_step, which also ignores [override] for this signature.
