@@ -25,9 +25,15 @@ __all__ = ["GPT", "Block", "GPTLightningModule", "IGNORE_INDEX", "fused_token_lo
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention whose ``qkv`` output features are grouped by head: ``[q, k, v]`` of head 0, then of
+    head 1, and so on. Splitting ``qkv`` by output features across tensor-parallel ranks therefore hands each rank
+    whole heads, and the head count is read from the tensor's shape, so the same forward runs on a rank's local
+    heads (the tensor-parallel plan divides ``n_head`` so the attribute stays true)."""
+
     def __init__(self, d_model: int, n_head: int, dropout: float, causal: bool = True):
         super().__init__()
         self.n_head = n_head
+        self.head_dim = d_model // n_head
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = dropout
@@ -35,14 +41,14 @@ class CausalSelfAttention(nn.Module):
         self.causal = causal
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, _ = x.shape
+        # (B, T, heads, 3, head_dim) -> three (B, heads, T, head_dim) views
+        q, k, v = self.qkv(x).view(B, T, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and attn_mask is None,
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.proj(y))
 
 
@@ -178,6 +184,24 @@ class GPTLightningModule(_LMModule):
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None):
         return self.select_token_loss(self(batch["input_ids"]), batch["labels"])
+
+    def tp_plan(self) -> dict[str, str]:
+        """The tensor-parallel plan ``EffiFSDPStrategy(tensor_parallel_size=N)`` uses when given none: attention and
+        MLP split Megatron-style (``qkv``/``fc`` by output features, the projections by input features), the
+        vocabulary split in the tied embedding and head, the sequence split after the position embedding."""
+        return {
+            "model.wte": "embedding",
+            "model.drop": "sequence_split",
+            "model.blocks.*.ln_1": "sequence",
+            "model.blocks.*.ln_2": "sequence",
+            "model.blocks.*.attn.qkv": "colwise",
+            "model.blocks.*.attn.proj": "rowwise",
+            "model.blocks.*.attn.n_head": "divide",
+            "model.blocks.*.mlp.fc": "colwise",
+            "model.blocks.*.mlp.proj": "rowwise",
+            "model.ln_f": "sequence",
+            "model.lm_head": "output",
+        }
 
     @rank_zero_only
     def on_fit_start(self) -> None:

@@ -38,7 +38,8 @@ def test_causality_future_tokens_do_not_change_past_logits():
 
 
 def test_matches_manual_attention_reference():
-    """SDPA with is_causal equals a hand-written masked softmax attention (float64)."""
+    """SDPA with is_causal equals a hand-written masked softmax attention (float64), with qkv's output rows
+    grouped by head: rows [3*h*d, 3*h*d + d) are head h's query, the next d its key, the next d its value."""
     m = _model(n_layer=1).double()
     x = torch.randint(0, 50, (2, 16))
     blk = m.blocks[0]
@@ -46,8 +47,14 @@ def test_matches_manual_attention_reference():
     a = blk.attn
     B, T, C = h.shape
     hn = blk.ln_1(h)
-    q, k, v = a.qkv(hn).split(C, dim=2)
-    q, k, v = (t.view(B, T, 2, C // 2).transpose(1, 2) for t in (q, k, v))
+    H, d = 2, C // 2
+    w, b = a.qkv.weight, a.qkv.bias
+
+    def rows(which):  # which: 0 = query, 1 = key, 2 = value
+        idx = torch.cat([torch.arange(3 * h * d + which * d, 3 * h * d + (which + 1) * d) for h in range(H)])
+        return (hn @ w[idx].T + b[idx]).view(B, T, H, d).transpose(1, 2)
+
+    q, k, v = rows(0), rows(1), rows(2)
     att = (q @ k.transpose(-1, -2)) / (C // 2) ** 0.5
     att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
     ref_attn = a.proj((att @ v).transpose(1, 2).reshape(B, T, C))
