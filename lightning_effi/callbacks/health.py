@@ -20,6 +20,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_effi._protocols import TrustRatioOptimizer
+from lightning_effi.optim.norms import global_norm
 
 __all__ = ["TrainingHealthMonitor"]
 
@@ -98,9 +99,7 @@ class TrainingHealthMonitor(Callback):
         if not grads:
             self._grad_norm = None
             return
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
-        full_tensor = getattr(norm, "full_tensor", None)
-        self._grad_norm = full_tensor() if callable(full_tensor) else norm
+        self._grad_norm = global_norm(grads)
 
     @override
     def on_train_batch_end(

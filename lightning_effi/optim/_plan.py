@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_effi.optim.norms import (
     FlatLayout,
+    GroupsByRanks,
     _dtensor_type,
     all_reduce_parts,
     dtensor_reduce_groups,
@@ -120,11 +121,12 @@ def build_plan(params, grads, exp_avgs, exp_avg_sqs, flat_layouts, norm_process_
         plan.lid, plan.param, plan.lid_param = list(range(n)), list(range(n)), list(range(n))
         plan.lid_group = [()] * n
         return plan
+    same_ranks = GroupsByRanks()
     for i, (x, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         if is_dtensor(x):
             if not is_dtensor(g):
                 raise RuntimeError("Lamb got a DTensor parameter whose gradient is a plain tensor")
-            plan.lid_group.append(dtensor_reduce_groups(x))
+            plan.lid_group.append(tuple(same_ranks(grp) for grp in dtensor_reduce_groups(x)))
             x, g, m, v = x.to_local(), g.to_local(), to_local(m), to_local(v)
         else:
             plan.lid_group.append(())

@@ -106,14 +106,24 @@ def dtensor_reduce_groups(t: Any) -> tuple:
 
     groups = []
     for dim, pl in enumerate(t.placements):
-        if isinstance(pl, Shard):  # also _StridedShard, FSDP2's placement over a tensor-parallel shard
-            groups.append(t.device_mesh.get_group(dim))
+        if isinstance(pl, Shard) or _is_strided_shard(pl):
+            if t.device_mesh.size(dim) > 1:  # a dimension of one rank has nothing to sum
+                groups.append(t.device_mesh.get_group(dim))
         elif not isinstance(pl, Replicate):
             raise RuntimeError(
                 f"Lamb got a parameter with placement {pl!r}; only Shard and Replicate placements are supported "
                 "(a Partial parameter has no well-defined norm before it is reduced)"
             )
     return tuple(groups)
+
+
+def _is_strided_shard(placement: Any) -> bool:
+    # FSDP2's placement on the data-parallel dimension of a tensor-parallel parameter: private, not a Shard
+    # subclass, and its is_shard() is False, yet the local pieces are disjoint like a Shard's.
+    from torch.distributed.tensor import placement_types
+
+    cls = getattr(placement_types, "_StridedShard", None)
+    return cls is not None and isinstance(placement, cls)
 
 
 def resolve_flat_group(group):
@@ -149,3 +159,49 @@ def all_reduce_parts(parts: Sequence[tuple[object, Tensor]]) -> None:
         for t in ts:
             t.copy_(flat[off : off + t.numel()])
             off += t.numel()
+
+
+class GroupsByRanks:
+    """One process-group object per set of ranks: a 2-D mesh and its 1-D submesh hold different group objects over
+    the same ranks (FSDP2 puts tensor-parallel weights on the 2-D mesh and the others on the data-parallel submesh),
+    and reducing each separately would double the collectives."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, object] = {}
+        self._by_ranks: dict[tuple[int, ...], object] = {}
+
+    def __call__(self, group):
+        canonical = self._by_id.get(id(group))
+        if canonical is None:
+            ranks = tuple(torch.distributed.get_process_group_ranks(group))
+            canonical = self._by_id[id(group)] = self._by_ranks.setdefault(ranks, group)
+        return canonical
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """L2 norm of all ``tensors`` together, each taken as its full logical tensor: plain tensors and DTensors
+    sharded over any mesh dimensions may be mixed (FSDP2 x tensor parallel puts tensor-parallel weights on the 2-D
+    mesh and the rest on the data-parallel one, which ``torch.nn.utils.get_total_norm`` cannot stack). Local sums of
+    squares are summed per set of sharded dimensions and reduced with one all_reduce per process group; a float32
+    0-dim tensor."""
+    by_groups: dict[tuple, list[Tensor]] = {}
+    same_ranks = GroupsByRanks()
+    for t in tensors:
+        key = tuple(same_ranks(g) for g in dtensor_reduce_groups(t)) if is_dtensor(t) else ()
+        by_groups.setdefault(key, []).append(to_local(t))
+    if not by_groups:
+        raise ValueError("global_norm of no tensors")
+    keys = list(by_groups)
+    device = by_groups[keys[0]][0].device
+    sums = torch.stack([torch.nn.utils.get_total_norm(by_groups[k], norm_type=2.0, error_if_nonfinite=False)
+                        .to(device, torch.float32).square() for k in keys])
+    order: dict[int, object] = {}
+    for k in keys:
+        for g in k:
+            order.setdefault(id(g), g)
+    for group in order.values():
+        sel = [i for i, k in enumerate(keys) if any(g is group for g in k)]
+        part = sums[sel]
+        torch.distributed.all_reduce(part, op=torch.distributed.ReduceOp.SUM, group=group)
+        sums[sel] = part
+    return sums.sum().sqrt()
