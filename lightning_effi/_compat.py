@@ -590,3 +590,37 @@ def _check_deepspeed_strategy_internals() -> None:
         "the Trainer no longer reads strategy._precision_plugin as the user's precision plugin"
     assert ".step(" in inspect.getsource(DeepSpeedPrecision.optimizer_step), \
         "DeepSpeedPrecision.optimizer_step no longer steps the engine"
+
+
+def is_strided_shard(placement: Any) -> bool:
+    """Whether a DTensor placement is FSDP2's ``_StridedShard`` (its data-parallel dimension over a tensor-parallel
+    shard): private, not a ``Shard`` subclass and ``is_shard()`` is False, yet ranks hold disjoint pieces."""
+    from torch.distributed.tensor import placement_types
+
+    cls = getattr(placement_types, "_StridedShard", None)
+    return cls is not None and isinstance(placement, cls)
+
+
+@_register("torch _StridedShard",
+           "norms over FSDP2 x tensor parallel count _StridedShard dimensions as sharded (a sum over their group)")
+def _check_strided_shard() -> None:
+    from torch.distributed.tensor import placement_types
+
+    cls = getattr(placement_types, "_StridedShard", None)
+    assert cls is not None, "torch.distributed.tensor.placement_types._StridedShard is gone; re-check norms.py"
+    assert "split_factor" in _params(cls.__init__) or hasattr(cls, "split_factor"), \
+        "_StridedShard no longer has a split_factor; check how FSDP2 lays out tensor-parallel shards"
+
+
+@_register("torch tensor-parallel styles",
+           "apply_tensor_parallel builds ColwiseParallel/RowwiseParallel/PrepareModuleInput/SequenceParallel with "
+           "these keyword arguments and relies on parallelize_module replacing each planned module's parameters")
+def _check_tensor_parallel_styles() -> None:
+    from torch.distributed.tensor import parallel as tp
+
+    for cls in (tp.ColwiseParallel, tp.RowwiseParallel):
+        _has_params(cls.__init__, ("input_layouts", "output_layouts", "use_local_output"), cls.__name__)
+    _has_params(tp.PrepareModuleInput.__init__, ("input_layouts", "desired_input_layouts", "use_local_output"),
+                "PrepareModuleInput")
+    _has_params(tp.SequenceParallel.__init__, ("sequence_dim", "use_local_output"), "SequenceParallel")
+    _has_params(tp.parallelize_module, ("module", "device_mesh", "parallelize_plan"), "parallelize_module")

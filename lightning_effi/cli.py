@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import lightning.pytorch as pl
 from jsonargparse import lazy_instance
@@ -99,10 +100,48 @@ def main(args: list[str] | None = None) -> None:
     cli(args)
 
 
+_STRATEGY = "--trainer.strategy"
+
+
+def _expand_registered_strategy(argv: list[str]) -> list[str]:
+    """``--trainer.strategy=effi_fsdp --trainer.strategy.init_args.tensor_parallel_size=2`` as the class path plus
+    the registry entry's own init arguments: jsonargparse accepts ``init_args`` only after a class path, and a
+    registry name is just a string to it. Without ``init_args`` options the name is left to Lightning."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if not any(a.startswith(_STRATEGY + ".init_args.") for a in argv):
+        return argv
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = None
+        if arg.startswith(_STRATEGY + "="):
+            name, step = arg.split("=", 1)[1], 1
+        elif arg == _STRATEGY and i + 1 < len(argv):
+            name, step = argv[i + 1], 2
+        if name is not None and name in StrategyRegistry:
+            entry = StrategyRegistry[name]
+            cls = entry["strategy"]
+            out.append(f"{_STRATEGY}={cls.__module__}.{cls.__qualname__}")
+            out.extend(f"{_STRATEGY}.init_args.{k}={v}" for k, v in entry["init_params"].items())
+            i += step
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def cli(argv: list[str] | None) -> EffiCLI:
     """Build and run the LightningCLI on ``argv`` (None: ``sys.argv``); returns it (for tests and notebooks)."""
     import lightning_effi.strategies  # noqa: F401  (registers effi_fsdp / effi_deepspeed_stage_N)
 
+    raw = sys.argv[1:] if argv is None else list(argv)
+    expanded = _expand_registered_strategy(raw)
+    if argv is not None or expanded != raw:
+        argv = expanded
+        # LightningCLI warns when args come both from here and from sys.argv; here they are sys.argv, rewritten.
+        warnings.filterwarnings("ignore", message=".*not recommended to provide both args and command line")
     return EffiCLI(
         pl.LightningModule,
         pl.LightningDataModule,

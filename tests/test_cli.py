@@ -110,3 +110,35 @@ def test_export_errors_name_the_file_and_prefix_gets_its_dot(tmp_path):
     torch.save({"state_dict": {"model.w": torch.ones(1), "model_x.w": torch.zeros(1)}}, tmp_path / "a.ckpt")
     export_checkpoint(tmp_path / "a.ckpt", tmp_path / "o.pt", strip_prefix="model")
     assert list(torch.load(tmp_path / "o.pt")) == ["w"]
+
+
+@pytest.mark.parametrize(("name", "cls", "extra"), [
+    ("effi_fsdp", "lightning_effi.strategies.fsdp.EffiFSDPStrategy", "tensor_parallel_size: 2"),
+    ("effi_deepspeed_stage_2", "lightning_effi.strategies.deepspeed.EffiDeepSpeedStrategy", "stage: 2"),
+])
+def test_registered_strategy_name_takes_init_args(name, cls, extra, capsys):
+    """``--trainer.strategy=<registry name>`` with ``--trainer.strategy.init_args.*``: the name's class with the
+    registry's own arguments (a DeepSpeed stage) and the given ones."""
+    option = ("--trainer.strategy.init_args.tensor_parallel_size=2" if name == "effi_fsdp"
+              else "--trainer.strategy.init_args.offload_optimizer=false")
+    with pytest.raises(SystemExit):
+        cli(["fit", "--config", str(REPO / "configs/gpt_tiny.yaml"), f"--trainer.strategy={name}", option,
+             "--print_config"])
+    out = capsys.readouterr().out
+    assert f"class_path: {cls}" in out and extra in out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("config", ["gpt_tp.yaml", "gpt_2d.yaml"])
+def test_tensor_parallel_configs_train_on_cpu_then_export(config, tmp_path):
+    proc = _effi(["fit", "--config", str(REPO / "configs" / config), "--trainer.max_steps=2",
+                  "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
+                  "--data.init_args.max_bytes=200000"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "effi: training finished" in proc.stdout
+    ckpt = tmp_path / "runs/lightning_logs/version_0/checkpoints/last.ckpt"
+    out = _effi(["export", str(ckpt), str(tmp_path / "gpt.pt"), "--strip-prefix", "model."], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from lightning_effi.models import GPT
+
+    GPT(n_layer=4, n_head=4, d_model=128).load_state_dict(torch.load(tmp_path / "gpt.pt"))  # strict: every key

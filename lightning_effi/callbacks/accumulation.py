@@ -163,22 +163,16 @@ class AccumulationScheduler(Callback):
         pl_module.training_step = training_step  # type: ignore[method-assign]
 
     def _data_parallel_size(self, trainer: Trainer) -> int:
-        mesh = getattr(trainer.strategy, "_device_mesh", None)
-        if mesh is not None and mesh.mesh_dim_names and "tensor_parallel" in mesh.mesh_dim_names:
-            tp = mesh["tensor_parallel"].size()
-            if tp > 1 and (self._needs_tokens or self.unit == "sample" or self.global_batch_size is not None):
-                raise RuntimeError(
-                    f"AccumulationScheduler counts samples/tokens over all ranks, which double-counts with "
-                    f"tensor_parallel_size={tp}; use unit='step'/'epoch' with normalize='mean' under tensor parallelism"
-                )
-            return mesh["data_parallel"].size()
-        return trainer.world_size
+        return _data_parallel(trainer)[0]
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._dp = self._data_parallel_size(trainer)
         self.window.data_parallel_size = self._dp
-        self.window.reduce_sum = _all_reduce_sum if trainer.world_size > 1 else None
+        # Samples and tokens are counted over the data-parallel dimension only: the tensor-parallel ranks of one
+        # data-parallel group read the same batch.
+        self.window.reduce_sum = functools.partial(_all_reduce_sum, group=_data_parallel(trainer)[1]) \
+            if self._dp > 1 else None
         if not _grads_reachable(trainer.strategy) and math.isinf(trainer.num_training_batches):
             raise RuntimeError(
                 f"AccumulationScheduler with {type(trainer.strategy).__name__} needs a sized train DataLoader: the "
@@ -293,8 +287,9 @@ class AccumulationScheduler(Callback):
                 "(ModelCheckpoint(every_n_train_steps=...) does)."
             )
         counts = w.window_counts(trainer.strategy.root_device)
-        if trainer.world_size > 1:
-            _all_reduce_sum(counts)
+        dp, group, _ = _data_parallel(trainer)
+        if dp > 1:
+            _all_reduce_sum(counts, group=group)
         samples, tokens = (int(v) for v in counts.tolist())  # a checkpoint may wait for the device
         checkpoint[_WINDOW_KEY] = {
             "samples": samples, "tokens": tokens, "grads": self._gather_grads(trainer, pl_module)
@@ -327,7 +322,7 @@ class AccumulationScheduler(Callback):
         assert window is not None
         # Counts and gradients were summed over ranks at save time: rank 0 carries them, the others start from zero,
         # and the boundary all-reduce / DDP average add the rest exactly as without the interruption.
-        first = trainer.global_rank == 0
+        first = _data_parallel(trainer)[2] == 0
         self.window.win_samples = window["samples"] if first else 0
         self.window.win_tokens = window["tokens"] if first else 0
         grads = window["grads"]
@@ -346,9 +341,19 @@ class AccumulationScheduler(Callback):
                 p.grad = g if first else torch.zeros_like(g)
 
 
-def _all_reduce_sum(t: torch.Tensor) -> None:
+def _all_reduce_sum(t: torch.Tensor, group: Any = None) -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+def _data_parallel(trainer: Trainer) -> tuple[int, Any, int]:
+    """(size, process group, this rank's index) of the data-parallel dimension: the ``data_parallel`` dimension of
+    a tensor-parallel device mesh, else the whole world (group None)."""
+    mesh = getattr(trainer.strategy, "_device_mesh", None)
+    if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()):
+        dp = mesh["data_parallel"]
+        return dp.size(), dp.get_group(), dp.get_local_rank()
+    return trainer.world_size, None, trainer.global_rank
 
 
 def _scale_grads(grads: list[torch.Tensor], fix: Any) -> None:

@@ -15,6 +15,7 @@ from lightning_effi import _compat
 from lightning_effi._host import HostMirror
 from lightning_effi._protocols import HostMetricsProgressBar
 from lightning_effi.models._common import OptimizerCallable, build_optimizers, check_positive
+from lightning_effi.optim.norms import is_dtensor
 
 IGNORE_INDEX = -100
 
@@ -28,6 +29,12 @@ def _logs_this_step(trainer) -> bool:
     if trainer.logger is None:
         return False
     return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.should_stop
+
+
+def _tensor_parallel_size(module: pl.LightningModule) -> int:
+    mesh = getattr(module, "_device_mesh", None)
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    return mesh["tensor_parallel"].size() if mesh is not None and "tensor_parallel" in names else 1
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +134,11 @@ class _LMModule(pl.LightningModule):
     def select_token_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`token_loss`, compiled (:func:`fused_token_loss`) when ``fused_loss`` says so (auto: on CUDA devices
         with Triton support)."""
+        if is_dtensor(logits):
+            # Logits sharded over the vocabulary (tensor parallelism with loss_parallel): torch's loss_parallel
+            # cross-entropy, active around this step, reduces the shards; the scalar sum is then a plain tensor.
+            loss_sum, n = token_loss(logits, labels)
+            return loss_sum.full_tensor(), n  # type: ignore[attr-defined]
         fused = self.fused_loss if self.fused_loss is not None else _can_fuse_loss(logits.device)
         return fused_token_loss(logits, labels) if fused else token_loss(logits, labels)
 
@@ -155,7 +167,9 @@ class _LMModule(pl.LightningModule):
         # logger's steps: sync_dist is a barrier plus an all_reduce (even on one process under torchrun), which on
         # every step would block the host in the middle of the step (the GPU queue drains while it waits).
         if _logs_this_step(trainer):
-            self.log("train/tokens", self.tokens_seen.float(), on_step=True, on_epoch=False, reduce_fx="sum",
+            # Every tensor-parallel rank of a data-parallel group counts the same tokens.
+            tokens = self.tokens_seen.float() / _tensor_parallel_size(self)
+            self.log("train/tokens", tokens, on_step=True, on_epoch=False, reduce_fx="sum",
                      sync_dist=trainer is not None and trainer.world_size > 1)
         loss = loss_sum if self.loss_reduction == "sum" else loss_sum / n.clamp_min(1)
         return {"loss": loss, "num_tokens": n}

@@ -99,5 +99,22 @@ class BertMLMLightningModule(_LMModule):
         ids, labels = mlm_mask(batch["input_ids"], prob=self.hparams["mask_prob"], generator=generator)
         return self.select_token_loss(self(ids), labels)
 
+    def tp_plan(self) -> dict[str, str]:
+        """The default tensor-parallel plan: the blocks split as in :meth:`GPTLightningModule.tp_plan`; the
+        embedding and the MLM head (which reuses the embedding weight functionally) stay replicated, so the sequence
+        is gathered again before the head."""
+        return {
+            "model.drop": "sequence_split",
+            "model.blocks.*.ln_1": "sequence",
+            "model.blocks.*.ln_2": "sequence",
+            "model.blocks.*.attn.qkv": "colwise",
+            "model.blocks.*.attn.proj": "rowwise",
+            "model.blocks.*.attn.n_head": "divide",
+            "model.blocks.*.mlp.fc": "colwise",
+            "model.blocks.*.mlp.proj": "rowwise",
+            "model.ln_f": "sequence",
+            "model.head_dense": "sequence_gather",
+        }
+
     def val_generator(self, batch: dict, batch_idx: int) -> torch.Generator:
         return torch.Generator(device=batch["input_ids"].device).manual_seed(10_000 + batch_idx)

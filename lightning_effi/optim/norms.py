@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_effi import _compat
+
 
 @dataclass(frozen=True)
 class FlatLayout:
@@ -106,7 +108,7 @@ def dtensor_reduce_groups(t: Any) -> tuple:
 
     groups = []
     for dim, pl in enumerate(t.placements):
-        if isinstance(pl, Shard) or _is_strided_shard(pl):
+        if isinstance(pl, Shard) or _compat.is_strided_shard(pl):
             if t.device_mesh.size(dim) > 1:  # a dimension of one rank has nothing to sum
                 groups.append(t.device_mesh.get_group(dim))
         elif not isinstance(pl, Replicate):
@@ -115,15 +117,6 @@ def dtensor_reduce_groups(t: Any) -> tuple:
                 "(a Partial parameter has no well-defined norm before it is reduced)"
             )
     return tuple(groups)
-
-
-def _is_strided_shard(placement: Any) -> bool:
-    # FSDP2's placement on the data-parallel dimension of a tensor-parallel parameter: private, not a Shard
-    # subclass, and its is_shard() is False, yet the local pieces are disjoint like a Shard's.
-    from torch.distributed.tensor import placement_types
-
-    cls = getattr(placement_types, "_StridedShard", None)
-    return cls is not None and isinstance(placement, cls)
 
 
 def resolve_flat_group(group):
@@ -205,3 +198,18 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
         torch.distributed.all_reduce(part, op=torch.distributed.ReduceOp.SUM, group=group)
         sums[sel] = part
     return sums.sum().sqrt()
+
+
+def clip_grad_norm_(grads: Sequence[Tensor], max_norm: float) -> Tensor:
+    """Scale ``grads`` in place so that their :func:`global_norm` is at most ``max_norm`` (torch's
+    ``clip_grad_norm_`` rule, coefficient ``max_norm / (norm + 1e-6)`` capped at 1) and return the norm before
+    clipping. Works where torch's cannot (gradients on several meshes); the coefficient stays on the device."""
+    total = global_norm(grads)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        piece = to_local(g)
+        by_device.setdefault(piece.device, []).append(piece)
+    for device, pieces in by_device.items():
+        torch._foreach_mul_(pieces, coef.to(device))
+    return total

@@ -8,7 +8,7 @@ strategy exists, what each override changes and the layout it produces are in ``
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -26,7 +26,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_effi.strategies import parallelize
+from lightning_effi.strategies import parallelize, tensor_parallel
 from lightning_effi.strategies._local_adam import local_shard_steps
 from lightning_effi.strategies._sigterm import install_host_sigterm_check, report_pending_sigterm
 
@@ -77,6 +77,20 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             they are not alive through the next forward; code reading ``p.grad`` after the step sees ``None``.
         save_distributed_checkpoint: ``True`` (default) saves a torch.distributed.checkpoint directory loadable on any
             world size; ``False`` gathers one full ``.ckpt`` file on rank 0.
+        tensor_parallel_size: split every layer of the model over this many ranks (default 1: pure FSDP). The
+            processes form a ``data_parallel x tensor_parallel`` mesh (``world_size / tensor_parallel_size`` by
+            ``tensor_parallel_size``, neighbouring ranks in one tensor-parallel group); tensor parallelism is applied
+            first, then FSDP2 shards over the data-parallel dimension. Every tensor-parallel rank of a data-parallel
+            group reads the same batches (Lightning's sampler is over the data-parallel dimension).
+        tp_plan: module-path glob -> style (``colwise``, ``rowwise``, ``sequence``, ``sequence_split``,
+            ``sequence_gather``, ``embedding``, ``output``, ``divide``; see ``docs/tensor_parallel.md``). ``None``
+            (default): the LightningModule's ``tp_plan`` (a method returning the mapping, or a mapping attribute),
+            which the example GPT and BERT modules define. Ignored when ``tensor_parallel_size`` is 1.
+        sequence_parallel: shard the activations between blocks (norms, residuals) along the sequence, so their
+            memory per rank drops with ``tensor_parallel_size``; sequence lengths must divide by it. Default False.
+        loss_parallel: keep the logits sharded over the vocabulary and compute the cross-entropy on the shards
+            (torch's ``loss_parallel``, entered around every training/validation/test step and the backward); the
+            step's loss must be computed with ``F.cross_entropy`` on the logits DTensor. Default False.
         fused_adam_on_local_shards: run the step of a ``torch.optim.Adam``/``AdamW(fused=True)`` on the local shards
             of the sharded tensors instead of through DTensor's dispatcher (default ``True``): the same kernel and
             results with less host time per step. Other optimizers are unaffected.
@@ -101,12 +115,16 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         free_gradients_after_step: bool = True,
         save_distributed_checkpoint: bool = True,
         fused_adam_on_local_shards: bool = True,
+        tensor_parallel_size: int = 1,
+        tp_plan: Optional[Mapping[str, str]] = None,
+        sequence_parallel: bool = False,
+        loss_parallel: bool = False,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
     ) -> None:
         super().__init__(
             data_parallel_size="auto",
-            tensor_parallel_size=1,
+            tensor_parallel_size=parallelize.check_group_size(tensor_parallel_size, "tensor_parallel_size"),
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
             timeout=timeout,
@@ -129,6 +147,10 @@ class EffiFSDPStrategy(ModelParallelStrategy):
                                                                 "free_gradients_after_step")
         self.fused_adam_on_local_shards = parallelize.check_flag(fused_adam_on_local_shards,
                                                                  "fused_adam_on_local_shards")
+        self.tensor_parallel_size = tensor_parallel_size
+        self.tp_plan = tensor_parallel.check_plan(tp_plan)
+        self.sequence_parallel = parallelize.check_flag(sequence_parallel, "sequence_parallel")
+        self.loss_parallel = parallelize.check_flag(loss_parallel, "loss_parallel")
 
     @classmethod
     @override
@@ -141,10 +163,17 @@ class EffiFSDPStrategy(ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
-        # Upstream "auto" makes the data-parallel size the number of nodes (tensor parallelism inside a node);
-        # this strategy is pure FSDP, so every process is one data-parallel shard.
-        self._data_parallel_size = self.num_nodes * self.num_processes
-        self._tensor_parallel_size = 1
+        # Upstream "auto" makes the data-parallel size the number of nodes (tensor parallelism inside a node); here
+        # the data-parallel size is whatever the tensor-parallel size leaves.
+        world, tp = self.num_nodes * self.num_processes, self.tensor_parallel_size
+        if world % tp:
+            raise ValueError(
+                f"EffiFSDPStrategy(tensor_parallel_size={tp}) does not divide the world size {world} (num_nodes="
+                f"{self.num_nodes} x {self.num_processes} processes per node); choose a tensor_parallel_size that "
+                f"divides {world}, or change the number of devices"
+            )
+        self._data_parallel_size = world // tp
+        self._tensor_parallel_size = tp
         super().setup_environment()
 
     @override
@@ -166,6 +195,8 @@ class EffiFSDPStrategy(ModelParallelStrategy):
                 f"is {self.root_device.type!r}; set cpu_offload=False (on CPU everything already is in host memory)."
             )
         Strategy.setup(self, trainer)
+        if self.tensor_parallel_size > 1:
+            _clip_over_meshes(self.precision_plugin)
         if trainer.state.fn == TrainerFn.FITTING:
             if self.cpu_offload:
                 # Strategy.setup moved any optimizer state to the GPU; offloaded state lives with the CPU shards.
@@ -183,6 +214,35 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         if not self.cpu_offload:  # upstream always moves, which would undo the offload
             super().model_to_device()  # parameters and buffers fully_shard did not own (outside every unit)
         self.barrier()
+
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        if self.loss_parallel and self.tensor_parallel_size > 1:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._loss_context():
+            return _local_loss(super().training_step(*args, **kwargs))
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._loss_context():
+            return super().validation_step(*args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._loss_context():
+            return super().test_step(*args, **kwargs)
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Optional[Optimizer], *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        # loss_parallel's cross-entropy has its own backward rule, dispatched only inside the context.
+        with self._loss_context():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     @override
     def on_train_end(self) -> None:
@@ -216,10 +276,26 @@ class EffiFSDPStrategy(ModelParallelStrategy):
         reduce = auto[1] if auto is not None and self.reduce_dtype == "auto" else _DTYPES[self.reduce_dtype]
         return param, reduce
 
+    def _tensor_parallel(self, module: LightningModule) -> Optional[tensor_parallel.TPLayout]:
+        if self.tensor_parallel_size == 1:
+            return None
+        plan = self.tp_plan if self.tp_plan is not None else _module_plan(module)
+        layout = tensor_parallel.apply_tensor_parallel(
+            module, self.device_mesh["tensor_parallel"], plan,
+            sequence_parallel=self.sequence_parallel, loss_parallel=self.loss_parallel,
+        )
+        rank_zero_info(
+            f"EffiFSDPStrategy: tensor parallel over {self.tensor_parallel_size} rank(s) x data parallel over "
+            f"{self._data_parallel_size}; {len(layout.styles)} module(s) planned, divided {layout.divided}, "
+            f"sequence_parallel={self.sequence_parallel}, loss_parallel={self.loss_parallel}"
+        )
+        return layout
+
     def _shard(self, module: LightningModule) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         param_dtype, reduce_dtype = self.mixed_precision_dtypes()
+        self._tensor_parallel(module)
         layout = parallelize.apply_fsdp(
             module,
             self.device_mesh["data_parallel"],
@@ -239,3 +315,43 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             f"param_dtype={param_dtype}, reduce_dtype={reduce_dtype}, activation checkpointing on "
             f"{len(layout.checkpointed)} module(s), compiled units: {self.compile}"
         )
+
+
+def _module_plan(module: LightningModule) -> Mapping[str, str]:
+    plan = getattr(module, "tp_plan", None)
+    if callable(plan):
+        plan = plan()
+    if plan is None:
+        raise ValueError(
+            f"EffiFSDPStrategy(tensor_parallel_size > 1) needs a tensor-parallel plan, but {type(module).__name__} "
+            "has no tp_plan: pass EffiFSDPStrategy(tp_plan={'model.layers.*.attn.q': 'colwise', ...}) or define "
+            "a tp_plan() method on the LightningModule (docs/tensor_parallel.md shows how)"
+        )
+    return plan
+
+
+def _local_loss(output: Any) -> Any:
+    """A training step's loss as a plain tensor: under loss_parallel the cross-entropy returns a DTensor, which
+    Lightning's loop and the precision plugins would mix with plain tensors."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(output, DTensor):
+        return output.full_tensor()
+    if isinstance(output, dict) and isinstance(output.get("loss"), DTensor):
+        return {**output, "loss": output["loss"].full_tensor()}
+    return output
+
+
+def _clip_over_meshes(plugin: Any) -> None:
+    """Trainer(gradient_clip_val=...) under tensor parallelism: torch's clip_grad_norm_, which the precision plugins
+    call, stacks the per-parameter norms and fails when gradients live on different meshes (the 2-D mesh for split
+    weights, the data-parallel one for the rest). This plugin instance clips with the package's global norm instead:
+    the same rule, one all_reduce per mesh dimension, no host sync."""
+    from lightning_effi.optim.norms import clip_grad_norm_
+
+    def clip_grad_by_norm(optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        grads = [p.grad for p in plugin.main_params(optimizer) if p.grad is not None]
+        if grads:
+            clip_grad_norm_(grads, float(clip_val))
+
+    plugin.clip_grad_by_norm = clip_grad_by_norm

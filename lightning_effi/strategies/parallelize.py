@@ -214,7 +214,6 @@ def apply_fsdp(
         the :class:`FSDPLayout` that was applied.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-    from torch.distributed.tensor import DTensor
 
     wrap = check_names(wrap, "wrap")
     checkpoint_names = check_names(activation_checkpointing, "activation_checkpointing") or []
@@ -250,10 +249,11 @@ def apply_fsdp(
         for unit in group if compile else ():
             # An instance attribute: nn.Module.__call__ runs FSDP2's hooks eagerly around it.
             unit.forward = torch.compile(unit.forward)
-    # A child whose parameters are all DTensors already is covered (a wrapped unit, or an alias such as a
-    # torch.compile'd view of another child); sharding it again would create an empty unit.
-    roots = [(name, c) for name, c in module.named_children()
-             if any(not isinstance(p, DTensor) for p in c.parameters())]
+    # A child whose parameters all belong to wrapped units is covered (a wrapped unit, or an alias such as a
+    # torch.compile'd view of another child); sharding it again would create an empty unit. Membership, not
+    # "is a DTensor": tensor parallelism makes DTensors that FSDP2 has not sharded yet.
+    covered = {id(p) for group in groups for m in group for p in m.parameters()}
+    roots = [(name, c) for name, c in module.named_children() if any(id(p) not in covered for p in c.parameters())]
     for _, child in roots:
         fully_shard(child, reshard_after_forward=root_reshard, **kwargs)
     return FSDPLayout(
