@@ -4,9 +4,10 @@ Three subprocess runs (module fixture), because each costs seconds of start-up o
 
 1. 2 ranks: every case of ``tp_common.CASES`` (TP=2 with and without sequence and loss parallelism, AdamW and Lamb,
    the package's GPT with its shipped plan and a transformer with a YAML plan), the two checkpoint sources (DP=2 and
-   TP=2, two epochs), both resumed onto the other layout, and the package's GPTLightningModule (``module``);
-2. 1 rank: ``module`` again, its single-process reference;
-3. 4 ranks: DP=2 x TP=2 (``tp_common.CASES_4``), AdamW, Lamb and fp16 with an overflow on one rank.
+   TP=2, two epochs), both resumed onto the other layout, and the package's GPT and BERT LightningModules
+   (``module``, ``bert``);
+2. 1 rank: ``module`` and ``bert`` again, their single-process references;
+3. 4 ranks: DP=2 x TP=2 (``tp_common.CASES_4``), AdamW, Lamb and fp16 with an overflow on one rank, and ``module``.
 
 References are plain single-process PyTorch loops (``tp_common.reference_run``) or, for ``module``, the same
 LightningModule on one process.
@@ -38,10 +39,10 @@ FP16_TOL = 0.03  # fp16 autocast against the fp32 reference
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     two, one, four = root / "two", root / "one", root / "four"
-    run_script("tp_train.py", "--out", two, "--cases", ",".join([*tc.CASES, "module"]), "--resume", two,
+    run_script("tp_train.py", "--out", two, "--cases", ",".join([*tc.CASES, "module", "bert"]), "--resume", two,
                "--resume-cases", ",".join(f"{a}:{b}" for a, b in RESUMES), torchrun=2, timeout=900)
-    run_script("tp_train.py", "--out", one, "--cases", "module", timeout=300)
-    run_script("tp_train.py", "--out", four, "--cases", ",".join(tc.CASES_4), torchrun=4, timeout=900)
+    run_script("tp_train.py", "--out", one, "--cases", "module,bert", timeout=300)
+    run_script("tp_train.py", "--out", four, "--cases", ",".join([*tc.CASES_4, "module"]), torchrun=4, timeout=900)
     return {"two": two, "one": one, "four": four}
 
 
@@ -113,21 +114,29 @@ def test_resume_onto_the_other_layout_equals_the_uninterrupted_run(runs, source,
     assert tc.rel_to_movement(got, uninterrupted, "gpt") < FP32_TOL
 
 
-def test_module_with_token_sum_loss_matches_one_process(runs):
-    """GPTLightningModule (shipped plan, sequence + loss parallelism, token-sum loss, token-normalised accumulation
-    over micro-batches with different token counts) equals the same module trained on one process."""
-    got = torch.load(runs["two"] / "module" / "final.pt")
-    ref = torch.load(runs["one"] / "module" / "final.pt")
-    assert got.keys() == ref.keys()
-    from lightning_effi.models import GPTLightningModule
+@pytest.mark.parametrize(("kind", "which"), [("module", "two"), ("module", "four"), ("bert", "two")])
+def test_shipped_modules_match_one_process(runs, kind, which):
+    """The example LightningModules with their shipped plans equal the same module trained on one process:
+    GPTLightningModule (sequence + loss parallelism, token-sum loss, token-normalised accumulation over micro-batches
+    with different token counts) on TP=2 and on DP=2 x TP=2, BertMLMLightningModule (sequence parallelism) on TP=2."""
+    from lightning_effi.models import BertMLMLightningModule, GPTLightningModule
 
-    torch.manual_seed(tc.SEED)
-    start = GPTLightningModule(vocab_size=tc.VOCAB, block_size=tc.BLOCK, n_layer=2, n_head=4, d_model=32).state_dict()
+    got = torch.load(runs[which] / kind / "final.pt")
+    ref = torch.load(runs["one"] / kind / "final.pt")
+    assert got.keys() == ref.keys()
+    shape = dict(vocab_size=tc.VOCAB, block_size=tc.BLOCK, n_layer=2, n_head=4, d_model=32)
+    import lightning.pytorch as pl
+
+    pl.seed_everything(tc.SEED, verbose=False)
+    if kind == "bert":
+        start = BertMLMLightningModule(**{**shape, "vocab_size": 260}).state_dict()
+    else:
+        start = GPTLightningModule(**shape).state_dict()
     num = sum(float(((got[k].double() - ref[k].double()) ** 2).sum()) for k in ref)
     den = sum(float(((start[k].double() - ref[k].double()) ** 2).sum()) for k in ref)
-    assert (num / den) ** 0.5 < FP32_TOL
-    torch.testing.assert_close(torch.load(runs["two"] / "module" / "logits.pt"),
-                               torch.load(runs["one"] / "module" / "logits.pt"), rtol=1e-4, atol=1e-5)
+    assert den > 0 and (num / den) ** 0.5 < FP32_TOL
+    torch.testing.assert_close(torch.load(runs[which] / kind / "logits.pt"),
+                               torch.load(runs["one"] / kind / "logits.pt"), rtol=1e-4, atol=1e-5)
 
 
 def test_export_loads_into_plain_gpt_with_the_same_logits(runs):

@@ -113,6 +113,13 @@ class Observe(pl.Callback):
             self.info["skipped"].append(bool(plugin.last_step_skipped))
 
 
+class SeedPerBatch(pl.Callback):
+    """The same masks in every run whatever else draws from the global RNG (sharding and DTensor set-up do)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.manual_seed(tc.SEED + batch_idx)
+
+
 def _loader(world: int, tp: int, batch_size: int, wrap=None):
     rank = int(os.environ.get("RANK", 0))
     data = Rows(tc.dataset(), wrap)
@@ -177,16 +184,19 @@ def run_case(case: str, out: Path, world: int, resume: Path | None = None, sourc
         torch.save(full, target / "final.pt")
 
 
-def run_module(out: Path, world: int) -> None:
-    """The package's GPTLightningModule with its default plan, sequence and loss parallelism, the token-sum loss and
-    AccumulationScheduler(normalize="tokens") over a window of 2 (some labels ignored, so the token counts differ
-    between micro-batches); then a DCP checkpoint and the model's logits on fixed tokens, which the exported
-    single-file state_dict must reproduce in a plain GPT. With one process the same run is the reference."""
-    from lightning_effi.callbacks import AccumulationScheduler
-    from lightning_effi.models import GPTLightningModule
+def run_module(out: Path, world: int, kind: str = "module") -> None:
+    """The package's LightningModules with their shipped plans and sequence parallelism, tensor parallel over 2
+    ranks (data parallel over the rest); with one process the same run is the reference.
 
-    tp = world
-    target = tc.case_dir(out, "module")
+    ``module``: GPTLightningModule with loss parallelism, the token-sum loss and AccumulationScheduler(normalize=
+    "tokens") over a window of 2 (some labels ignored, so micro-batches hold different numbers of tokens); then a DCP
+    checkpoint and the model's logits on fixed tokens, which the exported state_dict must reproduce in a plain GPT.
+    ``bert``: BertMLMLightningModule (masks from the global RNG, seeded per batch alike in every run)."""
+    from lightning_effi.callbacks import AccumulationScheduler
+    from lightning_effi.models import BertMLMLightningModule, GPTLightningModule
+
+    tp = 2 if world > 1 else 1
+    target = tc.case_dir(out, kind)
     target.mkdir(parents=True, exist_ok=True)
 
     def rows(t):
@@ -194,14 +204,20 @@ def run_module(out: Path, world: int) -> None:
         labels[: int(t[0]) % 7] = -100  # a data-dependent number of ignored positions
         return {"input_ids": t[:-1], "labels": labels}
 
-    torch.manual_seed(tc.SEED)
-    model = GPTLightningModule(vocab_size=tc.VOCAB, block_size=tc.BLOCK, n_layer=2, n_head=4, d_model=32,
-                               warmup_steps=1, max_steps=4, loss_reduction="sum")
+    pl.seed_everything(tc.SEED, verbose=False)
+    shape = dict(vocab_size=tc.VOCAB, block_size=tc.BLOCK, n_layer=2, n_head=4, d_model=32, warmup_steps=1,
+                 max_steps=4)
+    if kind == "bert":
+        # the default vocabulary: masking draws the mask id and random bytes from it
+        model: pl.LightningModule = BertMLMLightningModule(**{**shape, "vocab_size": 260}, mask_prob=0.3)
+        callbacks: list = [SeedPerBatch()]
+    else:
+        model = GPTLightningModule(**shape, loss_reduction="sum")
+        callbacks = [AccumulationScheduler({0: 2}, normalize="tokens")]
     strategy: object = "auto"
     if tp > 1:
-        strategy = EffiFSDPStrategy(tensor_parallel_size=tp, sequence_parallel=True, loss_parallel=True)
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=4,
-                         callbacks=[AccumulationScheduler({0: 2}, normalize="tokens")],
+        strategy = EffiFSDPStrategy(tensor_parallel_size=tp, sequence_parallel=True, loss_parallel=kind != "bert")
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=4, callbacks=callbacks,
                          use_distributed_sampler=False, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, train_dataloaders=_loader(world, tp, 2, rows))
@@ -228,7 +244,10 @@ def main() -> None:
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", 1))
     for case in filter(None, args.cases.split(",")):
-        run_module(args.out, world) if case == "module" else run_case(case, args.out, world)
+        if case in ("module", "bert"):
+            run_module(args.out, world, case)
+        else:
+            run_case(case, args.out, world)
     for pair in filter(None, args.resume_cases.split(",")):
         source, case = pair.split(":")
         run_case(case, args.out, world, resume=args.resume, source=source)
