@@ -1,7 +1,7 @@
 import os
 
 # Multi-process CPU tests and the suite itself share 2 cores: one intra-op thread per process keeps them from
-# oversubscribing (CPU_DISTRIBUTED.md: 6 s jobs took 17-26 s under contention). Set before torch is imported,
+# oversubscribing (short multi-process jobs took several times longer under contention). Set before torch is imported,
 # which reads it once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

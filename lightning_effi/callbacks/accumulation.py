@@ -286,6 +286,13 @@ class AccumulationScheduler(Callback):
                 "the engine's partial gradients cannot be saved. Checkpoint at optimizer steps "
                 "(ModelCheckpoint(every_n_train_steps=...) does)."
             )
+        mesh = getattr(trainer.strategy, "_device_mesh", None)
+        if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise RuntimeError(
+                "Checkpoint requested in the middle of an accumulation window under tensor parallelism: partial "
+                "gradients on the 2-D mesh are not saved. Checkpoint at optimizer steps "
+                "(ModelCheckpoint(every_n_train_steps=...) does)."
+            )
         counts = w.window_counts(trainer.strategy.root_device)
         dp, group, _ = _data_parallel(trainer)
         if dp > 1:

@@ -459,3 +459,21 @@ def test_cuda_fp16_tokens_matches_big_batch_and_scaler():
     a = {k: v.float().cpu() for k, v in acc.model.state_dict().items()}
     b = {k: v.float().cpu() for k, v in ref.model.state_dict().items()}
     assert _max_diff(a, b) < 2e-3
+
+
+def test_mid_window_checkpoint_is_refused_under_tensor_parallelism():
+    """Partial gradients on a tensor-parallel mesh are not saved: asking for it names the fix instead of writing a
+    checkpoint that would resume wrong."""
+    from types import SimpleNamespace
+
+    class _Mesh:
+        mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+        def __getitem__(self, name):
+            return SimpleNamespace(size=lambda: 2)
+
+    cb = AccumulationScheduler({0: 4}, unit="step")
+    cb.window.is_open, cb.window.pos, cb.window.size = True, 1, 4  # one micro-batch into a window of four
+    strategy = SimpleNamespace(handles_gradient_accumulation=False, _device_mesh=_Mesh())
+    with pytest.raises(RuntimeError, match="middle of an accumulation window under tensor parallelism"):
+        cb.on_save_checkpoint(SimpleNamespace(strategy=strategy), None, {})

@@ -23,7 +23,8 @@ def run_script(name: str, *args: str, timeout: float = 300.0, env: dict | None =
     Args:
         name: file name under ``tests/distributed/scripts``.
         args: command-line arguments passed to the script.
-        timeout: seconds; generous because the suite shares 2 cores (>= 120 s per CPU_DISTRIBUTED.md).
+        timeout: seconds; generous because the suite shares 2 cores and a short job can take several times longer
+            under contention.
         env: extra environment variables.
         torchrun: when > 0, launch with ``torchrun --nproc_per_node=<torchrun>`` instead of plain python
             (for scripts that use torch.distributed directly, without Lightning's launcher).

@@ -9,9 +9,9 @@ import sys
 def clean_exit() -> None:
     """End a distributed script without the gloo exit-time abort.
 
-    8-25% of gloo runs die at interpreter shutdown with "terminate called without an active exception" (a gloo
-    worker thread racing Python finalization, pytorch issue 190489). A barrier, a flush and ``os._exit(0)`` on every
-    rank skips finalization entirely (0/12 aborts measured, CPU_DISTRIBUTED.md).
+    Some gloo runs die at interpreter shutdown with "terminate called without an active exception" (a gloo
+    worker thread racing Python finalization). A barrier, a flush and ``os._exit(0)`` on every rank skips
+    finalization entirely.
     """
     import torch.distributed as dist
 

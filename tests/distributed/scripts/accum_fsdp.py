@@ -1,5 +1,5 @@
 """AccumulationScheduler under 2-process FSDP2 on CPU (gloo): Lightning's ModelParallelStrategy with
-``data_parallel_size=2, tensor_parallel_size=1`` and ``fully_shard`` in ``configure_model`` (CPU_DISTRIBUTED.md).
+``data_parallel_size=2, tensor_parallel_size=1`` and ``fully_shard`` in ``configure_model``.
 
 Same cases and data as accum_ddp.py (tokens, mean, mid-window resume), so the test compares with the same float64
 references; tokens and the resume also run under the package's ``effi_fsdp`` (DCP checkpoint directory). Gradients
