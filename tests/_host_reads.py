@@ -56,3 +56,35 @@ class HostReadCounter:
         finally:
             for name, real in self._real.items():
                 setattr(torch.Tensor, name, real)
+
+
+# ------------------------------------------------------------------ the plugin stack both sync-free tests train
+def stack_data(n: int, t: int, vocab: int, batch_size: int, seed: int = 0):
+    """Token batches with about 20% of the labels ignored (uneven valid tokens: normalize="tokens" has work)."""
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (t + 1,), generator=g)
+        labels = ids[1:].clone()
+        labels[torch.rand(t, generator=g) < 0.2] = -100
+        items.append({"input_ids": ids[:-1], "labels": labels})
+    return DataLoader(items, batch_size=batch_size)
+
+
+def stack_optimizers() -> dict:
+    from functools import partial
+
+    from lightning_effi.optim import Lamb
+
+    return {"adamw-fused": partial(torch.optim.AdamW, lr=1e-3, fused=True),
+            "lamb": partial(Lamb, lr=1e-3, max_grad_norm=1.0)}
+
+
+def stack_accumulation(kind: str):
+    from lightning_effi.callbacks import AccumulationScheduler
+
+    if kind == "ramp":
+        return AccumulationScheduler(ramp=(1, 3, 8), unit="step")
+    return AccumulationScheduler({0: 2}, normalize="tokens")

@@ -14,13 +14,11 @@ from functools import partial
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
-from torch.utils.data import DataLoader
 
 from lightning_effi.callbacks import AccumulationScheduler, SyncFreeProgressBar, TrainingHealthMonitor
 from lightning_effi.models import GPTLightningModule
-from lightning_effi.optim import Lamb
 from lightning_effi.plugins import LossScalingPrecision
-from tests._host_reads import HostReadCounter
+from tests._host_reads import HostReadCounter, stack_accumulation, stack_data, stack_optimizers
 
 LOG_EVERY = 10
 # Lamb's CPU path: norms and the skip flag are read on the host (documented; the accelerator paths read nothing).
@@ -28,15 +26,8 @@ CPU_OPTIMIZER_FRAMES = ("optim/functional.py:_host_step", "optim/functional.py:_
                         "optim/functional.py:_cpu_per_tensor", "optim/functional.py:lamb")
 
 
-def _data(n=48, t=16, vocab=50, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (t + 1,), generator=g)
-        labels = ids[1:].clone()
-        labels[torch.rand(t, generator=g) < 0.2] = -100  # uneven valid tokens: normalize="tokens" has work to do
-        items.append({"input_ids": ids[:-1], "labels": labels})
-    return DataLoader(items, batch_size=2)
+def _data():
+    return stack_data(n=48, t=16, vocab=50, batch_size=2)
 
 
 class CountBetweenLogs(Callback):
@@ -70,18 +61,14 @@ def _fit(precision, optimizer, counter, accumulation, steps=24):
     return trainer, counting
 
 
-OPTIMIZERS = {
-    "adamw-fused": partial(torch.optim.AdamW, lr=1e-3, fused=True),
-    "lamb": partial(Lamb, lr=1e-3, max_grad_norm=1.0),
-}
+OPTIMIZERS = stack_optimizers()
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("accumulation", ["ramp", "tokens"])
 def test_full_stack_reads_nothing_between_logging_steps(precision, optimizer, accumulation):
-    callback = (AccumulationScheduler(ramp=(1, 3, 8), unit="step") if accumulation == "ramp"
-                else AccumulationScheduler({0: 2}, normalize="tokens"))
+    callback = stack_accumulation(accumulation)
     counter = HostReadCounter()
     trainer, counting = _fit(LossScalingPrecision(precision, init_scale=2.0**8), OPTIMIZERS[optimizer], counter,
                              callback)

@@ -8,26 +8,18 @@ from functools import partial
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
-from torch.utils.data import DataLoader
 
 from lightning_effi.callbacks import AccumulationScheduler, SyncFreeProgressBar, TrainingHealthMonitor
 from lightning_effi.models import GPTLightningModule
-from lightning_effi.optim import Lamb
 from lightning_effi.plugins import LossScalingPrecision
+from tests._host_reads import stack_accumulation, stack_data, stack_optimizers
 
 pytestmark = pytest.mark.gpu
 LOG_EVERY = 10
 
 
-def _data(n=96, t=64, vocab=256, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (t + 1,), generator=g)
-        labels = ids[1:].clone()
-        labels[torch.rand(t, generator=g) < 0.2] = -100
-        items.append({"input_ids": ids[:-1], "labels": labels})
-    return DataLoader(items, batch_size=4)
+def _data():
+    return stack_data(n=96, t=64, vocab=256, batch_size=4)
 
 
 class SyncDebugBetweenLogs(Callback):
@@ -63,18 +55,14 @@ def _fit(precision, optimizer, accumulation, steps=24):
     return trainer, debug
 
 
-OPTIMIZERS = {
-    "adamw-fused": partial(torch.optim.AdamW, lr=1e-3, fused=True),
-    "lamb": partial(Lamb, lr=1e-3, max_grad_norm=1.0),
-}
+OPTIMIZERS = stack_optimizers()
 
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("accumulation", ["ramp", "tokens"])
 def test_full_stack_makes_no_sync_between_logging_steps(precision, optimizer, accumulation):
-    callback = (AccumulationScheduler(ramp=(1, 3, 8), unit="step") if accumulation == "ramp"
-                else AccumulationScheduler({0: 2}, normalize="tokens"))
+    callback = stack_accumulation(accumulation)
     # A scale that fits from the start: steps before the first applied one are decided on the host by design
     trainer, debug = _fit(LossScalingPrecision(precision, init_scale=2.0**8), OPTIMIZERS[optimizer], callback)
     assert trainer.global_step == 24 and len(debug.checked) >= 15

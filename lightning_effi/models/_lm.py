@@ -31,6 +31,21 @@ def _logs_this_step(trainer) -> bool:
     return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.should_stop
 
 
+def block_tp_plan(prefix: str) -> dict[str, str]:
+    """The tensor-parallel plan of the example models' ``Block``s under ``prefix`` (``"model.blocks.*"``):
+    Megatron-style attention and MLP (``qkv``/``fc`` split by output features, the projections by input features,
+    the head count divided), the two norms on sequence shards."""
+    return {
+        f"{prefix}.ln_1": "sequence",
+        f"{prefix}.ln_2": "sequence",
+        f"{prefix}.attn.qkv": "colwise",
+        f"{prefix}.attn.proj": "rowwise",
+        f"{prefix}.attn.n_head": "divide",
+        f"{prefix}.mlp.fc": "colwise",
+        f"{prefix}.mlp.proj": "rowwise",
+    }
+
+
 def _tensor_parallel_size(module: pl.LightningModule) -> int:
     mesh = getattr(module, "_device_mesh", None)
     names = getattr(mesh, "mesh_dim_names", None) or ()

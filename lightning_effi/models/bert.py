@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_effi.models._common import OptimizerCallable
-from lightning_effi.models._lm import IGNORE_INDEX, _LMModule
+from lightning_effi.models._lm import IGNORE_INDEX, _LMModule, block_tp_plan
 from lightning_effi.models.data import MASK_ID, NUM_BYTES, VOCAB_SIZE
 from lightning_effi.models.gpt import Block, _check_shapes
 
@@ -105,13 +105,7 @@ class BertMLMLightningModule(_LMModule):
         is gathered again before the head."""
         return {
             "model.drop": "sequence_split",
-            "model.blocks.*.ln_1": "sequence",
-            "model.blocks.*.ln_2": "sequence",
-            "model.blocks.*.attn.qkv": "colwise",
-            "model.blocks.*.attn.proj": "rowwise",
-            "model.blocks.*.attn.n_head": "divide",
-            "model.blocks.*.mlp.fc": "colwise",
-            "model.blocks.*.mlp.proj": "rowwise",
+            **block_tp_plan("model.blocks.*"),
             "model.ln_f": "sequence",
             "model.head_dense": "sequence_gather",
         }

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from lightning_effi.models._common import OptimizerCallable, check_positive
-from lightning_effi.models._lm import IGNORE_INDEX, _LMModule, fused_token_loss, token_loss
+from lightning_effi.models._lm import IGNORE_INDEX, _LMModule, block_tp_plan, fused_token_loss, token_loss
 
 __all__ = ["GPT", "Block", "GPTLightningModule", "IGNORE_INDEX", "fused_token_loss", "token_loss"]
 
@@ -192,13 +192,7 @@ class GPTLightningModule(_LMModule):
         return {
             "model.wte": "embedding",
             "model.drop": "sequence_split",
-            "model.blocks.*.ln_1": "sequence",
-            "model.blocks.*.ln_2": "sequence",
-            "model.blocks.*.attn.qkv": "colwise",
-            "model.blocks.*.attn.proj": "rowwise",
-            "model.blocks.*.attn.n_head": "divide",
-            "model.blocks.*.mlp.fc": "colwise",
-            "model.blocks.*.mlp.proj": "rowwise",
+            **block_tp_plan("model.blocks.*"),
             "model.ln_f": "sequence",
             "model.lm_head": "output",
         }

@@ -229,19 +229,25 @@ def _patterns(n=7):
     return [list(bits) for bits in itertools.product([False, True], repeat=n)]
 
 
+def _gradscaler_scales(flags) -> list[float]:
+    """torch.amp.GradScaler's scale after each step of an overflow pattern (the independent reference)."""
+    gs = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.0)
+    scales = []
+    for overflow in flags:
+        gs.scale(torch.ones(()))
+        p.grad = torch.tensor([1.0, float("inf") if overflow else 1.0])
+        gs.step(opt)
+        gs.update()
+        scales.append(gs.get_scale())
+    return scales
+
+
 def test_hysteresis_1_matches_torch_gradscaler():
     """hysteresis=1 (and a floor/ceiling out of reach) is torch.amp.GradScaler's rule exactly."""
     for flags in _patterns():
-        gs = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
-        p = torch.nn.Parameter(torch.ones(2))
-        opt = torch.optim.SGD([p], lr=0.0)
-        theirs = []
-        for overflow in flags:
-            gs.scale(torch.ones(()))
-            p.grad = torch.tensor([1.0, float("inf") if overflow else 1.0])
-            gs.step(opt)
-            gs.update()
-            theirs.append(gs.get_scale())
+        theirs = _gradscaler_scales(flags)
         ours = DynamicLossScaler(init_scale=2.0**10, growth_interval=2, hysteresis=1, min_scale=2.0**-20,
                                  max_scale=2.0**40)
         assert run_scaler(ours, flags)[0] == theirs, flags
@@ -315,16 +321,7 @@ def test_masked_steps_follow_the_reference_rule(hysteresis, consecutive):
 
 def test_masked_hysteresis_1_matches_torch_gradscaler():
     for flags in _patterns(6):
-        gs = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
-        p = torch.nn.Parameter(torch.ones(2))
-        opt = torch.optim.SGD([p], lr=0.0)
-        theirs = []
-        for overflow in flags:
-            gs.scale(torch.ones(()))
-            p.grad = torch.tensor([1.0, float("inf") if overflow else 1.0])
-            gs.step(opt)
-            gs.update()
-            theirs.append(gs.get_scale())
+        theirs = _gradscaler_scales(flags)
         ours = DynamicLossScaler(init_scale=2.0**10, growth_interval=2, hysteresis=1, min_scale=2.0**-20,
                                  max_scale=2.0**40)
         assert run_masked(ours, flags)[0] == theirs, flags

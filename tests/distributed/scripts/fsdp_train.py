@@ -25,22 +25,11 @@ import fsdp_common as fc  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from _common import clean_exit  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from _common import clean_exit, count_all_reduces_per_step, rows, save_at_epoch_end  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
 from lightning_effi.strategies import EffiFSDPStrategy  # noqa: E402
-
-
-class Rows(Dataset):
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.data[i]
 
 
 class LM(pl.LightningModule):
@@ -55,17 +44,6 @@ class LM(pl.LightningModule):
     def configure_optimizers(self):
         opt, sched = fc.make_optimizer(self.optimizer_name, self.net)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class SaveAtEpochEnd(pl.Callback):
-    """Save a sharded checkpoint at the end of the epoch that reaches ``step`` (an end-of-epoch checkpoint)."""
-
-    def __init__(self, step: int, path: Path) -> None:
-        self.step, self.path = step, path
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
 
 
 class Observe(pl.Callback):
@@ -92,25 +70,7 @@ class Observe(pl.Callback):
 
         if self.hook_qkv:
             qkv.register_forward_pre_hook(pre_hook)
-        # Step hooks rather than a wrapper around optimizer.step: the strategy keeps the local-shard Adam step only
-        # for a step nothing else wraps.
-        optimizer = trainer.optimizers[0]
-        real, n = dist.all_reduce, [0]
-
-        def counted(*a, **k):
-            n[0] += 1
-            return real(*a, **k)
-
-        def before_step(opt, args, kwargs):
-            n[0] = 0
-            dist.all_reduce = counted
-
-        def after_step(opt, args, kwargs):
-            dist.all_reduce = real
-            self.info["allreduce_per_step"].append(n[0])
-
-        optimizer.register_step_pre_hook(before_step)
-        optimizer.register_step_post_hook(after_step)
+        count_all_reduces_per_step(trainer.optimizers[0], self.info["allreduce_per_step"])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._calls = 0
@@ -154,13 +114,13 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int, acceler
     accumulate = spec.get("accumulate", 1)
     target = fc.case_dir(out, case + ("_resumed" if resume_root else ""))
     target.mkdir(parents=True, exist_ok=True)
-    data = Rows(fc.dataset())
+    data = rows(fc.dataset())
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
     loader = DataLoader(data, batch_size=fc.GLOBAL_BATCH // world // accumulate, sampler=sampler)
     observe = Observe(inject_overflow_at=fc.SKIP_AT if spec.get("fp16") else None, hook_qkv=not compiled)
     callbacks: list = [observe]
     if not resume_root:
-        callbacks.append(SaveAtEpochEnd(fc.SAVE_AT, target / "step5"))
+        callbacks.append(save_at_epoch_end(fc.SAVE_AT, target / "step5"))
     if "schedule" in spec:
         callbacks.append(AccumulationScheduler(spec["schedule"], unit="step"))
     health = TrainingHealthMonitor(log_every_n_steps=1) if spec.get("health") else None
@@ -276,7 +236,7 @@ def run_sigterm(out: Path, world: int, accelerator: str) -> None:
     target = fc.case_dir(out, "sigterm")
     target.mkdir(parents=True, exist_ok=True)
     rank = int(os.environ.get("RANK", 0))
-    data = Rows(fc.dataset())
+    data = rows(fc.dataset())
     loader = DataLoader(data, batch_size=fc.GLOBAL_BATCH // world,
                         sampler=DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False))
 

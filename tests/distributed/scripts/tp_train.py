@@ -24,22 +24,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import tp_common as tc  # noqa: E402
-from _common import clean_exit  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from _common import clean_exit, count_all_reduces_per_step, rows, save_at_epoch_end  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
 from lightning_effi.strategies import EffiFSDPStrategy  # noqa: E402
-
-
-class Rows(Dataset):
-    def __init__(self, data, wrap=None) -> None:
-        self.data, self.wrap = data, wrap
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int):
-        return self.wrap(self.data[i]) if self.wrap else self.data[i]
 
 
 class LM(pl.LightningModule):
@@ -64,15 +53,6 @@ class LM(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-class SaveAtEpochEnd(pl.Callback):
-    def __init__(self, step: int, path: Path) -> None:
-        self.step, self.path = step, path
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
-
-
 class Observe(pl.Callback):
     """Skips, placements, and an overflow written into rank 1's local gradient shards only."""
 
@@ -83,22 +63,7 @@ class Observe(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.info["placements"] = {n: [str(pl) for pl in getattr(p, "placements", ())]
                                    for n, p in pl_module.named_parameters()}
-        real, count = torch.distributed.all_reduce, [0]
-
-        def counted(*a, **k):
-            count[0] += 1
-            return real(*a, **k)
-
-        def before(opt, args, kwargs):
-            count[0] = 0
-            torch.distributed.all_reduce = counted
-
-        def after(opt, args, kwargs):
-            torch.distributed.all_reduce = real
-            self.info["allreduce_per_step"].append(count[0])
-
-        trainer.optimizers[0].register_step_pre_hook(before)
-        trainer.optimizers[0].register_step_post_hook(after)
+        count_all_reduces_per_step(trainer.optimizers[0], self.info["allreduce_per_step"])
 
     def on_after_backward(self, trainer, pl_module) -> None:
         if trainer.global_step == self.inject_overflow_at and trainer.global_rank == 1:
@@ -122,7 +87,7 @@ class SeedPerBatch(pl.Callback):
 
 def _loader(world: int, tp: int, batch_size: int, wrap=None):
     rank = int(os.environ.get("RANK", 0))
-    data = Rows(tc.dataset(), wrap)
+    data = rows(tc.dataset(), wrap)
     dp = world // tp
     # Every tensor-parallel rank of a data-parallel group reads the same rows.
     sampler = DistributedSampler(data, num_replicas=dp, rank=rank // tp, shuffle=False)
@@ -163,7 +128,7 @@ def run_case(case: str, out: Path, world: int, resume: Path | None = None, sourc
     if health is not None:
         callbacks.append(health)
     if spec.get("save") and resume is None:
-        callbacks.append(SaveAtEpochEnd(tc.PER_EPOCH, target / "step5"))
+        callbacks.append(save_at_epoch_end(tc.PER_EPOCH, target / "step5"))
     plugins = [LossScalingPrecision("16-mixed", "cpu", init_scale=2.0**10)] if spec.get("fp16") else []
     epochs = tc.EPOCHS if spec.get("save") else 1
     trainer = _trainer(spec, world, callbacks, epochs, plugins)
@@ -199,7 +164,7 @@ def run_module(out: Path, world: int, kind: str = "module") -> None:
     target = tc.case_dir(out, kind)
     target.mkdir(parents=True, exist_ok=True)
 
-    def rows(t):
+    def labelled(t):
         labels = t[1:].clone()
         labels[: int(t[0]) % 7] = -100  # a data-dependent number of ignored positions
         return {"input_ids": t[:-1], "labels": labels}
@@ -220,7 +185,7 @@ def run_module(out: Path, world: int, kind: str = "module") -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=4, callbacks=callbacks,
                          use_distributed_sampler=False, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, train_dataloaders=_loader(world, tp, 2, rows))
+    trainer.fit(model, train_dataloaders=_loader(world, tp, 2, labelled))
     ckpt = target / ("ckpt" if tp > 1 else "model.ckpt")
     trainer.save_checkpoint(ckpt)
     model.eval()
