@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -145,13 +145,10 @@ def merge_zero_optimization(cfg: dict[str, Any], *, stage: int, offload_optimize
         raise ValueError(f"DeepSpeed config 'zero_optimization' must be an object, got {zero!r}")
     zero = dict(zero)
     user_stage = zero.get("stage")
-    if user_stage is not None and not _is_auto(user_stage) and int(user_stage) != stage:
-        conflicts.append(
-            f"zero_optimization.stage is {user_stage} in the DeepSpeed config but the strategy is stage {stage} "
-            f"(effi_deepspeed_stage_{stage}): use effi_deepspeed_stage_{user_stage} / "
-            f"EffiDeepSpeedStrategy(stage={user_stage}), or remove 'stage' from the config"
-        )
-    zero["stage"] = stage
+    _derive(zero, "stage", stage, conflicts, lambda: (
+        f"zero_optimization.stage is {user_stage} in the DeepSpeed config but the strategy is stage {stage} "
+        f"(effi_deepspeed_stage_{stage}): use effi_deepspeed_stage_{user_stage} / "
+        f"EffiDeepSpeedStrategy(stage={user_stage}), or remove 'stage' from the config"))
     for key, value in _ZERO_DEFAULTS.items():
         zero.setdefault(key, value)
     for flag, key, device_default in (
@@ -199,14 +196,11 @@ def merge_accumulation(cfg: dict[str, Any], *, accumulate_grad_batches: int) -> 
     """``gradient_accumulation_steps`` from ``Trainer(accumulate_grad_batches=...)``."""
     conflicts: list[str] = []
     user_gas = cfg.get("gradient_accumulation_steps")
-    if user_gas is not None and not _is_auto(user_gas) and int(user_gas) != accumulate_grad_batches:
-        conflicts.append(
-            f"gradient_accumulation_steps is {user_gas} in the DeepSpeed config but "
-            f"Trainer(accumulate_grad_batches={accumulate_grad_batches}): set "
-            f"Trainer(accumulate_grad_batches={user_gas}) (or an AccumulationScheduler) and remove the key or set "
-            "it to 'auto'"
-        )
-    cfg["gradient_accumulation_steps"] = accumulate_grad_batches
+    _derive(cfg, "gradient_accumulation_steps", accumulate_grad_batches, conflicts, lambda: (
+        f"gradient_accumulation_steps is {user_gas} in the DeepSpeed config but "
+        f"Trainer(accumulate_grad_batches={accumulate_grad_batches}): set "
+        f"Trainer(accumulate_grad_batches={user_gas}) (or an AccumulationScheduler) and remove the key or set "
+        "it to 'auto'"))
     return conflicts
 
 
@@ -218,31 +212,30 @@ def merge_batch_sizes(cfg: dict[str, Any], *, micro_batch_size: int | None, accu
     """
     conflicts: list[str] = []
     user_micro = cfg.get("train_micro_batch_size_per_gpu")
-    if micro_batch_size is not None:
-        if user_micro is not None and not _is_auto(user_micro) and int(user_micro) != micro_batch_size:
-            conflicts.append(
-                f"train_micro_batch_size_per_gpu is {user_micro} in the DeepSpeed config but the train dataloader "
-                f"yields batches of {micro_batch_size}: change the DataLoader batch_size to {user_micro}, or set the "
-                "key to 'auto'"
-            )
-        cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
-    elif _is_auto(user_micro):
-        del cfg["train_micro_batch_size_per_gpu"]
+    _derive(cfg, "train_micro_batch_size_per_gpu", micro_batch_size, conflicts, lambda: (
+        f"train_micro_batch_size_per_gpu is {user_micro} in the DeepSpeed config but the train dataloader "
+        f"yields batches of {micro_batch_size}: change the DataLoader batch_size to {user_micro}, or set the "
+        "key to 'auto'"))
     micro = cfg.get("train_micro_batch_size_per_gpu")
-
+    expected = None if micro is None else int(micro) * accumulate_grad_batches * world_size
     user_tbs = cfg.get("train_batch_size")
-    if micro is not None:
-        expected = int(micro) * accumulate_grad_batches * world_size
-        if user_tbs is not None and not _is_auto(user_tbs) and int(user_tbs) != expected:
-            conflicts.append(
-                f"train_batch_size is {user_tbs} in the DeepSpeed config but micro-batch {micro} x accumulation "
-                f"{accumulate_grad_batches} x world size {world_size} = {expected}: remove train_batch_size (it is "
-                "derived) or set it to 'auto'"
-            )
-        cfg["train_batch_size"] = expected
-    elif _is_auto(user_tbs):
-        del cfg["train_batch_size"]
+    _derive(cfg, "train_batch_size", expected, conflicts, lambda: (
+        f"train_batch_size is {user_tbs} in the DeepSpeed config but micro-batch {micro} x accumulation "
+        f"{accumulate_grad_batches} x world size {world_size} = {expected}: remove train_batch_size (it is "
+        "derived) or set it to 'auto'"))
     return conflicts
+
+
+def _derive(cfg: dict, key: str, value: Any, conflicts: list[str], message: Callable[[], str]) -> None:
+    """Set ``cfg[key]`` to the value derived from the Trainer; a different explicit value in the user's config is
+    a conflict (``message()``), an ``"auto"`` with nothing to derive it from is dropped for DeepSpeed to fill."""
+    user = cfg.get(key)
+    if value is not None:
+        if user is not None and not _is_auto(user) and int(user) != value:
+            conflicts.append(message())
+        cfg[key] = value
+    elif _is_auto(user):
+        del cfg[key]
 
 
 def merge_gradient_clipping(cfg: dict[str, Any], *, gradient_clip_val: float | None) -> list[str]:
