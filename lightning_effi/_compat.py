@@ -624,3 +624,21 @@ def _check_tensor_parallel_styles() -> None:
                 "PrepareModuleInput")
     _has_params(tp.SequenceParallel.__init__, ("sequence_dim", "use_local_output"), "SequenceParallel")
     _has_params(tp.parallelize_module, ("module", "device_mesh", "parallelize_plan"), "parallelize_module")
+
+
+def forward_redirection(strategy: Any, module: Any, method_name: str, *args: Any, **kwargs: Any) -> Any:
+    """Lightning's forward redirection (``Strategy._forward_redirection``): ``module.<method_name>(*args)`` run as
+    ``module(*args)``, so the hooks around ``module``'s forward (FSDP2's gather and reduce) fire around the step."""
+    return strategy._forward_redirection(module, module, method_name, *args, **kwargs)
+
+
+@_register("lightning forward redirection",
+           "EffiFSDPStrategy runs the steps of a LightningModule that is an FSDP unit itself through its forward")
+def _check_forward_redirection() -> None:
+    from lightning.pytorch.strategies import Strategy
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    assert "self._forward_redirection = _ForwardRedirection()" in inspect.getsource(Strategy.__init__), \
+        "Strategy no longer holds a _ForwardRedirection in _forward_redirection"
+    _has_params(_ForwardRedirection.__call__, ("wrapper_module", "original_module", "method_name"),
+                "_ForwardRedirection.__call__")

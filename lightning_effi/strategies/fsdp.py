@@ -26,6 +26,7 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_effi import _compat
 from lightning_effi.strategies import parallelize, tensor_parallel
 from lightning_effi.strategies._local_adam import local_shard_steps
 from lightning_effi.strategies._sigterm import install_host_sigterm_check, report_pending_sigterm
@@ -46,6 +47,8 @@ _AUTO_POLICY: dict[str, tuple[Optional[torch.dtype], Optional[torch.dtype]]] = {
 }
 # Marks a LightningModule this strategy already sharded, so fit() followed by validate()/test() does not reshard.
 _SHARDED_FLAG = "_effi_fsdp_sharded"
+# Marks a LightningModule sharded as the FSDP root (it holds parameters itself): its steps run through its forward.
+_ROOT_FLAG = "_effi_fsdp_root_unit"
 
 
 class EffiFSDPStrategy(ModelParallelStrategy):
@@ -222,20 +225,47 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             return loss_parallel()
         return contextlib.nullcontext()
 
+    def _step(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's ``*_step``, run through the LightningModule's forward when it is an FSDP unit itself (it holds
+        parameters of its own): FSDP2 gathers a unit's parameters in the hooks around its forward, and Lightning calls
+        ``training_step`` directly. Also names the fix when a step reads a sharded parameter outside any forward."""
+        module = self.lightning_module
+        try:
+            with self._loss_context():
+                if getattr(module, _ROOT_FLAG, False):
+                    assert module is not None
+                    contexts = {"training_step": self.precision_plugin.train_step_context,
+                                "validation_step": self.precision_plugin.val_step_context,
+                                "test_step": self.precision_plugin.test_step_context,
+                                "predict_step": self.precision_plugin.predict_step_context}
+                    with contexts[name]():
+                        return _compat.forward_redirection(self, module, name, *args, **kwargs)
+                return getattr(super(), name)(*args, **kwargs)
+        except RuntimeError as e:
+            if "mixed torch.Tensor and DTensor" not in str(e):
+                raise
+            raise RuntimeError(
+                f"{type(module).__name__}.{name} computed with a sharded parameter outside the forward of the module "
+                "that holds it: under EffiFSDPStrategy a parameter is whole only inside its FSDP unit's forward. Call "
+                "the submodule (self.model(x)) instead of reading its weights, or use p.full_tensor() for a read-only "
+                f"value. Original error: {e}"
+            ) from e
+
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._loss_context():
-            return _local_loss(super().training_step(*args, **kwargs))
+        return _local_loss(self._step("training_step", *args, **kwargs))
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._loss_context():
-            return super().validation_step(*args, **kwargs)
+        return self._step("validation_step", *args, **kwargs)
 
     @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
-        with self._loss_context():
-            return super().test_step(*args, **kwargs)
+        return self._step("test_step", *args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._step("predict_step", *args, **kwargs)
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Optional[Optimizer], *args: Any,
@@ -308,6 +338,7 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             offload=self.cpu_offload,
         )
         object.__setattr__(module, _SHARDED_FLAG, True)
+        object.__setattr__(module, _ROOT_FLAG, bool(layout.root_params))
         n_wrapped = sum(map(len, layout.units))
         rank_zero_info(
             f"EffiFSDPStrategy: {len(layout.units)} unit(s) of {n_wrapped} {list(layout.unit_classes)} + "

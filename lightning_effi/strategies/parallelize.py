@@ -128,7 +128,7 @@ def _group_siblings(root: nn.Module, units: list[nn.Module], names: dict[int, st
 
 
 def _check_unsharded(module: nn.Module) -> None:
-    """The root must not be sharded yet and must hold no parameters itself (only its children are sharded)."""
+    """The root must not be sharded yet (the strategy and apply_fsdp choose the units themselves)."""
     from lightning.pytorch import LightningModule
     from lightning.pytorch.utilities.model_helpers import is_overridden
     from torch.distributed.fsdp import FSDPModule
@@ -141,14 +141,44 @@ def _check_unsharded(module: nn.Module) -> None:
             "apply_fsdp shard the module themselves: remove those fully_shard calls, or use Lightning's "
             "ModelParallelStrategy."
         )
-    direct = [name for name, _ in module.named_parameters(recurse=False)]
-    if direct:
-        owner = "LightningModule" if lightning else "root module"
-        raise RuntimeError(
-            f"EffiFSDPStrategy (apply_fsdp) shards the child modules of {type(module).__name__}, but parameters "
-            f"{direct} are registered on the {owner} itself and would be neither sharded nor reduced across ranks. "
-            "Move them into a submodule (e.g. self.model)."
-        )
+
+
+def _unit_params(unit: list[nn.Module], sharded: set[int]) -> dict[int, str]:
+    """What ``fully_shard(unit)`` takes: the parameters reachable from the unit's modules without passing through an
+    already sharded module, by id, with the first path (relative to the unit's module) they are reached by."""
+    out: dict[int, str] = {}
+
+    def visit(m: nn.Module, prefix: str) -> None:
+        for name, p in m.named_parameters(recurse=False, remove_duplicate=False):
+            out.setdefault(id(p), prefix + name)
+        for name, child in m.named_children():
+            if id(child) not in sharded:
+                visit(child, f"{prefix}{name}.")
+
+    for m in unit:
+        visit(m, "")
+    return out
+
+
+def _check_ties(order: list[list[nn.Module]], names: dict[int, str]) -> None:
+    """A tensor shared by two modules (tied embedding and head) can live in one FSDP unit only: FSDP2 refuses it in a
+    second one with a message that names neither parameter. Checked for the planned units before any is sharded."""
+    owner: dict[int, tuple[str, str]] = {}  # param id -> (unit name, parameter name)
+    sharded: set[int] = set()
+    for unit in order:
+        unit_name = names[id(unit[0])] or "<root>"
+        base = names[id(unit[0])]
+        for pid, rel in _unit_params(unit, sharded).items():
+            full = f"{base}.{rel}" if base else rel
+            if pid in owner:
+                other_unit, other_param = owner[pid]
+                raise ValueError(
+                    f"parameters {other_param!r} and {full!r} are one tensor (tied) but would be sharded in two FSDP "
+                    f"units ({other_unit!r} and {unit_name!r}); FSDP2 keeps a tensor in one unit. Remove the class "
+                    f"of {other_unit!r} from wrap so both stay in one unit, or untie the weights."
+                )
+            owner[pid] = (unit_name, full)
+        sharded.update(id(m) for m in unit)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -163,6 +193,9 @@ class FSDPLayout:
         roots: children of the module sharded as root units for the parameters no wrapped unit holds.
         checkpointed: modules whose activations are recomputed in backward.
         compiled: wrapped modules whose ``forward`` was compiled.
+        root_params: parameters registered on the module itself; when there are any, the module is sharded last as
+            the FSDP root, so its own parameters are gathered in its forward (under Lightning the strategy runs the
+            steps through it).
     """
 
     units: tuple[tuple[str, ...], ...]
@@ -170,6 +203,7 @@ class FSDPLayout:
     roots: tuple[str, ...]
     checkpointed: tuple[str, ...]
     compiled: tuple[str, ...]
+    root_params: tuple[str, ...] = ()
 
 
 def apply_fsdp(
@@ -193,7 +227,8 @@ def apply_fsdp(
     before the first module is changed. See ``docs/fsdp.md`` for the layout and its reshard rules.
 
     Args:
-        module: the root; it must hold no parameters itself and must not be sharded yet.
+        module: the root; it must not be sharded yet. Parameters registered on it directly are sharded with it as
+            the FSDP root (its forward gathers them).
         mesh: the data-parallel device mesh handed to every ``fully_shard`` call (None: FSDP2's default, the world).
         wrap: class names (``"Block"`` or ``"pkg.module.Block"``) of the modules to shard as units. None (default):
             the classes of the children of every ``nn.ModuleList``. ``[]``: root units only. A name that matches no
@@ -236,10 +271,24 @@ def apply_fsdp(
     kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp_policy,
               "offload_policy": CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy()}
 
-    for m in checkpointed:
-        _compat.composable_checkpoint(m)
     # Deepest groups first: fully_shard on a parent only takes the parameters its sharded children left over.
     groups = sorted(_group_siblings(module, units, names, group_size), key=lambda g: -names[id(g[0])].count("."))
+    wrapped = {id(m) for g in groups for m in g}
+    covered = set().union(*(_unit_params(g, wrapped - {id(m) for m in g}).keys() for g in groups)) if groups else set()
+    # A child whose parameters all belong to wrapped units is covered (a wrapped unit, or an alias such as a
+    # torch.compile'd view of another child); sharding it again would create an empty unit. Membership, not
+    # "is a DTensor": tensor parallelism makes DTensors that FSDP2 has not sharded yet.
+    roots = [(name, c) for name, c in module.named_children() if id(c) not in wrapped
+             and any(id(p) not in covered for p in c.parameters())]
+    root_params = tuple(name for name, _ in module.named_parameters(recurse=False))
+    scalars = [name for name, p in module.named_parameters() if p.ndim == 0]
+    if scalars:
+        raise ValueError(f"FSDP2 cannot shard 0-dim parameters {scalars}: make each a 1-element tensor "
+                         "(nn.Parameter(torch.ones(1)) instead of torch.ones(()))")
+    _check_ties([*groups, *([c] for _, c in roots), *([[module]] if root_params else [])], names)
+
+    for m in checkpointed:
+        _compat.composable_checkpoint(m)
     # None (FSDP2's root default: keep the parameters from forward to backward) for units that end up FSDP roots.
     root_reshard = None if reshard_after_forward is True else reshard_after_forward
     for group in groups:
@@ -249,17 +298,15 @@ def apply_fsdp(
         for unit in group if compile else ():
             # An instance attribute: nn.Module.__call__ runs FSDP2's hooks eagerly around it.
             unit.forward = torch.compile(unit.forward)
-    # A child whose parameters all belong to wrapped units is covered (a wrapped unit, or an alias such as a
-    # torch.compile'd view of another child); sharding it again would create an empty unit. Membership, not
-    # "is a DTensor": tensor parallelism makes DTensors that FSDP2 has not sharded yet.
-    covered = {id(p) for group in groups for m in group for p in m.parameters()}
-    roots = [(name, c) for name, c in module.named_children() if any(id(p) not in covered for p in c.parameters())]
     for _, child in roots:
         fully_shard(child, reshard_after_forward=root_reshard, **kwargs)
+    if root_params:
+        fully_shard(module, reshard_after_forward=root_reshard, **kwargs)
     return FSDPLayout(
         units=tuple(tuple(names[id(m)] for m in g) for g in groups),
         unit_classes=unit_classes,
         roots=tuple(name for name, _ in roots),
         checkpointed=tuple(names[id(m)] for m in checkpointed),
         compiled=tuple(names[id(m)] for g in groups for m in g) if compile else (),
+        root_params=root_params,
     )

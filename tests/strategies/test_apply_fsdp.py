@@ -7,6 +7,8 @@ anything is sharded.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -214,7 +216,10 @@ def test_mixed_precision_policy_sets_the_compute_dtype(one_rank_mesh):
 class _WithOwnParam(Root):
     def __init__(self) -> None:
         super().__init__()
-        self.temperature = nn.Parameter(torch.ones(()))
+        self.temperature = nn.Parameter(torch.full((1,), 0.5))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return super().forward(idx) * self.temperature
 
 
 @pytest.mark.parametrize(
@@ -252,10 +257,37 @@ def test_bad_arguments_fail_before_anything_is_sharded(one_rank_mesh, kwargs, ex
     assert not any(_is_sharded(p) for p in root.parameters())
 
 
-def test_parameters_on_the_root_itself_are_refused(one_rank_mesh):
-    with pytest.raises(RuntimeError, match=r"parameters \['temperature'\] are registered on the root module itself "
-                                           r".* Move them into a submodule"):
-        apply_fsdp(_WithOwnParam(), one_rank_mesh)
+def test_parameters_on_the_root_itself_are_sharded_with_the_root(one_rank_mesh):
+    """Parameters registered on the root make it the FSDP root unit, gathered by its forward; the result equals the
+    unsharded module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    torch.manual_seed(0)
+    root = _WithOwnParam()
+    ref = copy.deepcopy(root)
+    layout = apply_fsdp(root, one_rank_mesh)
+    assert layout.root_params == ("temperature",)
+    assert isinstance(root, FSDPModule) and _is_sharded(root.temperature)
+    x = torch.randint(0, 10, (2, 8))
+    torch.testing.assert_close(root(x), ref(x))
+    root(x).sum().backward()
+    ref(x).sum().backward()
+    torch.testing.assert_close(root.temperature.grad.full_tensor(), ref.temperature.grad)
+
+
+def test_tied_parameters_in_two_units_are_refused_naming_both(one_rank_mesh):
+    """The example GPT ties its head to its embedding: wrapping the embedding as its own unit would put one tensor
+    in two units."""
+    from lightning_effi.models import GPT
+
+    gpt = GPT(vocab_size=16, block_size=8, n_layer=1, n_head=2, d_model=8)
+    holder = nn.Module()
+    holder.model = gpt
+    expected = (r"parameters 'model.wte.weight' and 'model.lm_head.weight' are one tensor \(tied\) but would be "
+                r"sharded in two FSDP units \('model.wte' and 'model'\)")
+    with pytest.raises(ValueError, match=expected):
+        apply_fsdp(holder, one_rank_mesh, wrap=["Embedding", "Block"])
+    assert not any(_is_sharded(p) for p in holder.parameters())
 
 
 def test_an_already_sharded_module_is_refused(one_rank_mesh):

@@ -106,12 +106,12 @@ def test_explicit_dtypes_override_and_unknown_plugin_errors():
 
 # ------------------------------------------------------------------------------------------- errors at setup
 class _LM(pl.LightningModule):
-    def __init__(self, extra_root_param: bool = False, pre_sharded: bool = False) -> None:
+    def __init__(self, extra_root_param: bool = False, pre_sharded: bool = False, reads_weights: bool = False) -> None:
         super().__init__()
         self.model = GPT(vocab_size=16, block_size=8, n_layer=2, n_head=2, d_model=8)
         if extra_root_param:
-            self.temperature = nn.Parameter(torch.ones(()))
-        self.pre_sharded = pre_sharded
+            self.temperature = nn.Parameter(torch.ones(1))
+        self.pre_sharded, self.reads_weights = pre_sharded, reads_weights
         self.steps_run = 0
 
     def configure_model(self) -> None:
@@ -121,8 +121,11 @@ class _LM(pl.LightningModule):
             fully_shard(self.model)
 
     def training_step(self, batch, batch_idx):
+        if self.reads_weights:  # a sharded weight mixed with a plain tensor outside its unit's forward
+            return (self.model.wte.weight * torch.ones(8)).sum()
         self.steps_run += 1
-        return self.model(batch[0]).float().mean()
+        out = self.model(batch[0]).float().mean()
+        return out * self.temperature if hasattr(self, "temperature") else out
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
@@ -155,13 +158,14 @@ def one_process_fit():
          r"activation_checkpointing class name\(s\) \['Attention'\] .*'CausalSelfAttention'"),
         ({"cpu_offload": True}, {}, {}, RuntimeError,
          r"cpu_offload=True\) .* accelerator is 'cpu'; set cpu_offload=False"),
-        ({}, {"extra_root_param": True}, {}, RuntimeError,
-         r"parameters \['temperature'\] are registered on the LightningModule itself .* Move them into a submodule"),
+        ({}, {"reads_weights": True}, {}, RuntimeError,
+         r"_LM.training_step computed with a sharded parameter outside the forward .* Call the submodule"),
         ({}, {"pre_sharded": True}, {}, RuntimeError, r"already sharded with fully_shard \(in configure_model\)"),
         ({}, {}, {"plugins": [MasterWeightsPrecision()]}, RuntimeError,
          r"MasterWeightsPrecision does not support EffiFSDPStrategy"),
     ],
-    ids=["unknown-wrap", "unknown-ac", "cpu-offload-on-cpu", "root-param", "pre-sharded", "master-weights"],
+    ids=["unknown-wrap", "unknown-ac", "cpu-offload-on-cpu", "weights-outside-forward", "pre-sharded",
+         "master-weights"],
 )
 def test_bad_setup_raises_before_training(one_process_fit, strategy_kwargs, module_kwargs, trainer_kwargs, exc, match):
     module = _LM(**module_kwargs)

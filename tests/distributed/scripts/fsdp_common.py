@@ -45,6 +45,8 @@ CASES: dict[str, dict] = {
     "adamw_fused_dtensor": {"optimizer": "adamw_fused", "strategy": {"fused_adam_on_local_shards": False}},
     # both Blocks sharded as one FSDP unit (one all-gather / reduce-scatter for the pair), compiled per Block
     "lamb_group2": {"optimizer": "lamb", "strategy": {"wrap_group_size": 2, "compile": True}},
+    # a parameter registered on the LightningModule itself (the module becomes the FSDP root unit)
+    "adamw_root_param": {"optimizer": "adamw", "root_param": True},
 }
 # GPUs only (the multi_gpu tests run them).
 EXTRA_CASES: dict[str, dict] = {
@@ -70,6 +72,28 @@ class Net(nn.Module):
 def build_net() -> Net:
     torch.manual_seed(SEED)
     return Net()
+
+
+TEMPERATURE = 0.9  # initial value of the root_param case's parameter
+
+
+class WithRootParam(nn.Module):
+    """The root_param case's reference: the LightningModule's own parameter next to ``net``, same names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = build_net()
+        self.temperature = nn.Parameter(torch.full((1,), TEMPERATURE))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx) * self.temperature
+
+
+def initial_state(case: str) -> dict[str, torch.Tensor]:
+    """The weights every run of ``case`` starts from, keyed as the runs save them (``net.`` prefix dropped)."""
+    if ALL_CASES[case].get("root_param"):
+        return {k.removeprefix("net."): v for k, v in WithRootParam().state_dict().items()}
+    return build_net().state_dict()
 
 
 def dataset() -> torch.Tensor:
@@ -113,7 +137,7 @@ def reference_run(case: str, *, steps: int | None = None, logits_after: int | No
     gradient norm before clipping and, for LAMB, its trust ratios."""
     spec = ALL_CASES[case]
     windows = spec.get("windows", PLAIN_WINDOWS)[:steps]
-    net = build_net()
+    net: nn.Module = WithRootParam() if spec.get("root_param") else build_net()
     data = dataset()
     opt, sched = make_optimizer(spec["optimizer"], net)
     clip = OPTIMIZERS[spec["optimizer"]]["clip"]
@@ -131,10 +155,15 @@ def reference_run(case: str, *, steps: int | None = None, logits_after: int | No
             sched.step()
         if logits_after is not None and step + 1 == logits_after:
             with torch.no_grad():
-                logits = net.gpt(data[:4, :-1]).clone()
+                logits = build_net_view(net)(data[:4, :-1]).clone()
     if stats is not None and getattr(opt, "trust_ratios", None) is not None:
         stats["trust_ratios"] = opt.trust_ratios.clone()
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}, logits
+    return {k.removeprefix("net."): v.detach().clone() for k, v in net.state_dict().items()}, logits
+
+
+def build_net_view(net: nn.Module) -> nn.Module:
+    """The GPT inside ``net`` (a Net, or the root_param wrapper around one)."""
+    return net.net.gpt if isinstance(net, WithRootParam) else net.gpt
 
 
 def max_rel_diff(a: dict, b: dict) -> tuple[float, str]:

@@ -26,6 +26,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _common import clean_exit, count_all_reduces_per_step, rows, save_at_epoch_end  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.data.distributed import DistributedSampler  # noqa: E402
 
@@ -33,16 +34,19 @@ from lightning_effi.strategies import EffiFSDPStrategy  # noqa: E402
 
 
 class LM(pl.LightningModule):
-    def __init__(self, optimizer: str) -> None:
+    def __init__(self, optimizer: str, root_param: bool = False) -> None:
         super().__init__()
         self.optimizer_name = optimizer
         self.net = fc.build_net()
+        if root_param:
+            self.temperature = nn.Parameter(torch.full((1,), fc.TEMPERATURE))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        return fc.loss_fn(self.net(batch[:, :-1]), batch)
+        logits = self.net(batch[:, :-1])
+        return fc.loss_fn(logits * self.temperature if hasattr(self, "temperature") else logits, batch)
 
     def configure_optimizers(self):
-        opt, sched = fc.make_optimizer(self.optimizer_name, self.net)
+        opt, sched = fc.make_optimizer(self.optimizer_name, self if hasattr(self, "temperature") else self.net)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -145,7 +149,7 @@ def run_case(case: str, out: Path, resume_root: Path | None, world: int, acceler
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = LM(spec["optimizer"])
+    model = LM(spec["optimizer"], root_param=spec.get("root_param", False))
     ckpt = str(fc.case_dir(resume_root, case) / "step5") if resume_root else None
     # what torch's fused AdamW kernel is handed (torch's functional adam looks torch._fused_adamw_ up at every call)
     kernel, kernel_args = torch._fused_adamw_, set()
