@@ -3,7 +3,9 @@
 Categories are detected by module type, not by parameter name alone, so a LayerNorm called ``ln_f`` or an RMSNorm
 called ``scale`` is still recognised:
 
-- ``"bias"``: every parameter whose own name (the part after the last dot) is ``bias``.
+- ``"bias"``: every bias: a parameter whose own name (the part after the last dot) is ``bias`` or ends with
+  ``_bias`` (``nn.MultiheadAttention.in_proj_bias``). ``bias_k``/``bias_v`` (``add_bias_kv=True``) are not: they
+  are learned key/value rows, not offsets; the regex ``r"bias_[kv]$"`` adds them.
 - ``"norm"``: every parameter owned by a normalisation layer: ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
   ``nn.LocalResponseNorm``, any ``nn.modules.batchnorm._NormBase`` (BatchNorm/InstanceNorm), and any module whose
   class name ends with ``Norm`` (custom RMSNorm implementations).
@@ -14,6 +16,10 @@ called ``scale`` is still recognised:
 
 A parameter may be excluded from decay but not from adaptation, and the reverse. Shared (tied) parameters appear
 once, under their first name.
+
+An entry that is neither a category nor a regex matching some parameter's name raises ``ValueError`` (a misspelt
+``"nrom"`` would otherwise leave every norm decayed). A category with no members is fine: the default
+``("bias", "norm")`` applies to a model without biases as well.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith("Norm")
 
 
+def _is_bias(name: str) -> bool:
+    return name == "bias" or name.endswith("_bias")
+
+
 def _categories(module: nn.Module) -> dict[str, set[str]]:
     """Map every parameter's qualified name to the built-in categories it belongs to."""
     cats: dict[str, set[str]] = {}
@@ -47,7 +57,7 @@ def _categories(module: nn.Module) -> dict[str, set[str]]:
             seen.add(id(p))
             full = f"{mod_name}.{p_name}" if mod_name else p_name
             c = set()
-            if p_name == "bias":
+            if _is_bias(p_name):
                 c.add("bias")
             if _is_norm(mod):
                 c.add("norm")
@@ -59,7 +69,11 @@ def _categories(module: nn.Module) -> dict[str, set[str]]:
     return cats
 
 
-def _matcher(rules: Sequence[str], what: str):
+def check_rules(rules: Sequence[str], what: str) -> list[re.Pattern]:
+    """Validate ``no_decay``/``no_adapt`` entries without a model; return the compiled regexes (not categories).
+
+    Raises ``TypeError`` for a bare string (it would be read as a sequence of one-letter rules) and ``ValueError``
+    for an entry that is not a valid regex."""
     if isinstance(rules, str):
         raise TypeError(f"{what} must be a list of categories or patterns, got the string {rules!r}; write [{rules!r}]")
     patterns = []
@@ -70,6 +84,21 @@ def _matcher(rules: Sequence[str], what: str):
             patterns.append(re.compile(r))
         except re.error as e:
             raise ValueError(f"Invalid {what} entry {r!r}: not one of {_BUILTIN} and not a valid regex ({e})") from e
+    return patterns
+
+
+def _matcher(module: nn.Module, rules: Sequence[str], what: str):
+    patterns = check_rules(rules, what)
+    names = [n for n, _ in module.named_parameters()]
+    for pattern in patterns:
+        if any(pattern.search(n) for n in names):
+            continue
+        aliases = [n for n, _ in module.named_parameters(remove_duplicate=False) if pattern.search(n)]
+        hint = (f" (it matches only {aliases[:3]}, a second name of a shared parameter, which is grouped under its "
+                "first name)") if aliases else ""
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise ValueError(f"Invalid {what} entry {pattern.pattern!r}: not a category and no parameter name matches it"
+                         f"{hint}; use a category of {_BUILTIN} or a regex searched in names such as [{shown}]")
     builtin = {r for r in rules if r in _BUILTIN}
 
     def match(name: str, cats: set[str]) -> bool:
@@ -92,7 +121,8 @@ def param_groups(
         module: the model; only parameters with ``requires_grad`` are returned.
         weight_decay: decay for the decayed group(s). Default ``0.01``.
         no_decay: categories (``"bias"``, ``"norm"``, ``"embedding"``, ``"1d"``) or name regexes whose
-            parameters get ``weight_decay=0``. Default ``("bias", "norm")``.
+            parameters get ``weight_decay=0``; a regex must match at least one parameter name. Default
+            ``("bias", "norm")``.
         no_adapt: the same, for parameters whose LAMB trust ratio is fixed to 1 (group key ``adapt=False``;
             optimizers other than :class:`~lightning_effi.optim.Lamb` ignore the key). Default ``()``.
         with_names: also store the parameter names of each group under ``"param_names"`` (for telemetry).
@@ -103,8 +133,8 @@ def param_groups(
     """
     if weight_decay < 0:
         raise ValueError(f"Invalid weight_decay {weight_decay!r}: must be >= 0")
-    decay_off = _matcher(no_decay, "no_decay")
-    adapt_off = _matcher(no_adapt, "no_adapt")
+    decay_off = _matcher(module, no_decay, "no_decay")
+    adapt_off = _matcher(module, no_adapt, "no_adapt")
     cats = _categories(module)
     named = dict(module.named_parameters())
     buckets: dict[tuple[bool, bool], tuple[list, list]] = {}
