@@ -95,6 +95,20 @@ class AccumulationScheduler(Callback):
             global_batch_size=self.global_batch_size,
         )
 
+    @property
+    def factor(self) -> int:
+        """Micro-batches per rank in the current window (the last window's between windows, 1 before the first):
+        a host value, what a progress bar shows. ``trainer.accumulate_grad_batches`` is not always it: a window that
+        starts at an unaligned batch index gets another loop value (see ``loop_accumulate_value``)."""
+        w = self.window
+        return w.size if w.is_open else max(w.last_size, 1)
+
+    @property
+    def window_progress(self) -> tuple[int, int]:
+        """``(micro-batches run, size)`` of the open window; ``(0, 0)`` between windows."""
+        w = self.window
+        return (w.pos, w.size) if w.is_open else (0, 0)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return self.window.state_dict()

@@ -127,6 +127,33 @@ def factor_at(position: int, *, schedule: tuple[tuple[int, int], ...] = (),
     return constant
 
 
+def factor_sum(start: int, stop: int, *, schedule: tuple[tuple[int, int], ...] = (),
+               ramp: tuple[int, int, int] | None = None, constant: int = 1) -> int:
+    """``sum(factor_at(p) for p in range(start, stop))``: the micro-batches per rank of the optimizer steps
+    ``start .. stop - 1`` of a step-keyed schedule, in time proportional to the number of factor changes (a progress
+    bar asks at every step of a run that may have millions).
+
+    Args:
+        start, stop: positions (optimizer steps); an empty range sums to 0.
+        schedule, ramp, constant: as for :func:`factor_at`.
+    """
+    if stop <= start:
+        return 0
+    if ramp is not None:
+        first, last, length = ramp
+        span = abs(last - first)
+        # ramp_factor moves by d once span * position >= d * length: the change points are ceil(d * length / span)
+        changes = [-(-d * length // span) for d in range(1, span + 1)]
+    else:
+        changes = [threshold for threshold, _ in schedule]
+    total, at = 0, start
+    for edge in [c for c in changes if start < c < stop] + [stop]:
+        if edge > at:
+            total += factor_at(at, schedule=schedule, ramp=ramp, constant=constant) * (edge - at)
+            at = edge
+    return total
+
+
 def factor_from_global_batch(global_batch_size: int, *, micro_batch_size: int, data_parallel_size: int) -> int:
     """``global_batch_size / (micro_batch_size * data_parallel_size)``; raises if it does not divide."""
     per_step = micro_batch_size * data_parallel_size

@@ -9,6 +9,7 @@ import pytest
 from lightning_effi.callbacks.schedule import (
     factor_at,
     factor_from_global_batch,
+    factor_sum,
     loop_accumulate_value,
     parse_ramp,
     parse_schedule,
@@ -50,6 +51,21 @@ def test_global_batch():
     with pytest.raises(ValueError, match=r"Invalid global_batch_size 500: not a multiple of micro_batch_size 16 x "
                                          r"data-parallel size 8 = 128; use e.g. 384 or 512"):
         factor_from_global_batch(500, micro_batch_size=16, data_parallel_size=8)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_factor_sum_equals_the_sum_of_factors(seed):
+    rng = random.Random(seed)
+    if seed % 3 == 0:
+        kw = {"ramp": parse_ramp((rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 60)))}
+    elif seed % 3 == 1:
+        thresholds = sorted(rng.sample(range(80), rng.randint(1, 4)))
+        kw = {"schedule": parse_schedule({t: rng.randint(1, 9) for t in thresholds})}
+    else:
+        kw = {"constant": rng.randint(1, 9)}
+    for _ in range(30):
+        start, stop = rng.randint(0, 100), rng.randint(0, 100)
+        assert factor_sum(start, stop, **kw) == sum(factor_at(p, **kw) for p in range(start, stop)), (kw, start, stop)
 
 
 def test_window_size_cut_at_epoch_end():
