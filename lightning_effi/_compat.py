@@ -185,6 +185,33 @@ def _check_sigterm_hooks() -> None:
     assert "_broadcast_sigterm_tensor" in src, "the training loop no longer calls _broadcast_sigterm_tensor"
 
 
+def module_of_attached_log(fn: Any) -> Any:
+    """The LightningModule whose ``log`` method ``fn`` is, else None. ``Trainer._run`` assigns every callback
+    ``callback.log = lightning_module.log`` (``_CallbackConnector._attach_model_logging_functions``) before it checks
+    that the module defines ``configure_optimizers``: the one point before that check where a callback sees the
+    module."""
+    from lightning.pytorch import LightningModule
+
+    module = getattr(fn, "__self__", None)
+    return module if isinstance(module, LightningModule) else None
+
+
+@_register("lightning _attach_model_logging_functions order",
+           "ConfigureOptimizer supplies configure_optimizers when the Trainer assigns callback.log, before "
+           "_verify_loop_configurations requires the method")
+def _check_attached_log() -> None:
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
+
+    src = inspect.getsource(_CallbackConnector._attach_model_logging_functions)
+    assert "callback.log = lightning_module.log" in src, "callbacks no longer get the module's log assigned"
+    run = inspect.getsource(Trainer._run)
+    order = [run.find(s) for s in ("_attach_model_logging_functions()", "_verify_loop_configurations(",
+                                   "_call_setup_hook(")]
+    assert -1 not in order and order == sorted(order), \
+        "Trainer._run no longer attaches logging functions before verifying the loop configuration and setup"
+
+
 @_register("lightning private helpers", "the strategies use Lightning's registry, materialisation and optimizer moves")
 def _check_lightning_helpers() -> None:
     from lightning.fabric.strategies.registry import _StrategyRegistry

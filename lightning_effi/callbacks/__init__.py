@@ -3,6 +3,13 @@
 from lightning_effi.callbacks.accumulation import AccumulationScheduler
 from lightning_effi.callbacks.health import TrainingHealthMonitor
 from lightning_effi.callbacks.microbatch import AutoMicroBatch
+from lightning_effi.callbacks.optimizer import ConfigureOptimizer
 from lightning_effi.callbacks.progress import SyncFreeProgressBar
 
-__all__ = ["AccumulationScheduler", "AutoMicroBatch", "SyncFreeProgressBar", "TrainingHealthMonitor"]
+__all__ = [
+    "AccumulationScheduler",
+    "AutoMicroBatch",
+    "ConfigureOptimizer",
+    "SyncFreeProgressBar",
+    "TrainingHealthMonitor",
+]
