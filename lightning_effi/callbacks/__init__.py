@@ -5,11 +5,13 @@ from lightning_effi.callbacks.health import TrainingHealthMonitor
 from lightning_effi.callbacks.microbatch import AutoMicroBatch
 from lightning_effi.callbacks.optimizer import ConfigureOptimizer
 from lightning_effi.callbacks.progress import SyncFreeProgressBar
+from lightning_effi.callbacks.summary import EffiModelSummary
 
 __all__ = [
     "AccumulationScheduler",
     "AutoMicroBatch",
     "ConfigureOptimizer",
+    "EffiModelSummary",
     "SyncFreeProgressBar",
     "TrainingHealthMonitor",
 ]

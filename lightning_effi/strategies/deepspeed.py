@@ -33,7 +33,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_effi import _compat
+from lightning_effi import _compat, _quiet
 from lightning_effi.strategies import _zero_layout
 from lightning_effi.strategies._config import build_deepspeed_config, load_user_config
 from lightning_effi.strategies._zero_layout import check_world_size as _check_world_size
@@ -123,7 +123,8 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
             ``"auto"``; disagreements raise before launch. Everything else is passed to DeepSpeed as is.
         offload_optimizer: keep optimizer state on CPU and step there (ZeRO-Offload). Default False.
         offload_parameters: ZeRO-3 only: keep parameters on CPU. Default False.
-        logging_level: DeepSpeed's logger level. Default ``logging.WARNING``.
+        logging_level: DeepSpeed's logger level. Default ``None``: ``logging.WARNING`` (no per-step memory and
+            timing printouts), ``logging.INFO`` with ``EFFI_VERBOSE=1`` (``effi --verbose``).
         load_full_weights: load a single-file checkpoint into a ZeRO-3 model (weights only). Default False.
         exclude_frozen_parameters: leave frozen parameters out of checkpoints. Default False.
         process_group_backend: ``"gloo"``/``"nccl"``; default picks by accelerator.
@@ -143,7 +144,7 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
         config: _PATH | dict[str, Any] | None = None,
         offload_optimizer: bool = False,
         offload_parameters: bool = False,
-        logging_level: int = logging.WARNING,
+        logging_level: int | None = None,
         load_full_weights: bool = False,
         exclude_frozen_parameters: bool = False,
         process_group_backend: str | None = None,
@@ -168,7 +169,8 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
             accelerator=accelerator,
             stage=stage,
             config={},
-            logging_level=logging_level,
+            logging_level=(logging.INFO if _quiet.verbose() else logging.WARNING) if logging_level is None
+            else logging_level,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
             precision_plugin=precision_plugin,
