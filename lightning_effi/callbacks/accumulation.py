@@ -86,6 +86,8 @@ class AccumulationScheduler(Callback):
         self._original_training_step: Any = None
         self._trainer: Trainer | None = None
         self._pending_window: dict[str, Any] | None = None
+        self._deferred_saves: list[tuple[Any, ...]] = []
+        self._deferred_removals: list[Any] = []
 
     # ------------------------------------------------------------------ state
 
@@ -151,12 +153,19 @@ class AccumulationScheduler(Callback):
             )
         self._trainer = trainer
         self._install_training_step(pl_module)
+        if _defers_saves(trainer):
+            self._install_deferred_saves(trainer)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._trainer = None
+        self._deferred_saves.clear()
+        self._deferred_removals.clear()
+        for name in ("save_checkpoint",):
+            vars(trainer).pop(name, None)
+        vars(trainer.strategy).pop("remove_checkpoint", None)
         if self._original_training_step is not None:
             # Remove the instance attribute so the class method is visible again.
             if "training_step" in vars(pl_module):
@@ -175,6 +184,44 @@ class AccumulationScheduler(Callback):
 
         self._original_training_step = original
         pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    def _install_deferred_saves(self, trainer: Trainer) -> None:
+        """Where partial gradients cannot be saved (DeepSpeed's private partitions, a tensor-parallel mesh), a save
+        requested inside a window (ModelCheckpoint at a mid-window validation, a user's call) is deferred to the
+        window's end, which is the next optimizer step: the file then holds that step's consistent state. Removals of
+        older checkpoints wait for it too, so a kill in between leaves them in place."""
+        save, strategy = trainer.save_checkpoint, trainer.strategy
+        remove = strategy.remove_checkpoint
+
+        def deferred_save(filepath: Any, weights_only: bool | None = None, storage_options: Any = None) -> None:
+            if self._mid_window():
+                self._deferred_saves.append((save, filepath, weights_only, storage_options))
+                return
+            save(filepath, weights_only, storage_options)
+
+        def deferred_remove(filepath: Any) -> None:
+            if self._deferred_saves:
+                self._deferred_removals.append((remove, filepath))
+                return
+            remove(filepath)
+
+        trainer.save_checkpoint = deferred_save  # type: ignore[method-assign]
+        strategy.remove_checkpoint = deferred_remove  # type: ignore[method-assign]
+
+    def _mid_window(self) -> bool:
+        w = self.window
+        return w.is_open and 0 < w.pos < w.size
+
+    def _flush_deferred_saves(self) -> None:
+        saves, self._deferred_saves = self._deferred_saves, []
+        removals, self._deferred_removals = self._deferred_removals, []
+        written = set()
+        for save, filepath, weights_only, storage_options in saves:
+            save(filepath, weights_only, storage_options)
+            written.add(str(filepath))
+        for remove, filepath in removals:
+            if str(filepath) not in written:  # a later save may have reused the name
+                remove(filepath)
 
     def _data_parallel_size(self, trainer: Trainer) -> int:
         return _data_parallel(trainer)[0]
@@ -276,6 +323,8 @@ class AccumulationScheduler(Callback):
         if not w.closed:
             self._close_window(trainer, pl_module, fix_grads=False)
         w.finish()
+        if self._deferred_saves:
+            self._flush_deferred_saves()
         if not metrics_due(trainer):
             return
         # Device tensors: a Python number would be copied to the device, which waits for it.
@@ -293,20 +342,9 @@ class AccumulationScheduler(Callback):
         w = self.window
         if not (w.is_open and 0 < w.pos < w.size):
             return  # at a boundary the optimizer state already holds everything
-        if not _grads_reachable(trainer.strategy):
-            raise RuntimeError(
-                "Checkpoint requested in the middle of an accumulation window under "
-                f"{type(trainer.strategy).__name__}: "
-                "the engine's partial gradients cannot be saved. Checkpoint at optimizer steps "
-                "(ModelCheckpoint(every_n_train_steps=...) does)."
-            )
-        mesh = getattr(trainer.strategy, "_device_mesh", None)
-        if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-            raise RuntimeError(
-                "Checkpoint requested in the middle of an accumulation window under tensor parallelism: partial "
-                "gradients on the 2-D mesh are not saved. Checkpoint at optimizer steps "
-                "(ModelCheckpoint(every_n_train_steps=...) does)."
-            )
+        if _defers_saves(trainer):  # pragma: no cover - save_checkpoint is deferred to the window's end
+            raise RuntimeError(f"AccumulationScheduler: a mid-window save reached {type(trainer.strategy).__name__}; "
+                               "call trainer.save_checkpoint, which defers it to the window's end")
         counts = w.window_counts(trainer.strategy.root_device)
         dp, group, _ = _data_parallel(trainer)
         if dp > 1:
@@ -386,6 +424,14 @@ def _scale_grads(grads: list[torch.Tensor], fix: Any) -> None:
         by_dtype.setdefault(local.dtype, []).append(local)
     for dtype, gs in by_dtype.items():
         torch._foreach_mul_(gs, fix.to(gs[0].device, dtype) if isinstance(fix, torch.Tensor) else fix)
+
+
+def _defers_saves(trainer: Trainer) -> bool:
+    """Whether a mid-window checkpoint cannot hold the partial gradients, so saves wait for the window's end."""
+    if not _grads_reachable(trainer.strategy):
+        return True
+    mesh = getattr(trainer.strategy, "_device_mesh", None)
+    return mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1
 
 
 def _grads_reachable(strategy: Any) -> bool:

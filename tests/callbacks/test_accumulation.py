@@ -461,19 +461,61 @@ def test_cuda_fp16_tokens_matches_big_batch_and_scaler():
     assert _max_diff(a, b) < 2e-3
 
 
-def test_mid_window_checkpoint_is_refused_under_tensor_parallelism():
-    """Partial gradients on a tensor-parallel mesh are not saved: asking for it names the fix instead of writing a
-    checkpoint that would resume wrong."""
-    from types import SimpleNamespace
+class DeferredSaver(Callback):
+    """At micro-batch ``at`` (mid-window) asks for a checkpoint and the removal of an older one, as ModelCheckpoint
+    does at a mid-window validation; records what is on disk after each batch; crashes ``crash_after`` batches on."""
 
-    class _Mesh:
-        mesh_dim_names = ("data_parallel", "tensor_parallel")
+    def __init__(self, at: int, path, old, crash_after: int) -> None:
+        self.at, self.path, self.old, self.crash_after, self.seen = at, path, old, crash_after, 0
+        self.on_disk: list[tuple[int, bool, bool]] = []  # (global_step, new file written, old file present)
 
-        def __getitem__(self, name):
-            return SimpleNamespace(size=lambda: 2)
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen += 1
+        if self.seen == self.at:
+            trainer.save_checkpoint(self.path)
+            trainer.strategy.remove_checkpoint(self.old)
+        if self.seen >= self.at:
+            self.on_disk.append((trainer.global_step, self.path.exists(), self.old.exists()))
+        if self.seen == self.at + self.crash_after:
+            raise _Interrupted
 
-    cb = AccumulationScheduler({0: 4}, unit="step")
-    cb.window.is_open, cb.window.pos, cb.window.size = True, 1, 4  # one micro-batch into a window of four
-    strategy = SimpleNamespace(handles_gradient_accumulation=False, _device_mesh=_Mesh())
-    with pytest.raises(RuntimeError, match="middle of an accumulation window under tensor parallelism"):
-        cb.on_save_checkpoint(SimpleNamespace(strategy=strategy), None, {})
+
+def test_mid_window_save_is_deferred_to_the_window_end_where_partial_gradients_are_unreachable(tmp_path,
+                                                                                              monkeypatch):
+    """Under DeepSpeed and tensor parallelism the partial window's gradients cannot be saved: a save asked for
+    inside a window is written at the window's end (the next optimizer step), an older checkpoint is removed only
+    after it, and resuming from it reproduces the uninterrupted run."""
+    from lightning_effi.callbacks import accumulation
+
+    monkeypatch.setattr(accumulation, "_defers_saves", lambda trainer: True)
+    batches = make_batches(23, batch_size=2, max_len=6, seed=13)
+
+    def run(callbacks, ckpt=None):
+        m = TinyLM(loss_reduction="sum", lr=0.02, optimizer="adam", scheduler=True)
+        rec = StepRecorder()
+        trainer = _trainer([AccumulationScheduler(ramp=(1, 4, 8), unit="step", normalize="tokens"), rec,
+                            *callbacks], max_epochs=2)
+        trainer.fit(m, ListLoader(batches), ckpt_path=ckpt)
+        assert "save_checkpoint" not in vars(trainer)  # the deferral is undone after fit
+        return m, rec
+
+    full, full_rec = run([])
+    assert full_rec.sizes[:8] == [1, 1, 1, 2, 2, 2, 3, 3]  # micro-batch 11 is the 2nd of the window 10..12
+    ckpt, old = tmp_path / "mid.ckpt", tmp_path / "old.ckpt"
+    old.write_bytes(b"previous checkpoint")
+    saver = DeferredSaver(11, ckpt, old, crash_after=3)
+    first_holder: list = []
+    with pytest.raises(_Interrupted):
+        run([saver, StopAt(10**6, "", first_holder)])  # StopAt only keeps the module here
+    first = first_holder[0]
+    # micro-batch 11 (after 6 steps, mid-window): nothing written, the old file kept; micro-batch 12 makes step 7
+    assert saver.on_disk == [(6, False, True), (7, True, False), (7, True, False), (7, True, False)]
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["global_step"] == 7 and "lightning_effi.accumulation.partial_window" not in saved
+    second, second_rec = run([], ckpt=str(ckpt))
+    assert second_rec.sizes[0] == 3  # the resumed run opens the next window
+    n_first = 12  # micro-batches up to the window end the checkpoint holds
+    losses = first.losses[:n_first] + second.losses
+    assert len(losses) == len(full.losses) == 46
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6)
+    assert _max_diff(_weights(second), _weights(full)) < 1e-6

@@ -213,16 +213,21 @@ def test_resume_equals_uninterrupted(ds_checkpoints, case):
 @pytest.mark.parametrize("case", ["s2_lamb", "s3_adamw"])
 def test_export_single_fp32_state_dict(ds_checkpoints, case, tmp_path):
     from lightning_effi.export import export_checkpoint
+    from lightning_effi.models import GPT
 
     out = export_checkpoint(Path(ds_checkpoints) / case / "step=10.ckpt", tmp_path / "weights.pt",
                             strip_prefix="model.")
-    sd = torch.load(out, weights_only=True)
+    sd = torch.load(out, weights_only=True)["state_dict"]
     final = _load(ds_checkpoints, case)["uninterrupted"]["params"]
     gpt = make_gpt()
     assert set(sd) == set(gpt.state_dict())  # tied lm_head/wte both present
     for name, value in final.items():
         torch.testing.assert_close(sd[name.removeprefix("model.")], value, atol=0, rtol=0)
     gpt.load_state_dict(sd)  # loads into the bare model, independent of the 2 ranks that wrote it
+    # the network recorded in the client state DeepSpeed keeps with rank 0's model states
+    loaded = GPT.from_export(out).state_dict()
+    for name, value in final.items():
+        torch.testing.assert_close(loaded[name.removeprefix("model.")], value, atol=0, rtol=0)
 
 
 def test_resume_on_other_world_size_says_how(ds_checkpoints):
@@ -266,3 +271,18 @@ def test_resume_on_one_process_from_universal_checkpoint(ds_checkpoints, tmp_pat
     assert shard_sumsq["exp_avg"] > 0
     for key, value in shard_sumsq.items():
         assert restored[f"{key}_sumsq"] == pytest.approx(value, rel=1e-12)
+
+
+@pytest.mark.distributed
+def test_default_trainer_with_mid_window_validation_trains_to_the_end_and_resumes(tmp_path):
+    """Validation (and with it ModelCheckpoint) inside accumulation windows under ZeRO-2: each save is written at its
+    window's end, so the run finishes, and resuming from one reproduces the uninterrupted run."""
+    run_script("ds_midwindow.py", str(tmp_path), torchrun=2, timeout=600, env=_env("cpu"))
+    res = torch.load(tmp_path / "midwindow.pt", weights_only=False)
+    done, resumed = res["uninterrupted"], res["resumed"]
+    assert done["global_step"] == resumed["global_step"] == 4
+    # requested after micro-batch 4 (1 step done) and 8 (2 steps done), written at the window ends: steps 2 and 3;
+    # the one after micro-batch 12 is at a boundary already
+    assert res["steps"] == {"epoch=0-step=1.ckpt": 2, "epoch=0-step=2.ckpt": 3, "epoch=0-step=4.ckpt": 4}
+    for name, value in done["params"].items():
+        torch.testing.assert_close(resumed["params"][name], value, atol=0, rtol=0)
