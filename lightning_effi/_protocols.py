@@ -7,6 +7,7 @@ attributes (a ``Lamb`` subclass defined elsewhere, a user's strategy or progress
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -64,3 +65,13 @@ class HostMetricsProgressBar(Protocol):
     metric of their own (Lightning reads every progress-bar metric with ``.item()`` at each batch end)."""
 
     reads_host_metrics: ClassVar[bool]
+
+
+@runtime_checkable
+class ExportSpecModule(Protocol):
+    """A LightningModule class that says which network its checkpoints hold, for ``effi export``: ``export_spec``
+    maps its hyper-parameters to ``lightning_effi.export.model_spec(...)`` (class path, constructor arguments, key
+    prefix). Checked on the class LightningCLI recorded in a checkpoint that has no ``"export_spec"`` entry."""
+
+    @classmethod
+    def export_spec(cls, hparams: Mapping[str, Any]) -> dict[str, Any]: ...

@@ -4,7 +4,8 @@ token counter, validation and the optimizer + LR schedule built from init argume
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from lightning_effi import _compat
 from lightning_effi._host import HostMirror
 from lightning_effi._protocols import HostMetricsProgressBar
+from lightning_effi.export import SPEC_KEY, model_spec
 from lightning_effi.models._common import OptimizerCallable, build_optimizers, check_positive
 from lightning_effi.optim.norms import is_dtensor
 
@@ -98,6 +100,9 @@ class _LMModule(pl.LightningModule):
     """
 
     model: nn.Module
+    #: the class of ``self.model``, built from the hyper-parameters named in ``model_init_args``
+    model_class: type[nn.Module]
+    model_init_args = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "dropout")
     #: the ``CorpusDataModule.task`` this objective needs ("causal": labels shifted by one; "mlm": labels = inputs)
     data_task = "causal"
 
@@ -204,9 +209,17 @@ class _LMModule(pl.LightningModule):
     def on_train_end(self) -> None:
         self._host_loss.clear()
 
+    @classmethod
+    def export_spec(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """The network a checkpoint of this module holds (``lightning_effi.export.model_spec``): ``model_class``
+        with its constructor arguments from ``hparams``, under the key prefix ``"model."``."""
+        return model_spec(cls.model_class, {k: hparams[k] for k in cls.model_init_args}, prefix="model.")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         local = int(self.tokens_seen) if self.tokens_seen is not None else self._tokens_seen_loaded
         checkpoint["tokens_seen_local"] = local  # this rank's count; the logged value sums over ranks
+        # What `effi export` records so that its file rebuilds the network without the training code's arguments.
+        checkpoint[SPEC_KEY] = self.export_spec(self.hparams)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._tokens_seen_loaded = int(checkpoint.get("tokens_seen_local", 0))

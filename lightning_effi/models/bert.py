@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_effi.export import ExportableModule
 from lightning_effi.models._common import OptimizerCallable
 from lightning_effi.models._lm import IGNORE_INDEX, _LMModule, block_tp_plan
 from lightning_effi.models.data import MASK_ID, NUM_BYTES, VOCAB_SIZE
@@ -35,8 +36,9 @@ def mlm_mask(input_ids: torch.Tensor, *, mask_id: int = MASK_ID, num_random: int
     return out, labels
 
 
-class BertEncoder(nn.Module):
-    """Bidirectional pre-LN transformer encoder with a tied MLM head (dense + GELU + LayerNorm + decoder bias)."""
+class BertEncoder(ExportableModule):
+    """Bidirectional pre-LN transformer encoder with a tied MLM head (dense + GELU + LayerNorm + decoder bias).
+    ``BertEncoder.from_export(path)`` rebuilds one from an ``effi export`` file."""
 
     def __init__(self, vocab_size: int = VOCAB_SIZE, block_size: int = 128, n_layer: int = 2, n_head: int = 2,
                  d_model: int = 64, dropout: float = 0.0):
@@ -77,6 +79,7 @@ class BertMLMLightningModule(_LMModule):
     """
 
     data_task = "mlm"
+    model_class = BertEncoder
 
     def __init__(self, vocab_size: int = VOCAB_SIZE, block_size: int = 128, n_layer: int = 2, n_head: int = 2,
                  d_model: int = 64, dropout: float = 0.0, mask_prob: float = 0.15,

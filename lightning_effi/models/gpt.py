@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from lightning_effi.export import ExportableModule
 from lightning_effi.models._common import OptimizerCallable, check_positive
 from lightning_effi.models._lm import IGNORE_INDEX, _LMModule, block_tp_plan, fused_token_loss, token_loss
 
@@ -88,8 +89,8 @@ def _check_shapes(vocab_size: int, block_size: int, n_layer: int, n_head: int, d
         raise ValueError(f"Invalid dropout {dropout!r}: must be in [0, 1)")
 
 
-class GPT(nn.Module):
-    """Decoder-only transformer language model.
+class GPT(ExportableModule):
+    """Decoder-only transformer language model. ``GPT.from_export(path)`` rebuilds one from an ``effi export`` file.
 
     Args:
         vocab_size: number of token ids (default 260: 256 bytes + 4 special ids of ``CorpusDataModule``).
@@ -163,6 +164,7 @@ class GPTLightningModule(_LMModule):
     """
 
     _forward: Callable[[torch.Tensor], torch.Tensor]  # the network, compiled or not (not a submodule)
+    model_class = GPT
 
     def __init__(self, vocab_size: int = 260, block_size: int = 128, n_layer: int = 2, n_head: int = 2,
                  d_model: int = 64, dropout: float = 0.0, optimizer: OptimizerCallable | None = None,

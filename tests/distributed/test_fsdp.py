@@ -217,8 +217,8 @@ def test_export_sharded_checkpoint_loads_into_gpt(runs, tmp_path):
 
     # (1) the step-5 checkpoint of the 2-rank run, exported, equals the reference network after 5 steps
     out = export_checkpoint(fc.case_dir(runs["two"], "adamw") / "step5", tmp_path / "net.pt", strip_prefix="net.gpt.")
-    gpt = GPT(vocab_size=fc.VOCAB, block_size=fc.BLOCK, n_layer=2, n_head=2, d_model=32)
-    gpt.load_state_dict(torch.load(out), strict=True)
+    # a module of the test's own: its checkpoint does not say which network it holds
+    gpt = GPT.from_export(out, config=dict(vocab_size=fc.VOCAB, block_size=fc.BLOCK, n_layer=2, n_head=2, d_model=32))
     _, ref_logits = fc.reference_run("adamw", logits_after=fc.SAVE_AT)
     with torch.no_grad():
         tol = 1e-5 if runs["acc"] == "cpu" else 1e-3
@@ -231,9 +231,8 @@ def test_export_sharded_checkpoint_loads_into_gpt(runs, tmp_path):
     assert info["strategy"] == "EffiFSDPStrategy" and info["fsdp_units"] == ["FSDPBlock", "FSDPBlock", "FSDPGPT"]
     assert (d / "ckpt").is_dir() and (d / "full.ckpt").is_file()  # sharded DCP directory / one gathered file
     for ckpt in ("ckpt", "full.ckpt"):
-        out = export_checkpoint(d / ckpt, tmp_path / "gpt.pt", strip_prefix="model.")
-        gpt = GPT(vocab_size=fc.VOCAB, block_size=fc.BLOCK, n_layer=2, n_head=2, d_model=32)
-        gpt.load_state_dict(torch.load(out), strict=True)
+        out = export_checkpoint(d / ckpt, tmp_path / "gpt.pt")  # the LightningModule's keys, "model." kept
+        gpt = GPT.from_export(out)  # class and config recorded by GPTLightningModule's checkpoint
         with torch.no_grad():
             tol = 1e-6 if runs["acc"] == "cpu" else 1e-4  # the sharded logits came from GPU kernels there
             logits = gpt(fc.dataset()[:4, :-1])

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from lightning_effi.export import SPEC_KEY, model_spec
 from lightning_effi.models import GPT
 from lightning_effi.optim import Lamb, param_groups
 
 VOCAB, T, MICRO = 64, 16, 2
 LR = 1e-2
+GPT_ARGS = {"vocab_size": VOCAB, "block_size": T, "n_layer": 2, "n_head": 2, "d_model": 32, "dropout": 0.0}
 
 
 def make_dataset(n: int = 96, seed: int = 0) -> TensorDataset:
@@ -28,7 +30,7 @@ def make_dataset(n: int = 96, seed: int = 0) -> TensorDataset:
 
 def make_gpt(seed: int = 1) -> GPT:
     torch.manual_seed(seed)
-    return GPT(vocab_size=VOCAB, block_size=T, n_layer=2, n_head=2, d_model=32, dropout=0.0)
+    return GPT(**GPT_ARGS)
 
 
 class MyLamb(Lamb):
@@ -64,6 +66,10 @@ class TinyLM(pl.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.scheduler = scheduler
         self.overflow_at = overflow_at
+
+    def on_save_checkpoint(self, checkpoint):
+        # A module of one's own opting in: `effi export` files of its checkpoints then rebuild the GPT.
+        checkpoint[SPEC_KEY] = model_spec(GPT, GPT_ARGS, prefix="model.")
 
     def training_step(self, batch, batch_idx):
         x, y = batch
