@@ -42,6 +42,9 @@ class CountBetweenLogs(Callback):
         if self.counter.active:
             self.counted_steps.add(step)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counter.active = False  # the last callback: every other batch-end hook has run (and was counted)
+
     def on_train_end(self, trainer, pl_module):
         self.counter.active = False
 
@@ -84,3 +87,20 @@ def test_counter_sees_a_host_side_skip_decision():
     _fit(LossScalingPrecision("16-mixed", init_scale=2.0**8), partial(torch.optim.AdamW, lr=1e-3), counter,
          AccumulationScheduler({0: 1}))
     assert counter.counts["plugins/scaler.py:step (item)"] >= 15
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_nonfinite_policy_without_a_scaler_reads_nothing_between_logging_steps(precision, optimizer):
+    """TrainingHealthMonitor's non-finite check (on by default without a loss scaler) masks through found_inf."""
+    from lightning.pytorch.plugins import MixedPrecision, Precision
+
+    plugin = MixedPrecision("bf16-mixed", "cpu") if precision == "bf16-mixed" else Precision()
+    counter = HostReadCounter()
+    trainer, counting = _fit(plugin, OPTIMIZERS[optimizer], counter, stack_accumulation("ramp"))
+    assert trainer.global_step == 24 and len(counting.counted_steps) >= 15
+    monitor = next(c for c in trainer.callbacks if isinstance(c, TrainingHealthMonitor))
+    assert monitor._nf is not None and monitor._nf.masked  # the check ran, and on the device
+    allowed = CPU_OPTIMIZER_FRAMES if optimizer == "lamb" else ()
+    ours = {k: v for k, v in counter.counts.items() if not k.startswith(allowed)}
+    assert ours == {}

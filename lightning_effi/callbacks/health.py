@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -48,22 +48,47 @@ class TrainingHealthMonitor(Callback):
     Metrics go to every logger of the Trainer at step ``trainer.global_step`` and are kept in :attr:`last_metrics`.
     Between logging steps nothing here reads a device value.
 
+    **Non-finite gradients without a loss scaler** (``precision="32-true"``, ``"bf16-mixed"``, ``"bf16-true"``: no
+    plugin skips such a step; with ``LossScalingPrecision``, torch's GradScaler or DeepSpeed fp16 the scaler does and
+    this policy stays off). Every optimizer step the gradients are checked on the device (an inf-norm per
+    parameter, on the local shards; one all-reduce of the flag where gradients are sharded), and
+    ``on_nonfinite`` decides:
+
+    * ``"raise"`` (default): the step is skipped inside the optimizer when it takes ``found_inf`` (torch's
+      ``fused=True`` Adam/AdamW/SGD, ``lightning_effi.optim.Lamb``), so weights and checkpoints stay finite; at the
+      next logging step (and at the end of training) a ``RuntimeError`` names the first such step and the first
+      parameters with non-finite gradients on this rank. Another optimizer steps on, and the error says the weights
+      may hold inf/NaN since then.
+    * ``"skip"``: such steps are skipped and counted (``nonfinite_steps``, with a warning naming the step and the
+      parameters at the next log). An optimizer that takes ``found_inf`` skips on the device; for any other the
+      flag is read on the host every step (one sync per step, warned once on an accelerator) and the step runs
+      with every gradient set to ``None``, which torch optimizers skip. Either way the LR scheduler and
+      ``global_step`` advance, as they do for a step torch's GradScaler skips in stock Lightning.
+    * ``None``: no check.
+
     Args:
         log_every_n_steps: interval in optimizer steps (default 50).
         tokens_key: key of the token count in ``training_step``'s output dict (default ``"num_tokens"``); if it is
             missing, ``tokens_per_sec`` is not logged and a warning says so once.
         prefix: metric name prefix (default ``"health/"``).
         max_names: how many parameter names to report for a skipped step (default 5).
+        on_nonfinite: ``"raise"``, ``"skip"`` or ``None``, see above (default ``"raise"``).
     """
 
     def __init__(
-        self, log_every_n_steps: int = 50, tokens_key: str = "num_tokens", prefix: str = "health/", max_names: int = 5
+        self, log_every_n_steps: int = 50, tokens_key: str = "num_tokens", prefix: str = "health/", max_names: int = 5,
+        on_nonfinite: Optional[Literal["raise", "skip"]] = "raise",
     ) -> None:
         for name, v in (("log_every_n_steps", log_every_n_steps), ("max_names", max_names)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"Invalid {name} {v!r}: must be an int >= 1")
         if not isinstance(tokens_key, str) or not tokens_key:
             raise ValueError(f"Invalid tokens_key {tokens_key!r}: must be a non-empty string")
+        if on_nonfinite not in ("raise", "skip", None):
+            raise ValueError(f"Invalid on_nonfinite {on_nonfinite!r}: must be 'raise', 'skip' or None (no check)")
+        self.on_nonfinite = on_nonfinite
+        self._nf: Optional[_NonFinite] = None
+        self._nf_steps_host = 0  # skipped non-finite steps restored from a checkpoint
         self.log_every_n_steps = log_every_n_steps
         self.tokens_key = tokens_key
         self.prefix = prefix
@@ -89,10 +114,35 @@ class TrainingHealthMonitor(Callback):
         self._seen_tokens = False
         self._grad_norm = None
         self._device_skips = []
+        self._nf = _NonFinite(trainer, self.on_nonfinite) if self.on_nonfinite and _no_scaler(trainer) else None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._nf is not None:  # a run shorter than the logging interval still reports (one read at the end)
+            self._report_nonfinite(trainer, self._nf.read())
+            self._nf.release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._nf is not None:
+            self._nf.release()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        count = self._nf_steps_host
+        if self._nf is not None:
+            count += int(self._nf.read()[0])  # a checkpoint may wait for the device
+        return {"nonfinite_steps": count}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._nf_steps_host = int(state_dict.get("nonfinite_steps", 0))
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        # Runs after unscaling (LossScalingPrecision) and before clipping; only on steps that will be logged.
+        # Runs after unscaling (LossScalingPrecision) and before clipping.
+        if self._nf is not None:
+            self._nf.check(optimizer, trainer.global_step, pl_module)
         if (trainer.global_step + 1) % self.log_every_n_steps != 0:
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -159,6 +209,28 @@ class TrainingHealthMonitor(Callback):
             trainer.global_rank, step, scale, where,
         )
 
+    def _report_nonfinite(self, trainer: pl.Trainer, values: list[float]) -> int:
+        """Act on one read of the non-finite state (``[count, first step, per-parameter flags...]``); returns the
+        count of skipped steps so far."""
+        assert self._nf is not None
+        count, first, flags = int(values[0]), int(values[1]), values[2:]
+        if first >= 0:
+            names = [n for n, bad in zip(self._nf.names, flags) if bad][: self.max_names]
+            self._nf.forget_first()
+            where = names or ["<none on this rank: the non-finite gradients were on another rank>"]
+            if self.on_nonfinite == "raise":
+                kept = ("the step was skipped inside the optimizer, so the weights are still finite"
+                        if self._nf.masked else "the optimizer applied it: the weights may hold inf/NaN since")
+                raise RuntimeError(
+                    f"TrainingHealthMonitor: non-finite gradients at optimizer step {first} without a loss scaler "
+                    f"(rank {trainer.global_rank}; first parameters with inf/NaN gradients: {where}); {kept}. Check "
+                    "the data and the learning rate, clip gradients (gradient_clip_val), or pass "
+                    "on_nonfinite='skip' to skip such steps and go on.")
+            log.warning("rank %d: optimizer step %d skipped (non-finite gradients, no loss scaler); %d skipped so "
+                        "far; first parameters with inf/nan gradients: %s", trainer.global_rank, first,
+                        self._nf_steps_host + count, where)
+        return self._nf_steps_host + count
+
     def _trust_ratio_tensors(self, trainer: pl.Trainer) -> Optional[Tensor]:
         """[min, median, max] of the finite trust ratios of the last step, on the device (no host read)."""
         for opt in trainer.optimizers:
@@ -194,6 +266,8 @@ class TrainingHealthMonitor(Callback):
         scaler = _own_scaler(trainer)
         if scaler is not None and scaler.state_tensor is not None:
             parts["scaler"] = scaler.state_tensor
+        if self._nf is not None:
+            parts["nonfinite"] = self._nf.packed(device)
         host = {}
         if parts:
             flat = torch.cat([t.to(device, torch.float64).reshape(-1) for t in parts.values()]).tolist()  # the one read
@@ -213,6 +287,10 @@ class TrainingHealthMonitor(Callback):
                 metrics["loss_scale"] = state[0]
                 if state[1] is not None:
                     metrics["skipped_steps"] = float(state[1])
+        if "nonfinite" in host:
+            count = self._report_nonfinite(trainer, host["nonfinite"])
+            if self.on_nonfinite == "skip":
+                metrics["nonfinite_steps"] = float(count)
         for (s, _), flag in zip(self._device_skips, host.get("skips", [])):
             if flag:
                 self._report_skip(trainer, s, metrics.get("loss_scale"), None,
@@ -280,3 +358,105 @@ def _loss_scale_state(trainer: pl.Trainer) -> Optional[tuple[float, Optional[int
     if scale is None:
         return None
     return float(scale), int(engine.skipped_steps), not engine.was_step_applied()
+
+
+def _no_scaler(trainer: pl.Trainer) -> bool:
+    """Nothing else skips a non-finite step: no precision-plugin scaler, no DeepSpeed (its ZeRO partitions hold the
+    gradients, and its fp16 engine has its own scaler)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return getattr(trainer.precision_plugin, "scaler", None) is None and not isinstance(trainer.strategy,
+                                                                                      DeepSpeedStrategy)
+
+
+class _NonFinite:
+    """The device-side state of the non-finite-gradient policy: a count of skipped steps, the first such step not
+    reported yet and the per-parameter flags of that step, updated without a host read."""
+
+    def __init__(self, trainer: pl.Trainer, policy: str) -> None:
+        self.policy = policy
+        self.world = trainer.world_size
+        self.on_accelerator = trainer.strategy.root_device.type != "cpu"
+        self.names: list[str] = []
+        self.masked = False
+        self._count: Optional[Tensor] = None
+        self._first: Optional[Tensor] = None
+        self._flags: Optional[Tensor] = None
+        self._optimizers: list[Any] = []
+        self._warned_sync = False
+
+    def check(self, optimizer: Any, step: int, pl_module: pl.LightningModule) -> None:
+        from lightning_effi.plugins.scaler import masks_step
+
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return
+        if not self.names:
+            by_id = {id(p): n for n, p in pl_module.named_parameters()}
+            self.names = [by_id.get(id(p), f"<parameter {i}>") for i, p in enumerate(params)]
+        grads = [_local(p.grad) for p in params]
+        device = grads[0].device
+        # inf-norm per parameter: a NaN or inf anywhere makes it non-finite; reads the gradients once, writes nothing
+        norms = torch._foreach_norm(grads, float("inf"))
+        bad = ~torch.stack([n.to(device, torch.float32) for n in norms]).isfinite()
+        found = bad.any().to(torch.float32)
+        if self.world > 1 and any(_is_dtensor(p.grad) for p in params):
+            # sharded gradients: each rank saw its shards only, and every rank must skip together
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+        if self._count is None or self._count.device != device or self._flags is None \
+                or self._flags.numel() != bad.numel():
+            self._count = torch.zeros((), dtype=torch.float64, device=device)
+            self._first = torch.full((), -1.0, dtype=torch.float64, device=device)
+            self._flags = torch.zeros(bad.numel(), dtype=torch.float32, device=device)
+        assert self._first is not None
+        hit = found > 0
+        first_now = hit & (self._first < 0)
+        self._flags = torch.where(first_now, bad.to(torch.float32), self._flags)
+        self._first = torch.where(first_now, torch.full_like(self._first, step), self._first)
+        self.masked = masks_step(optimizer)
+        if self.masked:
+            self._count += found
+            optimizer.grad_scale = None
+            optimizer.found_inf = found  # the optimizer skips the whole step on the device
+            if optimizer not in self._optimizers:
+                self._optimizers.append(optimizer)
+        elif self.policy == "skip":
+            if self.on_accelerator and not self._warned_sync:
+                self._warned_sync = True
+                rank_zero_warn(f"TrainingHealthMonitor(on_nonfinite='skip') with {type(optimizer).__name__}, which "
+                               "does not take found_inf: the flag is read on the host every step (a device sync). "
+                               "torch's fused=True Adam/AdamW/SGD and lightning_effi.optim.Lamb skip on the device.")
+            if bool(found):  # the documented per-step read for an optimizer that cannot skip by itself
+                self._count += 1
+                for p in params:
+                    p.grad = None  # torch optimizers leave a parameter without a gradient, and its state, as it is
+
+    def packed(self, device: torch.device) -> Tensor:
+        if self._count is None:
+            return torch.tensor([0.0, -1.0], dtype=torch.float64).to(device)
+        assert self._first is not None and self._flags is not None
+        return torch.cat([self._count.reshape(1), self._first.reshape(1), self._flags.to(torch.float64)]).to(device)
+
+    def read(self) -> list[float]:
+        return self.packed(self._count.device if self._count is not None else torch.device("cpu")).tolist()
+
+    def forget_first(self) -> None:
+        if self._first is not None:
+            self._first.fill_(-1.0)
+
+    def release(self) -> None:
+        """Take found_inf/grad_scale off the optimizers, so a later step outside this run is not masked."""
+        for opt in self._optimizers:
+            for attr in ("found_inf", "grad_scale"):
+                if attr in vars(opt):
+                    delattr(opt, attr)
+        self._optimizers = []
+
+
+def _local(t: Tensor) -> Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _is_dtensor(t: Any) -> bool:
+    return type(t).__name__ == "DTensor"
