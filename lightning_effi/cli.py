@@ -33,9 +33,10 @@ effi: train any LightningModule with lightning_effi from a config, export and pl
 
 def _export_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="effi export",
-                                description="Write a single-file state_dict from a (possibly sharded) checkpoint.")
+                                description="Write one file with the weights of a (possibly sharded) checkpoint and "
+                                            "what rebuilds the network (GPT.from_export / load_export).")
     p.add_argument("ckpt", help="Lightning .ckpt file, FSDP (DCP) checkpoint directory or DeepSpeed checkpoint dir")
-    p.add_argument("out", help="output .pt file (torch.save of a state_dict)")
+    p.add_argument("out", help="output .pt file (a plain dict: state_dict, model class and arguments)")
     p.add_argument("--strip-prefix", default=None,
                    help="drop this key prefix, e.g. 'model.' to load into the bare GPT/BertEncoder")
     a = p.parse_args(argv)

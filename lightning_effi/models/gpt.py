@@ -129,8 +129,12 @@ class GPT(ExportableModule):
                 nn.init.ones_(p)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        # ZeRO-3 leaves each rank an empty placeholder; ds_numel is the full size
+        def size(p: nn.Parameter) -> int:
+            return int(getattr(p, "ds_numel", p.numel()))
+
+        n = sum(size(p) for p in self.parameters())
+        return n - size(self.wpe.weight) if non_embedding else n
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]

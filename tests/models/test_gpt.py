@@ -344,3 +344,15 @@ def test_host_loss_copy_on_gpu_needs_no_sync():
     assert shown in [float(s) for s in range(_HOST_LOSS_SLOTS - 1)], shown
     torch.cuda.synchronize()
     assert model.progress_bar_host_metrics() == {"train/loss": float(_HOST_LOSS_SLOTS - 1)}
+
+
+def test_num_params_counts_full_sizes_under_zero3_placeholders():
+    """ZeRO-3 replaces each parameter by an empty placeholder carrying ds_numel: the count must not drop to 0."""
+    model = GPT(vocab_size=64, block_size=16, n_layer=1, n_head=2, d_model=16)
+    full = sum(p.numel() for p in model.parameters())
+    wpe = model.wpe.weight.numel()
+    for p in model.parameters():
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0)
+    assert model.num_params(non_embedding=False) == full
+    assert model.num_params() == full - wpe
