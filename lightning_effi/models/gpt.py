@@ -130,7 +130,7 @@ class GPT(ExportableModule):
 
     def num_params(self, non_embedding: bool = True) -> int:
         # ZeRO-3 leaves each rank an empty placeholder; ds_numel is the full size
-        def size(p: nn.Parameter) -> int:
+        def size(p: torch.Tensor) -> int:
             return int(getattr(p, "ds_numel", p.numel()))
 
         n = sum(size(p) for p in self.parameters())
