@@ -212,6 +212,26 @@ def _check_attached_log() -> None:
         "Trainer._run no longer attaches logging functions before verifying the loop configuration and setup"
 
 
+def default_store() -> Any:
+    """The default process group's key-value store (rank 0's ``TCPStore`` under torchrun and Lightning's launchers),
+    or None when no process group is initialised."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
+@_register("torch default store", "the fail-fast watchdog posts and polls a rank's failure in the job's store")
+def _check_default_store() -> None:
+    import torch.distributed as dist
+
+    fn = dist.distributed_c10d._get_default_store
+    assert callable(fn) and not _params(fn), "distributed_c10d._get_default_store() changed"
+    for name in ("set", "get", "check"):
+        assert hasattr(dist.Store, name), f"torch.distributed.Store lost {name}()"
+
+
 @_register("lightning private helpers", "the strategies use Lightning's registry, materialisation and optimizer moves")
 def _check_lightning_helpers() -> None:
     from lightning.fabric.strategies.registry import _StrategyRegistry

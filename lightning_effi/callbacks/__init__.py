@@ -1,6 +1,7 @@
 """lightning_effi.callbacks."""
 
 from lightning_effi.callbacks.accumulation import AccumulationScheduler
+from lightning_effi.callbacks.failfast import FailFast
 from lightning_effi.callbacks.health import TrainingHealthMonitor
 from lightning_effi.callbacks.microbatch import AutoMicroBatch
 from lightning_effi.callbacks.optimizer import ConfigureOptimizer
@@ -12,6 +13,7 @@ __all__ = [
     "AutoMicroBatch",
     "ConfigureOptimizer",
     "EffiModelSummary",
+    "FailFast",
     "SyncFreeProgressBar",
     "TrainingHealthMonitor",
 ]
