@@ -5,6 +5,12 @@ and ``effi plot``.
     effi export CKPT OUT.pt [--strip-prefix model.]
     effi plot RUN_DIR [--out FILE]
 
+Bad input (a parse error, an invalid value, a misspelt option or strategy, options that contradict the resumed
+checkpoint) is reported as ``effi: error: <reason>`` on one line, exit code 2; ``--debug`` anywhere on the command
+line (or ``EFFI_DEBUG=1``) shows the traceback instead. Input ends where the Trainer starts its first loop (sanity
+check, training or evaluation): what fails after that is the run's and keeps its traceback
+(``lightning_effi._cli_errors``).
+
 This module imports neither torch nor Lightning: the subcommands that need neither start at once, and the
 LightningCLI (``lightning_effi._cli_app``) loads only for fit/validate/test/predict.
 """
@@ -16,7 +22,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from lightning_effi import _quiet
+from lightning_effi import _cli_errors, _quiet
 
 if TYPE_CHECKING:
     from lightning_effi._cli_app import EffiCLI
@@ -28,6 +34,7 @@ effi: train any LightningModule with lightning_effi from a config, export and pl
   effi export CKPT OUT.pt [--strip-prefix model.]   single-file weights plus what rebuilds the model (effi export -h)
   effi plot RUN_DIR [--out FILE]                    a run's metrics as a PNG next to its logs (effi plot -h)
   effi --verbose ...                                keep upstream tips, deprecation warnings and DeepSpeed's logs
+  effi --debug ...                                  a traceback instead of the one-line error (or EFFI_DEBUG=1)
 """
 
 
@@ -64,22 +71,38 @@ def main(args: list[str] | None = None) -> None:
         # in the environment, so the ranks a launcher starts (which re-run this command line) are verbose too
         os.environ[_quiet.VERBOSE_ENV] = "1"
         _quiet.uninstall()
-    if argv[:1] == ["export"]:
-        _export_main(argv[1:])
-        return
-    if argv[:1] == ["plot"]:
-        _plot_main(argv[1:])
-        return
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-    cli(args)
+    given = len(argv)
+    debug = _cli_errors.pop_debug(argv)
+    if len(argv) != given:
+        args = argv
+    if debug:
+        os.environ[_cli_errors.DEBUG_ENV] = "1"  # read by cli() for parse errors
+    state = _cli_errors.RunState()
+    try:
+        if argv[:1] == ["export"]:
+            _export_main(argv[1:])
+            return
+        if argv[:1] == ["plot"]:
+            _plot_main(argv[1:])
+            return
+        if not argv or argv[0] in ("-h", "--help"):
+            print(USAGE)
+        cli(args, run_state=state)
+    except Exception as e:
+        if debug or state.started or not _cli_errors.is_input_error(e):
+            raise
+        _cli_errors.report(e)
 
 
-def cli(argv: list[str] | None) -> EffiCLI:
-    """Build and run the LightningCLI on ``argv`` (None: ``sys.argv``); returns it (for tests and notebooks)."""
+def cli(argv: list[str] | None, *, run_state: _cli_errors.RunState | None = None) -> EffiCLI:
+    """Build and run the LightningCLI on ``argv`` (None: ``sys.argv``); returns it (for tests and notebooks).
+
+    A parse error exits with code 2 after one line on stderr; other errors raise, bad input or not (``main`` tells
+    them apart with ``run_state``).
+    """
     from lightning_effi._cli_app import cli as run
 
-    return run(argv)
+    return run(argv, run_state=run_state)
 
 
 def __getattr__(name: str) -> Any:
