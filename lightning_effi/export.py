@@ -190,14 +190,17 @@ def _read_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], di
     """The full model ``state_dict`` and the checkpoint's other top-level entries (hyper-parameters and the like)."""
     path = Path(ckpt_path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass a Lightning .ckpt file, an FSDP (DCP) "
+                                "checkpoint directory or a DeepSpeed checkpoint directory")
     if path.is_file():
         return _export_file(path)
     if _is_dcp_dir(path):
         return _export_dcp(path)
     if _is_deepspeed_dir(path):
         return _export_deepspeed(path)
-    raise ValueError(f"{str(path)!r} is a directory but not a checkpoint format this version can export")
+    raise ValueError(f"{str(path)!r} is a directory but not a checkpoint format this version can export (no DCP "
+                     "'.metadata', no DeepSpeed 'latest' or '*/*model_states.pt'); pass a Lightning .ckpt file, an "
+                     "FSDP (DCP) checkpoint directory or a DeepSpeed checkpoint directory")
 
 
 def export_state_dict(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
@@ -259,9 +262,12 @@ def export_checkpoint(ckpt_path: str | Path, out_path: str | Path, strip_prefix:
     if strip_prefix and not strip_prefix.endswith("."):
         strip_prefix += "."  # "model" means the submodule "model.", never a partial key like "model_x"
     if strip_prefix:
-        sd = {k[len(strip_prefix):]: v for k, v in sd.items() if k.startswith(strip_prefix)}
-        if not sd:
-            raise ValueError(f"no key of {str(ckpt_path)!r} starts with strip_prefix {strip_prefix!r}")
+        kept = {k[len(strip_prefix):]: v for k, v in sd.items() if k.startswith(strip_prefix)}
+        if not kept:
+            shown = ", ".join(repr(p) for p in sorted({k.split(".")[0] + "." for k in sd if "." in k})[:5])
+            raise ValueError(f"no key of {str(ckpt_path)!r} starts with strip_prefix {strip_prefix!r}; pass one its "
+                             f"keys start with ({shown or 'none has a dot'}) or no strip_prefix")
+        sd = kept
     spec = _relative_to(spec, strip_prefix or "", ckpt_path)
     sd = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
     out = Path(out_path)
@@ -288,7 +294,8 @@ def _is_bare_state_dict(obj: Any) -> bool:
 def _read_export(path: Path, map_location: str | torch.device) -> tuple[dict[str, torch.Tensor], dict | None, str]:
     """The exported ``state_dict``, the ``"model"`` entry, and why it is missing (``""`` when it is not)."""
     if not path.is_file():
-        raise FileNotFoundError(f"export {str(path)!r} does not exist")
+        raise FileNotFoundError(f"export {str(path)!r} does not exist; pass the OUT.pt file `effi export CKPT OUT.pt` "
+                                "wrote")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same actionable message

@@ -95,7 +95,8 @@ def read_runs(run_dir: str | Path) -> dict[str, dict[str, Series]]:
     """
     root = Path(run_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"Run directory {str(root)!r} does not exist (or is not a directory)")
+        raise FileNotFoundError(f"Run directory {str(root)!r} does not exist (or is not a directory); pass the "
+                                "logger's save_dir or a run's version directory")
     event_dirs = sorted({p.parent for p in root.rglob(EVENTS_GLOB) if p.is_file()})
     if event_dirs:
         return {_label(d, root): _read_events(d) for d in event_dirs}
@@ -128,7 +129,8 @@ def _read_csv(path: Path) -> dict[str, Series]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if "step" not in (reader.fieldnames or []):
-            raise ValueError(f"{str(path)!r} has no 'step' column: not a Lightning CSVLogger metrics file")
+            raise ValueError(f"{str(path)!r} has no 'step' column: not a Lightning CSVLogger metrics file; pass a "
+                             "directory whose metrics.csv files CSVLogger wrote, or remove this one")
         for row in reader:
             step = int(row["step"])
             for name, value in row.items():
@@ -162,7 +164,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not drawn:
         wanted = ", ".join(s.shown for s in _SPECS)
         raise ValueError(f"None of the metrics logged under {str(root)!r} is plotted (logged: {sorted(logged)}; "
-                         f"plotted: {wanted})")
+                         f"plotted: {wanted}); log one of those names, or pass the directory of a run that did")
     path = Path(out) if out is not None else root / PNG_NAME
     ncols = 1 if len(drawn) == 1 else 2
     nrows = math.ceil(len(drawn) / ncols)

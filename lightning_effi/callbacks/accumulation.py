@@ -69,7 +69,8 @@ class AccumulationScheduler(Callback):
         self.schedule = parse_schedule(schedule)
         self.ramp = parse_ramp(ramp)
         if self.schedule and self.ramp is not None:
-            raise ValueError("Give either schedule or ramp, not both (a ramp followed by a schedule is ambiguous)")
+            raise ValueError(f"Invalid schedule={schedule!r} with ramp={ramp!r}: give either schedule or ramp, "
+                             "not both (a ramp followed by a schedule is ambiguous)")
         if global_batch_size is not None:
             if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
                 raise ValueError(f"Invalid global_batch_size {global_batch_size!r}: must be an integer >= 1")

@@ -84,6 +84,8 @@ class TrainingHealthMonitor(Callback):
                 raise ValueError(f"Invalid {name} {v!r}: must be an int >= 1")
         if not isinstance(tokens_key, str) or not tokens_key:
             raise ValueError(f"Invalid tokens_key {tokens_key!r}: must be a non-empty string")
+        if not isinstance(prefix, str):
+            raise TypeError(f"Invalid prefix {prefix!r}: must be a string (\"\" for no prefix)")
         if on_nonfinite not in ("raise", "skip", None):
             raise ValueError(f"Invalid on_nonfinite {on_nonfinite!r}: must be 'raise', 'skip' or None (no check)")
         self.on_nonfinite = on_nonfinite

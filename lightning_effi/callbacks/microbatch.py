@@ -78,7 +78,8 @@ class AutoMicroBatch(AccumulationScheduler):
             or max_micro_batch_size < 1
         ):
             raise ValueError(f"Invalid max_micro_batch_size {max_micro_batch_size!r}: must be an integer >= 1")
-        if not 0.0 < memory_fraction <= 1.0:
+        if isinstance(memory_fraction, bool) or not isinstance(memory_fraction, (int, float)) \
+                or not 0.0 < memory_fraction <= 1.0:
             raise ValueError(f"Invalid memory_fraction {memory_fraction!r}: must be in (0, 1]")
         self.max_micro_batch_size = max_micro_batch_size
         self.batch_arg_name = batch_arg_name
@@ -99,7 +100,8 @@ class AutoMicroBatch(AccumulationScheduler):
         if self.max_micro_batch_size is None and not self._can_probe(trainer):
             raise ValueError(
                 f"AutoMicroBatch needs max_micro_batch_size on {trainer.strategy.root_device.type} with "
-                f"{type(trainer.strategy).__name__}: the OOM probe runs only on CUDA with a single device or DDP"
+                f"{type(trainer.strategy).__name__}: the OOM probe runs only on CUDA with a single device or DDP; pass "
+                f"AutoMicroBatch({self.global_batch_size}, max_micro_batch_size=N)"
             )
 
     @staticmethod

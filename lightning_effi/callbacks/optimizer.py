@@ -20,6 +20,8 @@ from lightning_effi.optim.param_groups import check_rules, param_groups
 
 OptimizerChoice = type[torch.optim.Optimizer] | str | Callable[..., torch.optim.Optimizer]
 SchedulerChoice = type[torch.optim.lr_scheduler.LRScheduler] | str | Callable[..., Any]
+_EXAMPLES = {torch.optim.Optimizer: "torch.optim.AdamW",
+             torch.optim.lr_scheduler.LRScheduler: "torch.optim.lr_scheduler.OneCycleLR"}
 
 
 def _resolve(name: str, what: str, base: type) -> type:
@@ -34,7 +36,8 @@ def _resolve(name: str, what: str, base: type) -> type:
         raise ValueError(f"Invalid {what} {name!r}: {module_name!r} has no importable {attr!r} ({e}); give the full "
                          "import path of a class, e.g. 'torch.optim.AdamW' or 'lightning_effi.optim.Lamb'") from e
     if not (inspect.isclass(obj) and issubclass(obj, base)):
-        raise TypeError(f"Invalid {what} {name!r}: {obj!r} is not a subclass of {base.__module__}.{base.__qualname__}")
+        raise TypeError(f"Invalid {what} {name!r}: {obj!r} is not a subclass of {base.__module__}.{base.__qualname__}; "
+                        f"give the import path of one, e.g. {_EXAMPLES[base]!r}")
     return obj
 
 
@@ -120,7 +123,8 @@ class ConfigureOptimizer(Callback):
         if isinstance(optimizer, str):
             optimizer = _resolve(optimizer, "optimizer", torch.optim.Optimizer)
         if inspect.isclass(optimizer) and not issubclass(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"Invalid optimizer {optimizer!r}: not a subclass of torch.optim.Optimizer")
+            raise TypeError(f"Invalid optimizer {optimizer!r}: not a subclass of torch.optim.Optimizer; give an "
+                            "optimizer class such as torch.optim.AdamW or lightning_effi.optim.Lamb")
         if not callable(optimizer):
             raise TypeError(f"Invalid optimizer {optimizer!r}: give an optimizer class, its import path or a callable "
                             "that takes parameter groups")
@@ -131,7 +135,7 @@ class ConfigureOptimizer(Callback):
             if key in kwargs:
                 raise ValueError(f"Invalid optimizer_args key {key!r}: {where}")
         if lr is not None:
-            if not lr > 0:
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
                 raise ValueError(f"Invalid lr {lr!r}: must be > 0")
             kwargs["lr"] = lr
         _check_args(optimizer, kwargs, "optimizer_args", skip=1)

@@ -72,6 +72,9 @@ class SyncFreeProgressBar(RichProgressBar):
         console_kwargs: dict[str, Any] | None = None,
         show_version: bool = False,
     ) -> None:
+        if isinstance(refresh_rate, bool) or not isinstance(refresh_rate, int) or refresh_rate < 0:
+            raise ValueError(f"Invalid refresh_rate {refresh_rate!r}: must be an int >= 0 (batches between two "
+                             "refreshes; 0 disables the bar)")
         if not isinstance(show_version, bool):
             raise TypeError(f"Invalid show_version {show_version!r}: must be True or False")
         super().__init__(refresh_rate=refresh_rate, leave=leave, theme=theme, console_kwargs=console_kwargs)

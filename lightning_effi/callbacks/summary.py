@@ -19,6 +19,13 @@ class EffiModelSummary(RichModelSummary):
     column of 0 and "Total FLOPs: 0", which reads as a measurement. The ``effi`` command uses this callback.
     """
 
+    def __init__(self, max_depth: int = 1, **summarize_kwargs: Any) -> None:
+        # Lightning reads max_depth only when it draws the table, after the Trainer has set everything up.
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < -1:
+            raise ValueError(f"Invalid max_depth {max_depth!r}: must be -1 (every layer), 0 (no summary) or a "
+                             "positive int (that many levels of submodules)")
+        super().__init__(max_depth, **summarize_kwargs)
+
     @staticmethod
     @override
     def summarize(

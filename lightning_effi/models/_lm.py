@@ -18,6 +18,7 @@ from lightning_effi._protocols import HostMetricsProgressBar
 from lightning_effi.export import SPEC_KEY, model_spec
 from lightning_effi.models._common import OptimizerCallable, build_optimizers, check_positive
 from lightning_effi.optim.norms import is_dtensor
+from lightning_effi.optim.param_groups import check_rules
 
 IGNORE_INDEX = -100
 
@@ -116,8 +117,13 @@ class _LMModule(pl.LightningModule):
         self.fused_loss = fused_loss
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"Invalid loss_reduction {loss_reduction!r}: must be 'mean' or 'sum'")
-        if warmup_steps < 0:
-            raise ValueError(f"Invalid warmup_steps {warmup_steps!r}: must be >= 0")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"Invalid warmup_steps {warmup_steps!r}: must be an int >= 0")
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+            raise ValueError(f"Invalid weight_decay {weight_decay!r}: must be a number >= 0")
+        # The regexes are checked here; whether they match a parameter is known once the optimizer is built.
+        check_rules(no_decay, "no_decay")
+        check_rules(no_adapt, "no_adapt")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"Invalid min_lr_ratio {min_lr_ratio!r}: must be in [0, 1]")
         if max_steps is not None:

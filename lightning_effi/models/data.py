@@ -135,7 +135,8 @@ class CorpusDataModule(pl.LightningDataModule):
             if p.is_file():
                 data = p.read_bytes()[: self.max_bytes]
                 if not data:
-                    raise ValueError(f"CorpusDataModule.path {self.path!r} is an empty file")
+                    raise ValueError(f"CorpusDataModule.path {self.path!r} is an empty file; give a text file with "
+                                     "content or a folder of them")
                 cut = int(len(data) * (1 - self.val_fraction))
                 self.files = {"train": [str(p)], "val": [str(p)]}
                 return [data[:cut]], [data[cut:]]

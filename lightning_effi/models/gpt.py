@@ -179,6 +179,8 @@ class GPTLightningModule(_LMModule):
                  fused_loss: bool | None = None):
         super().__init__(optimizer, weight_decay, no_decay, no_adapt, warmup_steps, min_lr_ratio, max_steps,
                          loss_reduction, fused_loss)
+        if not isinstance(compile, bool):
+            raise TypeError(f"Invalid compile {compile!r}: must be True or False")
         self.save_hyperparameters(ignore=["optimizer"])
         self.model = GPT(vocab_size, block_size, n_layer, n_head, d_model, dropout)
         # Not a registered submodule (nn.Module.__setattr__ would add the network a second time to state_dict,

@@ -192,7 +192,9 @@ def lamb_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     since it resolves the path once when it builds its cached lists."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == n):
-        raise ValueError("params, grads, exp_avgs, exp_avg_sqs and state_steps must have the same length")
+        lengths = [len(x) for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
+        raise ValueError(f"Invalid list lengths {lengths} of params, grads, exp_avgs, exp_avg_sqs and state_steps: "
+                         "give one entry per parameter in each")
     if n == 0:
         return None
     hp = dict(

@@ -59,7 +59,8 @@ class FlatLayout:
         ordered = sorted(segs, key=lambda s: s[1])
         for a, b in zip(ordered, ordered[1:]):
             if a[1] + a[2] > b[1]:
-                raise ValueError(f"Invalid FlatLayout: segments {a!r} and {b!r} overlap")
+                raise ValueError(f"Invalid FlatLayout: segments {a!r} and {b!r} overlap; each element of the flat "
+                                 "tensor belongs to one segment at most")
         object.__setattr__(self, "segments", segs)
 
     def check(self, flat: Tensor) -> None:

@@ -45,7 +45,8 @@ def check_reshard_after_forward(value: Union[bool, int]) -> Union[bool, int]:
 
 def check_group_size(value: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {what} {value!r}: must be a positive int (1: one unit per wrapped module)")
+        one = "no tensor parallelism" if what == "tensor_parallel_size" else "one unit per wrapped module"
+        raise ValueError(f"Invalid {what} {value!r}: must be a positive int (1: {one})")
     return value
 
 

@@ -55,7 +55,8 @@ def check_plan(plan: Mapping[str, str] | None) -> dict[str, str] | None:
     if plan is None:
         return None
     if not isinstance(plan, Mapping):
-        raise TypeError(f"tp_plan must be a mapping of module-path pattern -> style, got {type(plan).__name__}")
+        raise TypeError(f"Invalid tp_plan {plan!r}: must be a mapping of module-path pattern -> style, e.g. "
+                        "{'model.blocks.*.attn.qkv': 'colwise'}")
     out: dict[str, str] = {}
     for pattern, style in plan.items():
         if not isinstance(pattern, str) or not pattern:
