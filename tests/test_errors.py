@@ -430,10 +430,10 @@ ROWS = [
         r"DeepSpeed config file '.*ds\.json' does not exist; pass a dict or a JSON path"),
     Row("deepspeed-config-not-json",
         lambda t: EffiDeepSpeedStrategy(config=_file(t, "ds.json", text="{stage: 2}")), ValueError,
-        r"DeepSpeed config file '.*ds\.json' is not valid JSON"),
+        r"DeepSpeed config file '.*ds\.json' is not valid JSON: .*; fix the JSON there, or pass the config as a dict"),
     Row("deepspeed-config-not-object",
         lambda t: EffiDeepSpeedStrategy(config=_file(t, "ds.json", text=json.dumps([1, 2]))), ValueError,
-        r"DeepSpeed config file '.*ds\.json' must hold a JSON object, got list"),
+        r"DeepSpeed config file '.*ds\.json' must hold a JSON object, got list; write the config as one object"),
     Row("deepspeed-config-type", lambda t: EffiDeepSpeedStrategy(config=42), TypeError,  # type: ignore[arg-type]
         r"Invalid DeepSpeed config 42: pass a dict, a path to a JSON file, or None"),
     Row("deepspeed-config-stage-conflict",

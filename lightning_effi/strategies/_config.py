@@ -77,10 +77,12 @@ def load_user_config(config: str | Path | Mapping[str, Any] | None) -> dict[str,
         try:
             loaded = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"DeepSpeed config file {str(path)!r} is not valid JSON: {err}") from None
+            raise ValueError(f"DeepSpeed config file {str(path)!r} is not valid JSON: {err}; fix the JSON there, or "
+                             "pass the config as a dict") from None
         if not isinstance(loaded, dict):
             raise ValueError(
-                f"DeepSpeed config file {str(path)!r} must hold a JSON object, got {type(loaded).__name__}"
+                f"DeepSpeed config file {str(path)!r} must hold a JSON object, got {type(loaded).__name__}; write "
+                'the config as one object, e.g. {"zero_optimization": {"stage": 2}}'
             )
         return loaded
     raise TypeError(f"Invalid DeepSpeed config {config!r}: pass a dict, a path to a JSON file, or None")
@@ -142,7 +144,8 @@ def merge_zero_optimization(cfg: dict[str, Any], *, stage: int, offload_optimize
     if zero is None:
         zero = {}
     if not isinstance(zero, Mapping):
-        raise ValueError(f"DeepSpeed config 'zero_optimization' must be an object, got {zero!r}")
+        raise ValueError(f"DeepSpeed config 'zero_optimization' must be an object, got {zero!r}; write it as "
+                         '{"stage": N, ...} or leave it out (the strategy sets the stage)')
     zero = dict(zero)
     user_stage = zero.get("stage")
     _derive(zero, "stage", stage, conflicts, lambda: (
