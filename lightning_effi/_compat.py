@@ -212,6 +212,52 @@ def _check_attached_log() -> None:
         "Trainer._run no longer attaches logging functions before verifying the loop configuration and setup"
 
 
+def filter_last_checkpoints(select: Callable[[Any, set[str]], set[str]]) -> None:
+    """Pass the candidates Lightning considers for ``ckpt_path="last"`` (``ModelCheckpoint._find_last_checkpoints(
+    trainer)``, the ``last*.ckpt`` entries of its directory; the Trainer loads the newest) through
+    ``select(trainer, candidates)``. Installed once for the class: Lightning resolves "last" before any strategy or
+    plugin hook sees the Trainer, and under torchrun no launcher runs first either; ``select`` returns the candidates
+    unchanged for a Trainer that uses none of the package's checkpointing."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if getattr(ModelCheckpoint._find_last_checkpoints, "_effi_select", None) is not None:
+        return
+    original = ModelCheckpoint._find_last_checkpoints
+
+    @functools.wraps(original)
+    def _find_last_checkpoints(self: Any, trainer: Any) -> set[str]:
+        return select(trainer, original(self, trainer))
+
+    _find_last_checkpoints._effi_select = select  # type: ignore[attr-defined]
+    ModelCheckpoint._find_last_checkpoints = _find_last_checkpoints  # type: ignore[method-assign]
+
+
+@_register("lightning ModelCheckpoint._find_last_checkpoints and ckpt_path='last'",
+           "AtomicCheckpointIO drops incomplete candidates of ckpt_path='last'; a directory replaced without an "
+           "atomic swap is moved aside under <stem>.old-<token>.ckpt, which Lightning still takes for a last "
+           "checkpoint")
+def _check_find_last_checkpoints() -> None:
+    import tempfile
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    find = inspect.unwrap(ModelCheckpoint._find_last_checkpoints)
+    assert _params(find) == ["self", "trainer"], f"_find_last_checkpoints takes {_params(find)} now"
+    src = inspect.getsource(_CheckpointConnector._parse_ckpt_path)
+    assert "callback._find_last_checkpoints(self.trainer)" in src, \
+        "ckpt_path='last' no longer collects ModelCheckpoint._find_last_checkpoints(trainer)"
+    assert re.search(r"max\(candidates_ts", src), "ckpt_path='last' no longer takes the newest candidate"
+    with tempfile.TemporaryDirectory() as d:
+        names = ["last.ckpt", "last-v1.ckpt", "last.old-0123456789ab.ckpt", "last.ckpt.tmp-0123456789ab",
+                 "last.ckpt.del-0123456789ab", "epoch=0.ckpt"]
+        for name in names:
+            Path(d, name).touch()
+        found = {Path(p).name for p in find(ModelCheckpoint(dirpath=d), None)}
+        assert found == set(names[:3]), f"the 'last' candidates of {sorted(names)} are {sorted(found)} now"
+
+
 def default_store() -> Any:
     """The default process group's key-value store (rank 0's ``TCPStore`` under torchrun and Lightning's launchers),
     or None when no process group is initialised."""

@@ -8,6 +8,7 @@ attributes (a ``Lamb`` subclass defined elsewhere, a user's strategy or progress
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -49,6 +50,15 @@ class AccumulationEngine(Protocol):
     ``effi_set_accumulation(factor)`` at the start of every window whose size differs from the previous one."""
 
     def effi_set_accumulation(self, factor: int) -> None: ...
+
+
+@runtime_checkable
+class CheckpointValidator(Protocol):
+    """A strategy or CheckpointIO that can tell a complete checkpoint from an incomplete or foreign one:
+    ``effi_checkpoint_problem(path)`` returns what is wrong with it (words that follow the path) or None.
+    ``ckpt_path="last"`` skips the candidates it finds wrong."""
+
+    def effi_checkpoint_problem(self, path: Path) -> str | None: ...
 
 
 @runtime_checkable

@@ -14,6 +14,7 @@ import logging
 import sys
 from collections.abc import Generator
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
@@ -34,7 +35,10 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_effi import _compat, _quiet
+from lightning_effi.plugins import _atomic
+from lightning_effi.plugins.checkpoint_io import AtomicCheckpointIODefault, raise_if_problem
 from lightning_effi.strategies import _zero_layout
+from lightning_effi.strategies._atomic_save import save_directory
 from lightning_effi.strategies._config import build_deepspeed_config, load_user_config
 from lightning_effi.strategies._zero_layout import check_world_size as _check_world_size
 
@@ -110,7 +114,7 @@ class _ValidatingLauncher(_SubprocessScriptLauncher):
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
 
-class EffiDeepSpeedStrategy(DeepSpeedStrategy):
+class EffiDeepSpeedStrategy(AtomicCheckpointIODefault, DeepSpeedStrategy):
     """DeepSpeed ZeRO stage 1/2/3 on CPU (gloo) or CUDA (NCCL), configured from one source of truth.
 
     Registered as ``"effi_deepspeed_stage_1"``, ``"effi_deepspeed_stage_2"``, ``"effi_deepspeed_stage_3"``.
@@ -132,8 +136,9 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
 
     Precision: ``"bf16-mixed"``/``"bf16-true"`` enable DeepSpeed's bf16, ``"16-mixed"`` its fp16 with dynamic loss
     scaling, configured from ``plugins=[LossScalingPrecision(...)]`` if given (settings DeepSpeed cannot express
-    raise). Checkpoints are DeepSpeed directories; resuming on another number of processes needs a one-time
-    conversion to a universal checkpoint. Both are described in ``docs/deepspeed.md``.
+    raise). Checkpoints are DeepSpeed directories, written crash-safely with an ``effi_complete`` marker
+    (``docs/checkpoints.md``); resuming on another number of processes needs a one-time conversion to a universal
+    checkpoint. Both are described in ``docs/deepspeed.md``.
     """
 
     strategy_name = "effi_deepspeed"
@@ -451,14 +456,32 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
         # only Megatron-style clients write; pure data parallelism needs no tensor-parallel merge patterns.
         checkpoint = {**checkpoint,
                       UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+        # Upstream lets every rank write into filepath itself, over the previous checkpoint of that name, and
+        # DeepSpeed writes its 'latest' tag before the other ranks are done: here the ranks write a temporary sibling,
+        # rank 0 marks it complete after all of them and moves it into place.
+        def write(tmp: Path) -> None:
+            super(EffiDeepSpeedStrategy, self).save_checkpoint(checkpoint, tmp, storage_options)
+
+        def seal(tmp: Path) -> None:
+            marker = tmp / _atomic.MARKER
+            marker.touch()
+            _atomic.fsync_file(marker)
+            _atomic.fsync_dir(tmp)
+
+        # DeepSpeed's torch.save of each shard does not sync
+        save_directory(self, filepath, write, seal=seal, sync_every_file=True)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         assert self.config is not None  # upstream types it Optional; it is a dict from __init__ on
         universal = bool((self.config.get("checkpoint") or {}).get("load_universal", False))
-        if not (self.load_full_weights and self.zero_stage_3) and not universal:
-            _check_world_size(checkpoint_path, self.world_size)
+        if not (self.load_full_weights and self.zero_stage_3):
+            # a file is checked by the CheckpointIO; upstream's check of a directory takes any 'latest' for complete
+            path = Path(checkpoint_path)
+            raise_if_problem(path, self.effi_checkpoint_problem(path))
+            if not universal:
+                _check_world_size(checkpoint_path, self.world_size)
         client_state = super().load_checkpoint(checkpoint_path, weights_only)
         # Optimizer.load_state_dict replaced the param groups; layouts are strategy wiring, not state.
         if self._flat_layouts is not None:
@@ -467,3 +490,10 @@ class EffiDeepSpeedStrategy(DeepSpeedStrategy):
                 ds_optimizer, _zero_layout.client_optimizer(ds_optimizer), None, layouts=self._flat_layouts,
             )
         return client_state
+
+    def effi_checkpoint_problem(self, path: Path) -> str | None:
+        """What is wrong with ``path`` as a checkpoint this strategy resumes from (a DeepSpeed directory with the
+        ``effi_complete`` marker; with ``load_full_weights`` under stage 3 also a file); None when it looks
+        complete."""
+        accepts = ("deepspeed", "file") if self.load_full_weights and self.zero_stage_3 else ("deepspeed",)
+        return _atomic.checkpoint_problem(path, accepts, "EffiDeepSpeedStrategy")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
@@ -17,6 +18,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
@@ -27,7 +29,10 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_effi import _compat
+from lightning_effi.plugins import _atomic
+from lightning_effi.plugins.checkpoint_io import AtomicCheckpointIODefault, raise_if_problem
 from lightning_effi.strategies import parallelize, tensor_parallel
+from lightning_effi.strategies._atomic_save import save_directory
 from lightning_effi.strategies._local_adam import local_shard_steps
 from lightning_effi.strategies._sigterm import install_host_sigterm_check, report_pending_sigterm
 
@@ -51,12 +56,13 @@ _SHARDED_FLAG = "_effi_fsdp_sharded"
 _ROOT_FLAG = "_effi_fsdp_root_unit"
 
 
-class EffiFSDPStrategy(ModelParallelStrategy):
+class EffiFSDPStrategy(AtomicCheckpointIODefault, ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2) for any LightningModule, without a ``configure_model``.
 
     Every process is one data-parallel shard; the modules named in ``wrap`` become FSDP units and the remaining
     children of the LightningModule root units (:func:`~lightning_effi.strategies.parallelize.apply_fsdp`).
-    Checkpointing, the launcher and the device mesh are ``ModelParallelStrategy``'s. More in ``docs/fsdp.md``.
+    The launcher and the device mesh are ``ModelParallelStrategy``'s, and so is the checkpoint layout; checkpoints are
+    written crash-safely (``docs/checkpoints.md``). More in ``docs/fsdp.md``.
 
     Args:
         wrap: class names (``"Block"`` or ``"pkg.module.Block"``) of the modules to shard as units, each all-gathered
@@ -290,6 +296,45 @@ class EffiFSDPStrategy(ModelParallelStrategy):
             # Lightning zeroes them only inside the next step's closure, after its forward.
             inner.zero_grad(set_to_none=True)
         return output
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH,
+                        storage_options: Optional[Any] = None) -> None:
+        # Upstream writes the shards and meta.pt into filepath itself, over the previous checkpoint of that name; here
+        # they go to a temporary sibling that replaces it once complete. A full-state file goes through the
+        # CheckpointIO (AtomicCheckpointIO by default).
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+
+        def write(tmp: Path) -> None:
+            super(EffiFSDPStrategy, self).save_checkpoint(checkpoint, tmp, storage_options)
+
+        def seal(tmp: Path) -> None:
+            # DCP fsyncs its own files; Lightning's meta.pt, written last, is plain torch.save
+            _atomic.fsync_file(tmp / _atomic.LIGHTNING_META)
+            _atomic.fsync_dir(tmp)
+
+        save_directory(self, filepath, write, seal=seal, sync_every_file=False)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # Upstream reports an incomplete or foreign path with whatever torch or DCP raise on it first.
+        path = Path(self.broadcast(str(checkpoint_path)))
+        raise_if_problem(path, self.effi_checkpoint_problem(path))
+        try:
+            checkpoint = super().load_checkpoint(path, weights_only)
+        except Exception as e:
+            problem = _atomic.file_content_problem(path) if path.is_file() else None
+            if problem is None:
+                raise
+            raise ValueError(f"Checkpoint {str(path)!r} {problem}") from e
+        raise_if_problem(path, _atomic.content_problem(checkpoint))
+        return checkpoint
+
+    def effi_checkpoint_problem(self, path: Path) -> Optional[str]:
+        """What is wrong with ``path`` as a checkpoint this strategy resumes from (a DCP directory or a full-state
+        file); None when it looks complete."""
+        return _atomic.checkpoint_problem(path, ("file", "dcp"), "EffiFSDPStrategy")
 
     def mixed_precision_dtypes(self) -> tuple[Optional[torch.dtype], Optional[torch.dtype]]:
         """``(param_dtype, reduce_dtype)`` of the FSDP2 policy: explicit choices, else derived from the plugin."""
