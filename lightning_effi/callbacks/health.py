@@ -398,9 +398,12 @@ class _NonFinite:
             self.names = [by_id.get(id(p), f"<parameter {i}>") for i, p in enumerate(params)]
         grads = [_local(p.grad) for p in params]
         device = grads[0].device
-        # inf-norm per parameter: a NaN or inf anywhere makes it non-finite; reads the gradients once, writes nothing
-        norms = torch._foreach_norm(grads, float("inf"))
-        bad = ~torch.stack([n.to(device, torch.float32) for n in norms]).isfinite()
+        # inf-norm per parameter: a NaN or inf anywhere makes it non-finite; reads the gradients once, writes nothing.
+        # A rank's shard may be empty (uneven FSDP sharding), which has no inf-norm and is finite.
+        full = [g for g in grads if g.numel()]
+        norms = iter(torch._foreach_norm(full, float("inf")) if full else [])
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        bad = ~torch.stack([next(norms).to(device, torch.float32) if g.numel() else zero for g in grads]).isfinite()
         found = bad.any().to(torch.float32)
         if self.world > 1 and any(_is_dtensor(p.grad) for p in params):
             # sharded gradients: each rank saw its shards only, and every rank must skip together

@@ -223,7 +223,8 @@ class DynamicLossScaler:
             if dev.type == "cuda" and grads[0].dtype == torch.bfloat16:
                 # torch's fused CUDA kernel has no bf16 instantiation (bf16 grads appear with bf16-true/master-weight
                 # models); the same check in two foreach launches. A NaN makes the max-norm NaN, which isfinite sees.
-                norms = torch._foreach_norm(grads, float("inf"))
+                # an empty local shard (uneven FSDP sharding) has no inf-norm, and nothing to check
+                norms = torch._foreach_norm([g for g in grads if g.numel()] or [dev_found], float("inf"))
                 dev_found.copy_(torch.maximum(dev_found, (~torch.stack(norms).isfinite()).any().float()))
                 torch._foreach_mul_(grads, inv_scale.to(torch.bfloat16))
             else:
