@@ -61,3 +61,25 @@ def start_watchdog(strategy: Any, poll_s: float = _failfast.POLL_S,
     if store is None:
         return None
     return _failfast.Watchdog(store, strategy.global_rank, strategy.world_size, poll_s, ack_timeout_s).start()
+
+
+class FailFastStrategyMixin:
+    """What the package's strategies add: the watchdog from setup_environment (the process group exists then) to
+    teardown, and this rank's failure posted from on_exception."""
+
+    _effi_watchdog: _failfast.Watchdog | None = None
+
+    def _effi_start_watchdog(self) -> None:
+        self._effi_watchdog = None
+        self._effi_watchdog = start_watchdog(self)
+
+    def on_exception(self, exception: BaseException) -> None:
+        if self._effi_watchdog is not None:
+            self._effi_watchdog.post(exception)
+        super().on_exception(exception)  # type: ignore[misc]
+
+    def teardown(self) -> None:
+        if self._effi_watchdog is not None:
+            self._effi_watchdog.stop()
+            self._effi_watchdog = None
+        super().teardown()  # type: ignore[misc]

@@ -35,6 +35,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_effi import _compat, _quiet
+from lightning_effi.callbacks.failfast import FailFastStrategyMixin
 from lightning_effi.plugins import _atomic
 from lightning_effi.plugins.checkpoint_io import AtomicCheckpointIODefault, raise_if_problem
 from lightning_effi.strategies import _zero_layout
@@ -114,7 +115,7 @@ class _ValidatingLauncher(_SubprocessScriptLauncher):
         return super().launch(function, *args, trainer=trainer, **kwargs)
 
 
-class EffiDeepSpeedStrategy(AtomicCheckpointIODefault, DeepSpeedStrategy):
+class EffiDeepSpeedStrategy(FailFastStrategyMixin, AtomicCheckpointIODefault, DeepSpeedStrategy):
     """DeepSpeed ZeRO stage 1/2/3 on CPU (gloo) or CUDA (NCCL), configured from one source of truth.
 
     Registered as ``"effi_deepspeed_stage_1"``, ``"effi_deepspeed_stage_2"``, ``"effi_deepspeed_stage_3"``.
@@ -283,8 +284,9 @@ class EffiDeepSpeedStrategy(AtomicCheckpointIODefault, DeepSpeedStrategy):
         # Upstream raises for any accelerator other than CUDA; DeepSpeed's CPU accelerator runs ZeRO 1/2/3 with gloo.
         if isinstance(self.accelerator, CUDAAccelerator):
             super().setup_environment()
-            return
-        super(DeepSpeedStrategy, self).setup_environment()
+        else:
+            super(DeepSpeedStrategy, self).setup_environment()
+        self._effi_start_watchdog()  # one rank's exception ends every rank (lightning_effi._failfast)
 
     @override
     def setup_distributed(self) -> None:

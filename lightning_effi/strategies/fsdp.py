@@ -29,6 +29,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_effi import _compat
+from lightning_effi.callbacks.failfast import FailFastStrategyMixin
 from lightning_effi.plugins import _atomic
 from lightning_effi.plugins.checkpoint_io import AtomicCheckpointIODefault, raise_if_problem
 from lightning_effi.strategies import parallelize, tensor_parallel
@@ -56,7 +57,7 @@ _SHARDED_FLAG = "_effi_fsdp_sharded"
 _ROOT_FLAG = "_effi_fsdp_root_unit"
 
 
-class EffiFSDPStrategy(AtomicCheckpointIODefault, ModelParallelStrategy):
+class EffiFSDPStrategy(FailFastStrategyMixin, AtomicCheckpointIODefault, ModelParallelStrategy):
     """Fully sharded data parallel (FSDP2) for any LightningModule, without a ``configure_model``.
 
     Every process is one data-parallel shard; the modules named in ``wrap`` become FSDP units and the remaining
@@ -184,6 +185,7 @@ class EffiFSDPStrategy(AtomicCheckpointIODefault, ModelParallelStrategy):
         self._data_parallel_size = world // tp
         self._tensor_parallel_size = tp
         super().setup_environment()
+        self._effi_start_watchdog()  # one rank's exception ends every rank (lightning_effi._failfast)
 
     @override
     def _get_process_group_backend(self) -> str:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.distributed.launch import start_script
+from tests.distributed.launch import REPO, SCRIPTS
 
 pytestmark = pytest.mark.distributed
 BOUND_S = 180  # generous: the suite shares 2 cores; a hang would last the backend's 30-minute timeout
@@ -22,19 +23,54 @@ MESSAGES = {"forward": "bad batch on rank {r} at step 2", "backward": "failure i
             "step": "failure before the optimizer step on rank {r} at step 2"}
 
 
-def _run(tmp_path: Path, *args: str, torchrun: int = 2) -> tuple[int | None, str]:
+def _start(args: tuple[str, ...], log: Path, torchrun: bool) -> subprocess.Popen:
+    """The job as the leader of a new session: Lightning's launcher (its ranks stay in the group) or torchrun."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    with open(log, "wb") as out:
+        return subprocess.Popen([*launcher, str(SCRIPTS / "fail_one_rank.py"), *args], env=env, cwd=str(REPO),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Kill what is left of the job (a lingering failed rank; torchrun puts workers in sessions of their own)."""
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _run(tmp_path: Path, *args: str, torchrun: bool = True) -> tuple[int | None, str]:
     log = tmp_path / "job.log"
-    proc = start_script("fail_one_rank.py", *args, log=log, torchrun=torchrun)
+    proc = _start(args, log, torchrun)
     try:
         rc = proc.wait(timeout=BOUND_S)
     except subprocess.TimeoutExpired:
         rc = None
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the job (a lingering failed rank)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        _end(proc)
     return rc, log.read_text(errors="replace")
 
 
@@ -51,7 +87,7 @@ CASES = [
                          ids=[f"{c[0]}-rank{c[1]}-{c[2]}-{c[4]}" for c in CASES])
 def test_every_rank_ends_with_the_failing_rank_s_error(tmp_path, strategy, rank, where, extra, launcher):
     start = time.monotonic()
-    rc, log = _run(tmp_path, strategy, str(rank), where, *extra, torchrun=2 if launcher == "torchrun" else 0)
+    rc, log = _run(tmp_path, strategy, str(rank), where, *extra, torchrun=launcher == "torchrun")
     assert rc is not None, f"the job did not end within {BOUND_S} s:\n{log[-4000:]}"
     assert rc != 0, log[-4000:]
     message = MESSAGES[where].format(r=rank)
@@ -68,7 +104,7 @@ def test_every_rank_ends_with_the_failing_rank_s_error(tmp_path, strategy, rank,
 def test_control_without_the_watchdog_the_other_rank_waits(tmp_path):
     """Stock DDP, the failed rank lingering: the other rank is still waiting in its all-reduce well after."""
     log_path = tmp_path / "job.log"
-    proc = start_script("fail_one_rank.py", "ddp", "1", "backward", "linger", log=log_path, torchrun=2)
+    proc = _start(("ddp", "1", "backward", "linger"), log_path, torchrun=True)
     try:
         deadline = time.monotonic() + BOUND_S
         while "lingers after its error" not in log_path.read_text(errors="replace"):
@@ -78,5 +114,4 @@ def test_control_without_the_watchdog_the_other_rank_waits(tmp_path):
         assert proc.poll() is None, "the job ended by itself"
         assert "ending this rank" not in log_path.read_text(errors="replace")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _end(proc)
