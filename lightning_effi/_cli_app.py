@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
 from lightning_effi import _cli_checks, _cli_errors
-from lightning_effi.callbacks import ConfigureOptimizer, EffiModelSummary, SyncFreeProgressBar
+from lightning_effi.callbacks import ConfigureOptimizer, EffiModelSummary, FailFast, SyncFreeProgressBar
 
 # (source, target): the data module's block_size also sizes the model's position table
 _LINKS = (("data.init_args.block_size", "model.init_args.block_size"),)
@@ -89,6 +89,9 @@ class EffiCLI(LightningCLI):
         # A RichProgressBar (same options) that makes no device sync per batch (lightning_effi.callbacks.progress).
         parser.add_lightning_class_args(SyncFreeProgressBar, "progress_bar")
         parser.add_lightning_class_args(EffiModelSummary, "model_summary")
+        # One rank's exception ends every rank under any strategy (a no-op on one process; the package's strategies
+        # run the same watchdog themselves).
+        parser.add_lightning_class_args(FailFast, "fail_fast")
 
     def parse_arguments(self, parser, args) -> None:
         self._args = sys.argv[1:] if args is None else args  # re-parsed by _check_resume
