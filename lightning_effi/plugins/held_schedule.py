@@ -122,6 +122,9 @@ class HeldSchedule:
         self._lr.copy_(self._table[0])
         for k, g in enumerate(groups):
             g["lr"] = self._lr[k]
+        # Checkpoints keep float learning rates, the type a fresh optimizer has when the state is loaded back (a
+        # torch.distributed.checkpoint load refuses a tensor where the fresh optimizer has a float).
+        self._state_dict_hook = self.optimizer.register_state_dict_post_hook(_float_lrs)
 
     # ------------------------------------------------------------------------------------------------ table
     def _filled(self) -> int:
@@ -211,4 +214,13 @@ class HeldSchedule:
         self._cls.load_state_dict(self.scheduler, state)
         for g, lr in zip(self.optimizer.param_groups, self._host_lrs[pos - self._base]):
             g["lr"] = lr
+        self._state_dict_hook.remove()
         self._mirror.clear()
+
+
+def _float_lrs(optimizer: Any, state_dict: dict) -> dict:
+    """Optimizer state-dict post-hook: the held learning rates as floats (a host read, at checkpoint time only)."""
+    for group in state_dict["param_groups"]:
+        if isinstance(group.get("lr"), Tensor):
+            group["lr"] = float(group["lr"])
+    return state_dict

@@ -76,6 +76,21 @@ def test_learning_rates_are_one_device_buffer_and_the_table_is_trimmed():
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(1e-2 / 2001)
 
 
+def test_optimizer_state_dict_holds_float_learning_rates():
+    # A fresh optimizer loading the checkpoint has floats there (torch.distributed.checkpoint refuses a mismatch).
+    opt = _opt()
+    hold = HeldSchedule(S.LambdaLR(opt, lambda k: 0.5**k), torch.device("cpu"), torch.float64)
+    for _ in range(3):
+        hold.add_pending(torch.tensor(0.0))
+        hold.step()
+    saved = opt.state_dict()["param_groups"]
+    assert [type(g["lr"]) for g in saved] == [float, float]
+    assert [g["lr"] for g in saved] == [1e-2 * 0.5**3, 5e-3 * 0.5**3]
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # the live groups keep their device tensors
+    hold.release()
+    assert not opt._optimizer_state_dict_post_hooks
+
+
 def test_momentum_cycling_cannot_be_held():
     opt = _opt()
     assert "cycle_momentum" in can_hold(S.OneCycleLR(opt, max_lr=0.1, total_steps=10))
