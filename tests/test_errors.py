@@ -326,9 +326,14 @@ ROWS = [
         r"Invalid mode 'kahn': must be one of \('fp32', 'kahan'\)"),
     # AtomicCheckpointIO
     Row("checkpoint-io-missing", lambda t: _checkpoint_io().load_checkpoint(t / "nope.ckpt"), FileNotFoundError,
-        r"Checkpoint '.*nope\.ckpt' does not exist"),
+        r"Checkpoint '.*nope\.ckpt' does not exist; pass the path of a saved checkpoint .* or ckpt_path='last'"),
     Row("checkpoint-io-empty", lambda t: _checkpoint_io().load_checkpoint(_file(t, "e.ckpt", text="")),
-        ValueError, r"Checkpoint '.*e\.ckpt' is empty"),
+        ValueError, r"Checkpoint '.*e\.ckpt' is empty .*; resume from an earlier checkpoint \(ckpt_path='last' skips "
+                    r"incomplete ones\) or delete this one"),
+    Row("checkpoint-io-not-a-dict",
+        lambda t: _checkpoint_io().load_checkpoint(_file(t, "l.ckpt", [1, 2])), ValueError,
+        r"Checkpoint '.*l\.ckpt' holds a list, not a Lightning training checkpoint \(a dict\); pass a file written "
+        r"by Trainer.save_checkpoint or ModelCheckpoint"),
     Row("checkpoint-io-export-file", lambda t: _checkpoint_io().load_checkpoint(_gpt_export(t)), ValueError,
         r"Checkpoint '.*gpt\.pt' is an `effi export` file \(weights only\), not a training checkpoint: load it with"),
     Row("checkpoint-io-storage-options",
