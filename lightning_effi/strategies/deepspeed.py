@@ -111,8 +111,27 @@ class _ValidatingLauncher(_SubprocessScriptLauncher):
     @override
     def launch(self, function: Any, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
         if trainer is not None:
-            self._strategy._build_config(trainer, micro_batch_size=None)
+            micro = _known_micro_batch_size(args, kwargs) if getattr(function, "__name__", "") == "_fit_impl" else None
+            self._strategy._build_config(trainer, micro_batch_size=micro)
         return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
+def _known_micro_batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The train loader's batch size when ``fit`` was handed a DataLoader, or a datamodule whose hyper-parameters
+    record ``batch_size``, so a micro-batch conflict is reported with the others before any worker starts; None
+    otherwise. After launch the config is built again from the real loader, which decides."""
+    from lightning.pytorch import LightningDataModule
+    from torch.utils.data import DataLoader
+
+    loaders = kwargs.get("train_dataloaders", args[1] if len(args) > 1 else None)
+    datamodule = kwargs.get("datamodule", args[3] if len(args) > 3 else None)
+    if isinstance(loaders, LightningDataModule):
+        datamodule, loaders = loaders, None
+    if isinstance(loaders, DataLoader):
+        size = loaders.batch_size
+    else:
+        size = getattr(datamodule, "hparams", {}).get("batch_size") if datamodule is not None else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 class EffiDeepSpeedStrategy(FailFastStrategyMixin, AtomicCheckpointIODefault, DeepSpeedStrategy):

@@ -183,6 +183,47 @@ def test_conflict_raises_before_launch_in_trainer(tmp_path):
     assert "fp16.enabled is true" in str(err.value) and "gradient_clipping is 1.0" in str(err.value)
 
 
+@pytest.mark.parametrize("how", ["dataloader", "datamodule"])
+def test_every_conflict_including_the_micro_batch_is_reported_before_launch_at_once(tmp_path, how):
+    """The loader's batch size is known before launch when fit is handed a DataLoader or a datamodule that records
+    batch_size: three conflicts, one error, nothing launched."""
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_effi.strategies import EffiDeepSpeedStrategy
+
+    class Never(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+        def setup(self, stage):
+            raise AssertionError("setup reached: the conflicts were not raised before launch")
+
+    class Data(pl.LightningDataModule):
+        def __init__(self, batch_size: int = 4):
+            super().__init__()
+            self.save_hyperparameters()
+
+        def train_dataloader(self):
+            raise AssertionError("the loader is not built before launch")
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(8, 2)), batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", gradient_clip_val=0.5,
+                         strategy=EffiDeepSpeedStrategy(stage=2, config={
+                             "fp16": {"enabled": True}, "gradient_clipping": 1.0,
+                             "train_micro_batch_size_per_gpu": 8}),
+                         logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    with pytest.raises(DeepSpeedConfigConflict) as err:
+        if how == "dataloader":
+            trainer.fit(Never(), loader)
+        else:
+            trainer.fit(Never(), datamodule=Data())
+    text = str(err.value)
+    assert "fp16.enabled is true" in text and "gradient_clipping is 1.0" in text
+    assert re.search(r"train_micro_batch_size_per_gpu is 8.*batches of 4", text, re.S), text
+
+
 def test_strategy_rejects_foreign_precision_plugins():
     from lightning.pytorch.plugins.precision import MixedPrecision
 
