@@ -257,6 +257,10 @@ def export_checkpoint(ckpt_path: str | Path, out_path: str | Path, strip_prefix:
             ``GPT``; entries outside the prefix are dropped). Default None: the LightningModule's keys. Either way
             the file records where the network's keys start, so :func:`load_export` loads both.
     """
+    out = Path(out_path)
+    if out.is_dir():
+        raise ValueError(f"Export destination {str(out)!r} is a directory; give the file to write, e.g. "
+                         f"{str(out / (Path(ckpt_path).stem + '.pt'))!r}")
     sd, meta = _read_checkpoint(ckpt_path)
     spec = _checkpoint_model_spec(meta)
     if strip_prefix and not strip_prefix.endswith("."):
@@ -270,11 +274,11 @@ def export_checkpoint(ckpt_path: str | Path, out_path: str | Path, strip_prefix:
         sd = kept
     spec = _relative_to(spec, strip_prefix or "", ckpt_path)
     sd = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in sd.items()}
-    out = Path(out_path)
+    from lightning_effi.plugins import _atomic  # the plugins import Lightning; exports are read without it
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, "state_dict": sd, "model": spec}, tmp)
-    tmp.replace(out)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "state_dict": sd, "model": spec}
+    _atomic.write_file(out, lambda f: torch.save(payload, f))  # synced and renamed; no temporary file survives
     return out
 
 

@@ -109,6 +109,12 @@ def test_export_errors_name_the_file_and_prefix_gets_its_dot(tmp_path):
     torch.save({"state_dict": {"model.w": torch.ones(1), "model_x.w": torch.zeros(1)}}, tmp_path / "a.ckpt")
     export_checkpoint(tmp_path / "a.ckpt", tmp_path / "o.pt", strip_prefix="model")
     assert list(torch.load(tmp_path / "o.pt")["state_dict"]) == ["w"]
+    # a directory as the destination: named with the fix, before anything is read or written
+    (tmp_path / "outdir").mkdir()
+    with pytest.raises(ValueError, match=r"Export destination '.*outdir' is a directory; give the file to write, "
+                                         r"e\.g\. '.*outdir/a\.pt'"):
+        export_checkpoint(tmp_path / "a.ckpt", tmp_path / "outdir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "garbage.ckpt", "o.pt", "outdir"]  # no .tmp
 
 
 @pytest.mark.parametrize(("name", "cls", "extra"), [
