@@ -77,11 +77,12 @@ def test_matches_single_process_reference(runs, case):
 def test_lamb_reduces_once_per_mesh_dimension_per_round(runs, case):
     """Lamb with max_grad_norm needs two rounds (the clip coefficient, then the trust-ratio norms); each is one
     bucketed all_reduce per sharded mesh dimension, whatever the number of parameters. The health monitor's
-    gradient norm (logged every step here) adds one more per dimension."""
+    gradient norm (logged every step here) adds one more per dimension, and its non-finite check (no loss scaler)
+    one over all ranks for the flag of the sharded gradients."""
     which, world = _where(case)
     _, ranks = _load(runs[which], case, world)
     dims = sum(n > 1 for n in tc.layout(case))
-    health = dims if tc.ALL_CASES[case].get("health") else 0
+    health = dims + 1 if tc.ALL_CASES[case].get("health") else 0
     for r in ranks:
         assert r["allreduce_per_step"] == [2 * dims + health] * tc.PER_EPOCH
 

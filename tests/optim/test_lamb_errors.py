@@ -103,7 +103,7 @@ def test_invalid_flat_layout(segments, num, msg):
 def test_functional_argument_errors():
     x, g = [torch.randn(3)], [torch.randn(3)]
     m, v, s = [torch.zeros(3)], [torch.zeros(3)], [torch.tensor(0.0)]
-    with pytest.raises(ValueError, match="same length"):
+    with pytest.raises(ValueError, match=r"Invalid list lengths \[1, 2, 1, 1, 1\] of params, grads"):
         lamb(x, g + g, m, v, s, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0)
     with pytest.raises(ValueError, match="one value per parameter"):
         lamb(x, g, m, v, s, lr=[0.1, 0.2], beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0)
