@@ -45,6 +45,7 @@ CASES = {
     "stack_bf16_adamw": Case(precision="lsp-bf16", health=True, accumulation="callback1", baseline="stock_bf16"),
     "stack_16_adamw": Case(precision="lsp-16", health=True, accumulation="callback1", baseline="stock_16"),
     "stock_bf16_lamb": Case(optimizer="lamb"),
+    "health_bf16_lamb": Case(optimizer="lamb", health=True, baseline="stock_bf16_lamb"),
     "stack_bf16_lamb": Case(precision="lsp-bf16", optimizer="lamb", health=True, accumulation="callback1",
                             baseline="stock_bf16_lamb"),
     "stock_16_lamb": Case(precision="16-mixed", optimizer="lamb"),
