@@ -1,6 +1,7 @@
 """TrainingHealthMonitor: loss scale, skipped steps, gradient norm, non-finite parameters, Lamb trust ratios, tokens/s.
 
-Everything is computed on the device and brought to the host once per logging interval, in one read. Skipped steps
+Everything is computed on the device; at each logging step one tensor of it starts a non-blocking copy to the host,
+and the metrics are logged (at that step) once it has landed, so no step waits for the device. Skipped steps
 are reported at once when the step was decided on the host (the precision plugin then also names the parameters with
 non-finite gradients); when the optimizer skipped on the device, the step's flag is kept and read with the next log.
 """
@@ -19,6 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_effi._host import HostMirror
 from lightning_effi._protocols import TrustRatioOptimizer
 from lightning_effi.optim.norms import global_norm
 
@@ -46,7 +48,9 @@ class TrainingHealthMonitor(Callback):
     on this rank (at once when the precision plugin decided the skip on the host; at the next log, without names,
     when the optimizer skipped on the device); the events are kept in :attr:`skip_events` as ``(step, scale, names)``.
     Metrics go to every logger of the Trainer at step ``trainer.global_step`` and are kept in :attr:`last_metrics`.
-    Between logging steps nothing here reads a device value.
+    Nothing here waits for the device during training: a logging step's values are copied to the host without
+    blocking and logged at a later micro-batch once the copy has landed (on the CPU at once); the end of training
+    waits for the last interval's.
 
     **Non-finite gradients without a loss scaler** (``precision="32-true"``, ``"bf16-mixed"``, ``"bf16-true"``: no
     plugin skips such a step; with ``LossScalingPrecision``, torch's GradScaler or DeepSpeed fp16 the scaler does and
@@ -90,6 +94,8 @@ class TrainingHealthMonitor(Callback):
             raise ValueError(f"Invalid on_nonfinite {on_nonfinite!r}: must be 'raise', 'skip' or None (no check)")
         self.on_nonfinite = on_nonfinite
         self._nf: Optional[_NonFinite] = None
+        self._mirror = HostMirror(slots=2)
+        self._pending: Optional[dict[str, Any]] = None
         self._nf_steps_host = 0  # skipped non-finite steps restored from a checkpoint
         self.log_every_n_steps = log_every_n_steps
         self.tokens_key = tokens_key
@@ -116,10 +122,12 @@ class TrainingHealthMonitor(Callback):
         self._seen_tokens = False
         self._grad_norm = None
         self._device_skips = []
+        self._pending = None
         self._nf = _NonFinite(trainer, self.on_nonfinite) if self.on_nonfinite and _no_scaler(trainer) else None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_pending(trainer, wait=True)  # the last interval's metrics (one wait at the end)
         if self._nf is not None:  # a run shorter than the logging interval still reports (one read at the end)
             self._report_nonfinite(trainer, self._nf.read())
             self._nf.release()
@@ -158,6 +166,8 @@ class TrainingHealthMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._count_tokens(outputs)
+        if self._pending is not None:
+            self._finish_pending(trainer, wait=False)
         step = trainer.global_step
         if step == self._last_step:  # inside an accumulation window: no optimizer step happened
             return
@@ -249,8 +259,12 @@ class TrainingHealthMonitor(Callback):
         return None
 
     def _emit(self, trainer: pl.Trainer, step: int) -> None:
+        """Gather this interval's device values into one tensor and start its copy to the host without waiting; the
+        metrics are logged (at ``step``) once it has landed: at once on the CPU, at a later micro-batch on an
+        accelerator, so the logging step does not drain the device queue."""
+        self._finish_pending(trainer, wait=True)  # the previous interval's copy, issued an interval ago
         device = trainer.strategy.root_device
-        parts: dict[str, Tensor] = {}  # device values read in one go below
+        parts: dict[str, Tensor] = {}
         if self._grad_norm is not None:
             parts["grad_norm"] = self._grad_norm.reshape(1)
             self._grad_norm = None
@@ -270,13 +284,36 @@ class TrainingHealthMonitor(Callback):
             parts["scaler"] = scaler.state_tensor
         if self._nf is not None:
             parts["nonfinite"] = self._nf.packed(device)
-        host = {}
+        now = time.perf_counter()
+        pending = {"step": step, "sizes": {k: t.numel() for k, t in parts.items()}, "seconds": now - self._t_last,
+                   "device_skips": self._device_skips, "seq": None}
+        self._device_skips = []
+        self._tokens = None
+        self._tokens_host = 0
+        self._t_last = now
         if parts:
-            flat = torch.cat([t.to(device, torch.float64).reshape(-1) for t in parts.values()]).tolist()  # the one read
-            i = 0
-            for k, t in parts.items():
-                host[k] = flat[i:i + t.numel()]
-                i += t.numel()
+            flat = torch.cat([t.to(device, torch.float64).reshape(-1) for t in parts.values()])
+            pending["seq"] = self._mirror.push(flat)
+        self._pending = pending
+        self._finish_pending(trainer, wait=False)
+
+    def _finish_pending(self, trainer: pl.Trainer, wait: bool) -> None:
+        """Log the pending interval if its copy has landed (or, with ``wait``, once it has)."""
+        pending = self._pending
+        if pending is None:
+            return
+        flat: Any = []
+        if pending["seq"] is not None:
+            flat = self._mirror.get(pending["seq"]) if wait else self._mirror.peek(pending["seq"])
+            if flat is None:
+                return
+            flat = flat.tolist()  # a NumPy view of the landed host buffer, not a device read
+        self._pending = None
+        host: dict[str, list[float]] = {}
+        i = 0
+        for k, n in pending["sizes"].items():
+            host[k] = flat[i:i + n]
+            i += n
         metrics: dict[str, float] = {}
         if "scaler" in host:
             from lightning_effi.plugins.scaler import SCALE, SKIPPED
@@ -293,27 +330,22 @@ class TrainingHealthMonitor(Callback):
             count = self._report_nonfinite(trainer, host["nonfinite"])
             if self.on_nonfinite == "skip":
                 metrics["nonfinite_steps"] = float(count)
-        for (s, _), flag in zip(self._device_skips, host.get("skips", [])):
+        for (s, _), flag in zip(pending["device_skips"], host.get("skips", [])):
             if flag:
                 self._report_skip(trainer, s, metrics.get("loss_scale"), None,
                                   "<not recorded: the optimizer skipped the step on the device>")
-        self._device_skips = []
         if "grad_norm" in host:
             metrics["grad_norm"] = host["grad_norm"][0]
         if "ratios" in host:
             lo, med, hi = host["ratios"]
             if math.isfinite(lo):
                 metrics.update(trust_ratio_min=lo, trust_ratio_median=med, trust_ratio_max=hi)
-        now = time.perf_counter()
         if "tokens" in host:
-            metrics["tokens_per_sec"] = host["tokens"][0] / max(now - self._t_last, 1e-9)
-        self._tokens = None
-        self._tokens_host = 0
-        self._t_last = now
+            metrics["tokens_per_sec"] = host["tokens"][0] / max(pending["seconds"], 1e-9)
         metrics = {self.prefix + k: v for k, v in metrics.items()}
         self.last_metrics = metrics
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=pending["step"])
 
 
 def _own_scaler(trainer: pl.Trainer) -> Any:
@@ -384,6 +416,7 @@ class _NonFinite:
         self._count: Optional[Tensor] = None
         self._first: Optional[Tensor] = None
         self._flags: Optional[Tensor] = None
+        self._found: Optional[Tensor] = None
         self._optimizers: list[Any] = []
         self._warned_sync = False
 
@@ -408,21 +441,24 @@ class _NonFinite:
         if self.world > 1 and any(_is_dtensor(p.grad) for p in params):
             # sharded gradients: each rank saw its shards only, and every rank must skip together
             torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+        # Persistent buffers updated in place: the same allocations every step keep the caching allocator placing
+        # the next step's gradients at the same addresses, which Lamb's captured CUDA graph replays on.
         if self._count is None or self._count.device != device or self._flags is None \
                 or self._flags.numel() != bad.numel():
             self._count = torch.zeros((), dtype=torch.float64, device=device)
             self._first = torch.full((), -1.0, dtype=torch.float64, device=device)
             self._flags = torch.zeros(bad.numel(), dtype=torch.float32, device=device)
-        assert self._first is not None
-        hit = found > 0
-        first_now = hit & (self._first < 0)
-        self._flags = torch.where(first_now, bad.to(torch.float32), self._flags)
-        self._first = torch.where(first_now, torch.full_like(self._first, step), self._first)
+            self._found = torch.zeros((), dtype=torch.float32, device=device)
+        assert self._first is not None and self._found is not None
+        self._found.copy_(found)
+        first_now = (found > 0) & (self._first < 0)
+        self._flags.copy_(torch.where(first_now, bad.to(torch.float32), self._flags))
+        self._first.copy_(torch.where(first_now, torch.full_like(self._first, step), self._first))
         self.masked = masks_step(optimizer)
         if self.masked:
-            self._count += found
+            self._count += self._found
             optimizer.grad_scale = None
-            optimizer.found_inf = found  # the optimizer skips the whole step on the device
+            optimizer.found_inf = self._found  # the optimizer skips the whole step on the device
             if optimizer not in self._optimizers:
                 self._optimizers.append(optimizer)
         elif self.policy == "skip":

@@ -62,7 +62,9 @@ def fake_clock(monkeypatch):
     monkeypatch.setattr("lightning_effi.callbacks.health.time.perf_counter", lambda: float(next(ticks)))
 
 
-def test_metrics_with_loss_scaling(fake_clock, monkeypatch, caplog):
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_metrics_with_loss_scaling(fake_clock, monkeypatch, caplog, accelerator):
+    """On CUDA the logging step's copy lands later and is logged then, at its own step: the same rows."""
     inject = {2: "inf", 3: "inf", 6: "nan"}
     n_steps, every = 10, 2
     module = TokenToy(inject=inject, inject_param="net.0.bias")
@@ -74,7 +76,8 @@ def test_metrics_with_loss_scaling(fake_clock, monkeypatch, caplog):
     real_norm = torch.nn.utils.get_total_norm
     monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: norm_calls.append(1) or real_norm(*a, **k))
     with caplog.at_level(logging.WARNING, logger="lightning_effi.callbacks.health"):
-        fit(module, plugins=[plugin], callbacks=[monitor, ref], logger=logger, max_steps=n_steps)
+        fit(module, plugins=[plugin], callbacks=[monitor, ref], logger=logger, max_steps=n_steps,
+            accelerator=accelerator)
 
     rows = [(s, m) for s, m in logger.rows if any(k.startswith("health/") for k in m)]
     assert [s for s, _ in rows] == list(range(every, n_steps + 1, every))
