@@ -417,6 +417,7 @@ class _NonFinite:
         self._first: Optional[Tensor] = None
         self._flags: Optional[Tensor] = None
         self._found: Optional[Tensor] = None
+        self._masks: dict[int, bool] = {}
         self._optimizers: list[Any] = []
         self._warned_sync = False
 
@@ -433,10 +434,15 @@ class _NonFinite:
         device = grads[0].device
         # inf-norm per parameter: a NaN or inf anywhere makes it non-finite; reads the gradients once, writes nothing.
         # A rank's shard may be empty (uneven FSDP sharding), which has no inf-norm and is finite.
+        # A handful of launches whatever the number of parameters: the per-parameter work is in _foreach_norm.
         full = [g for g in grads if g.numel()]
-        norms = iter(torch._foreach_norm(full, float("inf")) if full else [])
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        bad = ~torch.stack([next(norms).to(device, torch.float32) if g.numel() else zero for g in grads]).isfinite()
+        norms = list(torch._foreach_norm(full, float("inf"))) if full else []
+        if len(full) == len(grads) and len({n.dtype for n in norms}) == 1:
+            bad = ~torch.stack(norms).isfinite()
+        else:
+            it = iter(norms)
+            zero = torch.zeros((), dtype=torch.float32, device=device)
+            bad = ~torch.stack([next(it).to(device, torch.float32) if g.numel() else zero for g in grads]).isfinite()
         found = bad.any().to(torch.float32)
         if self.world > 1 and any(_is_dtensor(p.grad) for p in params):
             # sharded gradients: each rank saw its shards only, and every rank must skip together
@@ -454,7 +460,10 @@ class _NonFinite:
         first_now = (found > 0) & (self._first < 0)
         self._flags.copy_(torch.where(first_now, bad.to(torch.float32), self._flags))
         self._first.copy_(torch.where(first_now, torch.full_like(self._first, step), self._first))
-        self.masked = masks_step(optimizer)
+        masked = self._masks.get(id(optimizer))
+        if masked is None:  # inspects the step's signature: once per optimizer
+            masked = self._masks[id(optimizer)] = masks_step(optimizer)
+        self.masked = masked
         if self.masked:
             self._count += self._found
             optimizer.grad_scale = None
