@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_effi import _compat
 from lightning_effi._host import HostMirror
 from lightning_effi._protocols import TrustRatioOptimizer
 from lightning_effi.optim.norms import global_norm
@@ -56,7 +57,8 @@ class TrainingHealthMonitor(Callback):
     plugin skips such a step; with ``LossScalingPrecision``, torch's GradScaler or DeepSpeed fp16 the scaler does and
     this policy stays off). Every optimizer step the gradients are checked on the device (an inf-norm per
     parameter, on the local shards; one all-reduce of the flag where gradients are sharded), and
-    ``on_nonfinite`` decides:
+    ``on_nonfinite`` decides (the parameters are named where the check keeps per-parameter flags: on the CPU and
+    for bf16 gradients; fp16/fp32 gradients on a GPU are checked by one kernel, GradScaler's, for the step only):
 
     * ``"raise"`` (default): the step is skipped inside the optimizer when it takes ``found_inf`` (torch's
       ``fused=True`` Adam/AdamW/SGD, ``lightning_effi.optim.Lamb``), so weights and checkpoints stay finite; at the
@@ -229,7 +231,10 @@ class TrainingHealthMonitor(Callback):
         if first >= 0:
             names = [n for n, bad in zip(self._nf.names, flags) if bad][: self.max_names]
             self._nf.forget_first()
-            where = names or ["<none on this rank: the non-finite gradients were on another rank>"]
+            if not self._nf.named:
+                where = ["<not recorded: checked on the GPU by one kernel, without per-parameter flags>"]
+            else:
+                where = names or ["<none on this rank: the non-finite gradients were on another rank>"]
             if self.on_nonfinite == "raise":
                 kept = ("the step was skipped inside the optimizer, so the weights are still finite"
                         if self._nf.masked else "the optimizer applied it: the weights may hold inf/NaN since")
@@ -417,6 +422,8 @@ class _NonFinite:
         self._first: Optional[Tensor] = None
         self._flags: Optional[Tensor] = None
         self._found: Optional[Tensor] = None
+        self._one: Optional[Tensor] = None
+        self.named = False  # per-parameter flags are kept (CPU, bf16 gradients), so reports can name parameters
         self._masks: dict[int, bool] = {}
         self._optimizers: list[Any] = []
         self._warned_sync = False
@@ -432,33 +439,44 @@ class _NonFinite:
             self.names = [by_id.get(id(p), f"<parameter {i}>") for i, p in enumerate(params)]
         grads = [_local(p.grad) for p in params]
         device = grads[0].device
-        # inf-norm per parameter: a NaN or inf anywhere makes it non-finite; reads the gradients once, writes nothing.
-        # A rank's shard may be empty (uneven FSDP sharding), which has no inf-norm and is finite.
-        # A handful of launches whatever the number of parameters: the per-parameter work is in _foreach_norm.
-        full = [g for g in grads if g.numel()]
-        norms = list(torch._foreach_norm(full, float("inf"))) if full else []
-        if len(full) == len(grads) and len({n.dtype for n in norms}) == 1:
-            bad = ~torch.stack(norms).isfinite()
-        else:
-            it = iter(norms)
-            zero = torch.zeros((), dtype=torch.float32, device=device)
-            bad = ~torch.stack([next(it).to(device, torch.float32) if g.numel() else zero for g in grads]).isfinite()
-        found = bad.any().to(torch.float32)
-        if self.world > 1 and any(_is_dtensor(p.grad) for p in params):
-            # sharded gradients: each rank saw its shards only, and every rank must skip together
-            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
-        # Persistent buffers updated in place: the same allocations every step keep the caching allocator placing
-        # the next step's gradients at the same addresses, which Lamb's captured CUDA graph replays on.
+        full = [g for g in grads if g.numel()]  # a rank's shard may be empty (uneven FSDP sharding): finite
         if self._count is None or self._count.device != device or self._flags is None \
-                or self._flags.numel() != bad.numel():
+                or self._flags.numel() != len(grads):
+            # Persistent buffers updated in place: the same allocations every step keep the caching allocator
+            # placing the next step's gradients at the same addresses, which Lamb's captured CUDA graph replays on.
             self._count = torch.zeros((), dtype=torch.float64, device=device)
             self._first = torch.full((), -1.0, dtype=torch.float64, device=device)
-            self._flags = torch.zeros(bad.numel(), dtype=torch.float32, device=device)
+            self._flags = torch.zeros(len(grads), dtype=torch.float32, device=device)
             self._found = torch.zeros((), dtype=torch.float32, device=device)
-        assert self._first is not None and self._found is not None
-        self._found.copy_(found)
+            self._one = torch.ones((), dtype=torch.float32, device=device)
+        assert self._first is not None and self._found is not None and self._one is not None
+        bad: Optional[Tensor] = None
+        if device.type == "cuda" and all(g.dtype in (torch.float16, torch.float32) and g.device == device
+                                         for g in full):
+            # One multi-tensor kernel and no per-parameter outputs (GradScaler's check, scale 1 is exact): the
+            # flag only. Per-parameter flags would cost a host-side tensor per parameter on every step.
+            self._found.zero_()
+            if full:
+                _compat.non_finite_check_and_unscale_(full, self._found, self._one)
+        else:
+            # inf-norm per parameter (a NaN or inf anywhere makes it non-finite): names for the report
+            norms = list(torch._foreach_norm(full, float("inf"))) if full else []
+            if len(full) == len(grads) and len({n.dtype for n in norms}) == 1:
+                bad = ~torch.stack(norms).isfinite()
+            else:
+                it = iter(norms)
+                zero = torch.zeros((), dtype=torch.float32, device=device)
+                bad = ~torch.stack([next(it).to(device, torch.float32) if g.numel() else zero
+                                    for g in grads]).isfinite()
+            self._found.copy_(bad.any())
+        if self.world > 1 and any(_is_dtensor(p.grad) for p in params):
+            # sharded gradients: each rank saw its shards only, and every rank must skip together
+            torch.distributed.all_reduce(self._found, op=torch.distributed.ReduceOp.MAX)
+        found = self._found
         first_now = (found > 0) & (self._first < 0)
-        self._flags.copy_(torch.where(first_now, bad.to(torch.float32), self._flags))
+        if bad is not None:
+            self._flags.copy_(torch.where(first_now, bad.to(torch.float32), self._flags))
+            self.named = True
         self._first.copy_(torch.where(first_now, torch.full_like(self._first, step), self._first))
         masked = self._masks.get(id(optimizer))
         if masked is None:  # inspects the step's signature: once per optimizer

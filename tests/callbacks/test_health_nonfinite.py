@@ -51,19 +51,20 @@ class Poisoned(pl.LightningModule):
         return self.make_opt(self.parameters())
 
 
-def _fit(module, monitor, steps=8, precision="32-true"):
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+def _fit(module, monitor, steps=8, precision="32-true", accelerator="cpu"):
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, precision=precision,
                          callbacks=[monitor])
     trainer.fit(module, _data())
     return trainer
 
 
-def _reference(make_opt, bad_steps, steps=8):
+def _reference(make_opt, bad_steps, steps=8, device="cpu"):
     """A plain loop that never applies the bad steps (the batch is consumed, the optimizer not stepped)."""
-    net = _net()
+    net = _net().to(device)
     opt = make_opt(net.parameters())
     for step, (x, y) in zip(range(steps), _data()):
+        x, y = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
         _loss(net, x, y, False).backward()
         if step not in bad_steps:
@@ -158,3 +159,20 @@ def test_policy_off_with_a_loss_scaler_and_when_none():
 def test_invalid_policy():
     with pytest.raises(ValueError, match=r"Invalid on_nonfinite 'ignore': must be 'raise', 'skip' or None"):
         TrainingHealthMonitor(on_nonfinite="ignore")  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["adamw-fused", "lamb"])
+def test_on_cuda_one_kernel_checks_and_the_optimizer_skips(name):
+    """fp32 gradients on a GPU: GradScaler's one-kernel check, the skip inside the optimizer, the step named."""
+    make_opt = OPTIMIZERS[name]
+    module = Poisoned(make_opt, bad_steps=(3, 5))
+    monitor = TrainingHealthMonitor(log_every_n_steps=4, on_nonfinite="skip")
+    _fit(module, monitor, accelerator="cuda")
+    ref, _ = _reference(make_opt, {3, 5}, device="cuda")
+    for p, q in zip(module.net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)  # another kernel order than the loop's is allowed
+    assert monitor.last_metrics["health/nonfinite_steps"] == 2.0
+    with pytest.raises(RuntimeError, match=r"optimizer step 2 without a loss scaler .*<not recorded: checked on the "
+                                           r"GPU.*still finite"):
+        _fit(Poisoned(make_opt, bad_steps=(2,)), TrainingHealthMonitor(log_every_n_steps=4), accelerator="cuda")
