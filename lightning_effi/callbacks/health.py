@@ -425,6 +425,7 @@ class _NonFinite:
         self._one: Optional[Tensor] = None
         self.named = False  # per-parameter flags are kept (CPU, bf16 gradients), so reports can name parameters
         self._masks: dict[int, bool] = {}
+        self._plans: dict[int, dict[str, Any]] = {}
         self._optimizers: list[Any] = []
         self._warned_sync = False
 
@@ -434,12 +435,25 @@ class _NonFinite:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return
-        if not self.names:
+        # What does not change between steps is decided once (host time per step is what this costs on a GPU).
+        plan = self._plans.get(id(optimizer))
+        if plan is None or plan["n"] != len(params):
             by_id = {id(p): n for n, p in pl_module.named_parameters()}
-            self.names = [by_id.get(id(p), f"<parameter {i}>") for i, p in enumerate(params)]
-        grads = [_local(p.grad) for p in params]
-        device = grads[0].device
-        full = [g for g in grads if g.numel()]  # a rank's shard may be empty (uneven FSDP sharding): finite
+            local = [_local(p.grad) for p in params]
+            device = local[0].device
+            plan = self._plans[id(optimizer)] = {
+                "n": len(params), "device": device, "dtensor": any(_is_dtensor(p.grad) for p in params),
+                "names": [by_id.get(id(p), f"<parameter {i}>") for i, p in enumerate(params)],
+                # a rank's shard may be empty (uneven FSDP sharding): finite, and no inf-norm
+                "full": None if all(g.numel() for g in local) else [i for i, g in enumerate(local) if g.numel()],
+                # GradScaler's one multi-tensor kernel (scale 1 is exact): the flag only, no per-parameter outputs
+                "one_kernel": device.type == "cuda" and all(g.dtype in (torch.float16, torch.float32) and
+                                                            g.device == device for g in local),
+            }
+        self.names = plan["names"]
+        device = plan["device"]
+        grads = [_local(p.grad) for p in params] if plan["dtensor"] else [p.grad for p in params]
+        full = grads if plan["full"] is None else [grads[i] for i in plan["full"]]
         if self._count is None or self._count.device != device or self._flags is None \
                 or self._flags.numel() != len(grads):
             # Persistent buffers updated in place: the same allocations every step keep the caching allocator
@@ -451,17 +465,14 @@ class _NonFinite:
             self._one = torch.ones((), dtype=torch.float32, device=device)
         assert self._first is not None and self._found is not None and self._one is not None
         bad: Optional[Tensor] = None
-        if device.type == "cuda" and all(g.dtype in (torch.float16, torch.float32) and g.device == device
-                                         for g in full):
-            # One multi-tensor kernel and no per-parameter outputs (GradScaler's check, scale 1 is exact): the
-            # flag only. Per-parameter flags would cost a host-side tensor per parameter on every step.
+        if plan["one_kernel"]:
             self._found.zero_()
             if full:
                 _compat.non_finite_check_and_unscale_(full, self._found, self._one)
         else:
             # inf-norm per parameter (a NaN or inf anywhere makes it non-finite): names for the report
             norms = list(torch._foreach_norm(full, float("inf"))) if full else []
-            if len(full) == len(grads) and len({n.dtype for n in norms}) == 1:
+            if plan["full"] is None and len({n.dtype for n in norms}) == 1:
                 bad = ~torch.stack(norms).isfinite()
             else:
                 it = iter(norms)
@@ -469,7 +480,7 @@ class _NonFinite:
                 bad = ~torch.stack([next(it).to(device, torch.float32) if g.numel() else zero
                                     for g in grads]).isfinite()
             self._found.copy_(bad.any())
-        if self.world > 1 and any(_is_dtensor(p.grad) for p in params):
+        if self.world > 1 and plan["dtensor"]:
             # sharded gradients: each rank saw its shards only, and every rank must skip together
             torch.distributed.all_reduce(self._found, op=torch.distributed.ReduceOp.MAX)
         found = self._found
