@@ -31,6 +31,7 @@ class Case:
     precision: str = "bf16-mixed"  # Trainer(precision=...), or "lsp-16"/"lsp-bf16"/"master-fp32" for our plugins
     optimizer: str = "adamw"
     health: bool = False
+    nonfinite: str | None = "raise"  # TrainingHealthMonitor(on_nonfinite=...) when health is on
     accumulation: str = ""  # "", "callback1" ({0: 1}), "callback4" ({0: 4}), "stock4" (accumulate_grad_batches=4)
     baseline: str = ""  # the case this one is compared with
 
@@ -38,6 +39,7 @@ class Case:
 CASES = {
     "stock_bf16": Case(),
     "health_only": Case(health=True, baseline="stock_bf16"),
+    "health_nocheck": Case(health=True, nonfinite=None, baseline="stock_bf16"),
     "accum_only": Case(accumulation="callback1", baseline="stock_bf16"),
     "lsp_bf16": Case(precision="lsp-bf16", baseline="stock_bf16"),
     "stock_16": Case(precision="16-mixed"),
@@ -108,7 +110,7 @@ def run_case(name: str, args) -> dict:
         plugins, precision = [MasterWeightsPrecision("fp32")], None
     callbacks: list = [Timer()]
     if case.health:
-        callbacks.append(TrainingHealthMonitor(log_every_n_steps=50))
+        callbacks.append(TrainingHealthMonitor(log_every_n_steps=50, on_nonfinite=case.nonfinite))  # type: ignore[arg-type]
     if case.accumulation.startswith("callback"):
         callbacks.append(AccumulationScheduler({0: per_step}, unit="step"))
     timer = callbacks[0]
