@@ -20,6 +20,7 @@ from lightning_effi._host import device_scalar
 from lightning_effi._protocols import AccumulationEngine
 from lightning_effi.callbacks._logging import metrics_due
 from lightning_effi.callbacks.schedule import NORMALIZE, UNITS, AccumulationWindow, parse_ramp, parse_schedule
+from lightning_effi.optim.norms import is_dtensor, to_local
 
 _WINDOW_KEY = "lightning_effi.accumulation.partial_window"
 
@@ -164,8 +165,7 @@ class AccumulationScheduler(Callback):
         self._trainer = None
         self._deferred_saves.clear()
         self._deferred_removals.clear()
-        for name in ("save_checkpoint",):
-            vars(trainer).pop(name, None)
+        vars(trainer).pop("save_checkpoint", None)  # the deferring wrappers, if installed
         vars(trainer.strategy).pop("remove_checkpoint", None)
         if self._original_training_step is not None:
             # Remove the instance attribute so the class method is visible again.
@@ -362,7 +362,7 @@ class AccumulationScheduler(Callback):
             g: Any = p.grad
             if g is None:
                 continue
-            if _is_dtensor(g):
+            if is_dtensor(g):
                 # FSDP2 reduces every micro-batch: the shards are already the rank average; save the full tensor.
                 out[name] = g.full_tensor().detach().cpu().clone()
                 continue
@@ -392,7 +392,7 @@ class AccumulationScheduler(Callback):
             raise RuntimeError(f"Checkpoint holds partial gradients for unknown parameters {missing[:5]}")
         for name, saved in grads.items():
             p: Any = params[name]
-            if _is_dtensor(p):
+            if is_dtensor(p):
                 from torch.distributed.tensor import distribute_tensor
 
                 p.grad = distribute_tensor(saved.to(p.device, p.dtype), p.device_mesh, p.placements)
@@ -421,7 +421,7 @@ def _scale_grads(grads: list[torch.Tensor], fix: Any) -> None:
     float or a 0-dim device tensor, in each gradient's dtype."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:
-        local = g.to_local() if _is_dtensor(g) else g  # type: ignore[attr-defined]
+        local = to_local(g)
         by_dtype.setdefault(local.dtype, []).append(local)
     for dtype, gs in by_dtype.items():
         torch._foreach_mul_(gs, fix.to(gs[0].device, dtype) if isinstance(fix, torch.Tensor) else fix)
@@ -440,7 +440,3 @@ def _grads_reachable(strategy: Any) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy  # Lightning's class; does not import deepspeed
 
     return not (strategy.handles_gradient_accumulation or isinstance(strategy, DeepSpeedStrategy))
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor"

@@ -23,7 +23,7 @@ from typing_extensions import override
 from lightning_effi import _compat
 from lightning_effi._host import HostMirror
 from lightning_effi._protocols import TrustRatioOptimizer
-from lightning_effi.optim.norms import global_norm
+from lightning_effi.optim.norms import global_norm, is_dtensor, to_local
 
 __all__ = ["TrainingHealthMonitor"]
 
@@ -439,10 +439,10 @@ class _NonFinite:
         plan = self._plans.get(id(optimizer))
         if plan is None or plan["n"] != len(params):
             by_id = {id(p): n for n, p in pl_module.named_parameters()}
-            local = [_local(p.grad) for p in params]
+            local = [to_local(p.grad) for p in params]
             device = local[0].device
             plan = self._plans[id(optimizer)] = {
-                "n": len(params), "device": device, "dtensor": any(_is_dtensor(p.grad) for p in params),
+                "n": len(params), "device": device, "dtensor": any(is_dtensor(p.grad) for p in params),
                 "names": [by_id.get(id(p), f"<parameter {i}>") for i, p in enumerate(params)],
                 # a rank's shard may be empty (uneven FSDP sharding): finite, and no inf-norm
                 "full": None if all(g.numel() for g in local) else [i for i, g in enumerate(local) if g.numel()],
@@ -452,7 +452,7 @@ class _NonFinite:
             }
         self.names = plan["names"]
         device = plan["device"]
-        grads = [_local(p.grad) for p in params] if plan["dtensor"] else [p.grad for p in params]
+        grads = [to_local(p.grad) for p in params] if plan["dtensor"] else [p.grad for p in params]
         full = grads if plan["full"] is None else [grads[i] for i in plan["full"]]
         if self._count is None or self._count.device != device or self._flags is None \
                 or self._flags.numel() != len(grads):
@@ -530,12 +530,3 @@ class _NonFinite:
                 if attr in vars(opt):
                     delattr(opt, attr)
         self._optimizers = []
-
-
-def _local(t: Tensor) -> Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor"
