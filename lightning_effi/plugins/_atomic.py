@@ -214,31 +214,37 @@ def kind_of(path: Path) -> Kind | None:
     return None
 
 
+# What to do about a checkpoint that is incomplete or not one: part of every such message.
+EARLIER = "; resume from an earlier checkpoint (ckpt_path='last' skips incomplete ones) or delete this one"
+NOT_TRAINING = "; pass a file written by Trainer.save_checkpoint or ModelCheckpoint"
+
+
 def _file_problem(path: Path) -> str | None:
     if path.stat().st_size == 0:
-        return "is empty (a save that died before writing?)"
+        return "is empty (a save that died before writing?)" + EARLIER
     with open(path, "rb") as f:
         head = f.read(4)
     if head == _ZIP_MAGIC:
         if zipfile.is_zipfile(path):
             return None
-        return "is truncated or not a torch checkpoint: a zip archive without its end record (an incomplete save?)"
+        return "is truncated or not a torch checkpoint: a zip archive without its end record (an incomplete save?)" \
+            + EARLIER
     if head[:1] == b"\x80":  # a pickle: torch.save's legacy format
         return None
-    return "is truncated or not a torch checkpoint (neither torch.save's zip archive nor a pickle)"
+    return "is truncated or not a torch checkpoint (neither torch.save's zip archive nor a pickle)" + EARLIER
 
 
 def _directory_problem(path: Path, kind: Kind | None, deepspeed_marker: bool) -> str | None:
     names = set(os.listdir(path))
     if not names:
-        return "is an empty directory (an incomplete save?)"
+        return "is an empty directory (an incomplete save?)" + EARLIER
     if kind == "dcp":
         if DCP_METADATA not in names:
             return f"is a torch.distributed.checkpoint directory without its {DCP_METADATA}, which DCP writes last " \
-                   "(an incomplete save?)"
+                   "(an incomplete save?)" + EARLIER
         if LIGHTNING_META not in names:
             return f"is a torch.distributed.checkpoint directory without Lightning's {LIGHTNING_META}, written after " \
-                   "the shards (an incomplete save, or not a Lightning checkpoint)"
+                   "the shards (an incomplete save, or not a Lightning checkpoint)" + EARLIER
         return None
     if kind == "deepspeed":
         if deepspeed_marker and MARKER not in names:
@@ -246,9 +252,9 @@ def _directory_problem(path: Path, kind: Kind | None, deepspeed_marker: bool) ->
                    "once every rank has finished (an incomplete save?); if it is complete (saved without " \
                    f"EffiDeepSpeedStrategy), mark it with `touch {path / MARKER}`"
         if "latest" not in names:
-            return "is a DeepSpeed checkpoint directory without its 'latest' tag file (an incomplete save?)"
+            return "is a DeepSpeed checkpoint directory without its 'latest' tag file (an incomplete save?)" + EARLIER
         return None
-    hint = ""
+    hint = EARLIER
     if path.parent != path and kind_of(path.parent) in ("dcp", "deepspeed"):
         hint = f"; it is inside the checkpoint {str(path.parent)!r}: pass that"
     return f"is a directory without DeepSpeed or DCP metadata (an incomplete save?){hint}"
@@ -279,7 +285,7 @@ def content_problem(checkpoint: Any) -> str | None:
     from lightning_effi import export
 
     if not isinstance(checkpoint, dict):
-        return f"holds a {type(checkpoint).__name__}, not a Lightning training checkpoint (a dict)"
+        return f"holds a {type(checkpoint).__name__}, not a Lightning training checkpoint (a dict)" + NOT_TRAINING
     if checkpoint.get("format") == export.FORMAT:
         model = checkpoint.get("model")
         cls = model["class_path"].rpartition(".")[2] if isinstance(model, dict) and "class_path" in model else None
@@ -294,7 +300,8 @@ def content_problem(checkpoint: Any) -> str | None:
     if "pytorch-lightning_version" not in checkpoint:
         keys = sorted(map(str, checkpoint))
         shown = ", ".join(repr(k) for k in keys[:8]) + (", ..." if len(keys) > 8 else "")
-        return f"is not a Lightning training checkpoint (no 'pytorch-lightning_version' entry; its keys: {shown})"
+        return f"is not a Lightning training checkpoint (no 'pytorch-lightning_version' entry; its keys: {shown})" \
+            + NOT_TRAINING
     return None
 
 

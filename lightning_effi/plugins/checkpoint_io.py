@@ -38,11 +38,6 @@ def raise_if_problem(path: Path, problem: str | None) -> None:
     if problem == "does not exist":
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist; pass the path of a saved checkpoint "
                                 "(ModelCheckpoint's dirpath/<name>.ckpt) or ckpt_path='last'")
-    if "incomplete save" in problem or "truncated" in problem or problem.startswith("is empty"):
-        # the cause alone leaves the user guessing what to do with the run
-        problem += "; resume from an earlier checkpoint (ckpt_path='last' skips incomplete ones) or delete this one"
-    elif problem.startswith(("holds a ", "is not a Lightning training checkpoint (")):
-        problem += "; pass a file written by Trainer.save_checkpoint or ModelCheckpoint"
     raise ValueError(f"Checkpoint {str(path)!r} {problem}")
 
 
