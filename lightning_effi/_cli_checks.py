@@ -15,12 +15,6 @@ import torch
 
 # ckpt_path values that Lightning resolves itself, from the Trainer's callbacks or environment
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
-# Lightning's sharded save (ModelParallelStrategy, which EffiFSDPStrategy extends) writes everything but the tensors
-# to this file of the torch.distributed.checkpoint directory.
-_DCP_META = "meta.pt"
-# DeepSpeed writes Lightning's non-tensor state with rank 0's model states, under the tag Lightning saves with.
-_DEEPSPEED_TAG = "checkpoint"
-_DEEPSPEED_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def strategy_names() -> list[str]:
@@ -69,19 +63,16 @@ def checkpoint_hyper_parameters(ckpt_path: str | Path) -> tuple[dict[str, Any] |
     if path.is_file():
         # weights_only: LightningCLI reads the same file the same way to restore the hyper-parameters
         return _hparams(_load(path, weights_only=True)), True
-    meta: Path | None = None
-    if (path / ".metadata").is_file() and (path / _DCP_META).is_file():
-        meta = path / _DCP_META
-    elif path.is_dir():
-        tag = _DEEPSPEED_TAG if (path / _DEEPSPEED_TAG).is_dir() else None
-        if tag is None and (path / "latest").is_file():
-            tag = (path / "latest").read_text().strip()
-        meta = next((path / tag / n for n in _DEEPSPEED_STATES if tag and (path / tag / n).is_file()), None)
-    if meta is None:
-        # another strategy's layout: its hyper-parameters, if any, are not where this reader knows to look
-        return None, False
-    # not weights_only: the strategy unpickles this file in full when it resumes, so reading it trusts nothing more
-    return _hparams(_load(meta, weights_only=False)), False
+    from lightning_effi.export import directory_metadata
+
+    try:
+        # not weights_only: the strategy unpickles these files in full when it resumes, so reading them trusts
+        # nothing more
+        meta = directory_metadata(path)
+    except Exception as e:  # noqa: BLE001  (any reason the metadata is unreadable is the same input error)
+        raise ValueError(f"Invalid ckpt_path {str(path)!r}: its metadata could not be read ({e})") from e
+    # None: another strategy's layout, whose hyper-parameters, if any, are not where the package looks
+    return (_hparams(meta), False) if meta is not None else (None, False)
 
 
 def _load(path: Path, weights_only: bool) -> Any:

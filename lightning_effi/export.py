@@ -144,9 +144,7 @@ def _export_dcp(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if "state_dict" not in loaded:
         raise ValueError(f"{str(path)!r} is a torch.distributed.checkpoint directory without a 'state_dict' entry: "
                          "not a Lightning checkpoint")
-    meta = path / _DCP_META
-    return dict(loaded["state_dict"]), (torch.load(meta, map_location="cpu", weights_only=False)
-                                        if meta.is_file() else {})
+    return dict(loaded["state_dict"]), directory_metadata(path) or {}
 
 
 def _is_deepspeed_dir(path: Path) -> bool:
@@ -171,6 +169,17 @@ def _deepspeed_client_state(path: Path) -> dict[str, Any]:
             # mmap: the stage 1/2 file also holds the half-precision weights, which are not needed here.
             return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
     return {}
+
+
+def directory_metadata(path: str | Path) -> dict[str, Any] | None:
+    """Lightning's non-tensor entries of a sharded checkpoint directory (hyper-parameters, ``export_spec``, loops):
+    ``meta.pt`` of a DCP directory, rank 0's client state of a DeepSpeed one; None for another layout. Reads no
+    weights (DeepSpeed's stage 1/2 file, which holds some, is memory-mapped)."""
+    path = Path(path)
+    if _is_dcp_dir(path):
+        meta = path / _DCP_META
+        return torch.load(meta, map_location="cpu", weights_only=False) if meta.is_file() else None
+    return (_deepspeed_client_state(path) or None) if path.is_dir() else None
 
 
 def _export_deepspeed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
