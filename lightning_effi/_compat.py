@@ -278,6 +278,24 @@ def _check_default_store() -> None:
         assert hasattr(dist.Store, name), f"torch.distributed.Store lost {name}()"
 
 
+@_register("LightningCLI private methods",
+           "the effi command overrides _parse_ckpt_path (resume checks), _instantiate_trainer (always-on callbacks "
+           "and the --optimizer callback) and _add_configure_optimizers_method_to_model (--optimizer through "
+           "ConfigureOptimizer), which must run before the Trainer is built")
+def _check_lightning_cli_private() -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    assert _params(LightningCLI._parse_ckpt_path) == ["self"], "LightningCLI._parse_ckpt_path changed"
+    assert _params(LightningCLI._instantiate_trainer) == ["self", "config", "callbacks"], \
+        "LightningCLI._instantiate_trainer changed"
+    assert _params(LightningCLI._add_configure_optimizers_method_to_model) == ["self", "subcommand"], \
+        "LightningCLI._add_configure_optimizers_method_to_model changed"
+    src = inspect.getsource(LightningCLI.instantiate_classes)
+    order = [src.find(s) for s in ("_add_configure_optimizers_method_to_model(", "instantiate_trainer(")]
+    assert -1 not in order and order == sorted(order), \
+        "LightningCLI no longer adds the optimizer method before it instantiates the Trainer"
+
+
 @_register("lightning private helpers", "the strategies use Lightning's registry, materialisation and optimizer moves")
 def _check_lightning_helpers() -> None:
     from lightning.fabric.strategies.registry import _StrategyRegistry
