@@ -358,13 +358,17 @@ class AccumulationWindow:
             self.multiplier = value.accumulate / self.opened_size
         return MicroBatchPlan(accumulate=value.accumulate, zero_grad=zero, engine_factor=engine_factor)
 
-    def scale_loss(self, loss: Tensor, *, samples: int, num_tokens: Any = None) -> Tensor:
+    def scale_loss(self, loss: Tensor, *, samples: int, num_tokens: Any = None, part: float = 1.0,
+                   last: bool = True) -> Tensor:
         """Right after ``training_step`` (before backward): count the micro-batch and return its weighted loss.
 
         ``num_tokens`` (int or integer tensor) is required when tokens are needed (``normalize="tokens"`` or
-        ``unit="token"``); the caller checks the training-step protocol.
+        ``unit="token"``); the caller checks the training-step protocol. A micro-batch run in parts (an
+        out-of-memory split) calls this once per part: ``part`` is the part's share of the micro-batch's samples
+        (its weight under ``normalize="mean"``; token sums need none) and ``last`` marks the part that ends it.
         """
-        self.pos += 1
+        if last:
+            self.pos += 1
         self.win_samples += samples
         if num_tokens is not None:
             n = num_tokens.detach().reshape(()) if isinstance(num_tokens, Tensor) else int(num_tokens)
@@ -374,11 +378,15 @@ class AccumulationWindow:
                 # First window of the run: no previous total to set the provisional scale from. Estimate it from
                 # this micro-batch (summed over ranks) x window size, so even the first window's loss has the
                 # magnitude of a per-token mean (what fp16 loss scaling expects). One extra reduction, once.
-                first = self._sum([n], like=loss)[0]
+                first = self._sum([n], like=loss)[0] / part
                 self.scale = (first * self.size).clamp(min=1).reciprocal()
                 self.multiplier = self.scale * (self.accumulate * self.data_parallel_size)
-        m = self.multiplier
-        # The product in the loss dtype, as with a Python float multiplier.
+        return self.weigh(loss, self.multiplier, part)
+
+    def weigh(self, loss: Tensor, multiplier: Any, part: float = 1.0) -> Tensor:
+        """``loss`` times a micro-batch's ``multiplier`` (a float or a device tensor) and, under
+        ``normalize="mean"``, the share ``part`` of its samples; the product is taken in the loss dtype."""
+        m = multiplier if part == 1.0 or self.normalize == "tokens" else multiplier * part
         return loss * (m.to(loss.dtype) if isinstance(m, Tensor) else m)
 
     def ready_to_close(self) -> bool:
