@@ -82,9 +82,17 @@ def stack_optimizers() -> dict:
             "lamb": partial(Lamb, lr=1e-3, max_grad_norm=1.0)}
 
 
-def stack_accumulation(kind: str):
-    from lightning_effi.callbacks import AccumulationScheduler
+def stack_accumulation(kind: str, batch_size: int = 2):
+    from lightning_effi.callbacks import AccumulationScheduler, AutoMicroBatch
 
+    if kind == "split":
+        # run-time out-of-memory recovery armed (the loss hand-off on every micro-batch), the size given: no probe
+        class Given(AutoMicroBatch):
+            @staticmethod
+            def _can_probe(trainer) -> bool:
+                return False
+
+        return Given(2 * batch_size, max_micro_batch_size=batch_size, normalize="tokens", on_oom="split")
     if kind == "ramp":
         return AccumulationScheduler(ramp=(1, 3, 8), unit="step")
     return AccumulationScheduler({0: 2}, normalize="tokens")

@@ -52,6 +52,7 @@ class CountBetweenLogs(Callback):
 def _fit(precision, optimizer, counter, accumulation, steps=24):
     module = GPTLightningModule(vocab_size=50, block_size=16, n_layer=1, n_head=2, d_model=32, warmup_steps=4,
                                 max_steps=steps, loss_reduction="sum", optimizer=optimizer)
+    module.batch_size = 2  # the attribute AutoMicroBatch sets (the loader is given; the size equals it)
     counting = CountBetweenLogs(counter)
     trainer = Trainer(
         accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
@@ -69,9 +70,9 @@ OPTIMIZERS = stack_optimizers()
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("accumulation", ["ramp", "tokens"])
+@pytest.mark.parametrize("accumulation", ["ramp", "tokens", "split"])
 def test_full_stack_reads_nothing_between_logging_steps(precision, optimizer, accumulation):
-    callback = stack_accumulation(accumulation)
+    callback = stack_accumulation(accumulation, batch_size=2)
     counter = HostReadCounter()
     trainer, counting = _fit(LossScalingPrecision(precision, init_scale=2.0**8), OPTIMIZERS[optimizer], counter,
                              callback)

@@ -42,6 +42,7 @@ class SyncDebugBetweenLogs(Callback):
 def _fit(precision, optimizer, accumulation, steps=24):
     module = GPTLightningModule(vocab_size=256, block_size=64, n_layer=2, n_head=4, d_model=128, warmup_steps=4,
                                 max_steps=steps, loss_reduction="sum", optimizer=optimizer)
+    module.batch_size = 4  # the attribute AutoMicroBatch sets (the loader is given; the size equals it)
     debug = SyncDebugBetweenLogs()
     trainer = Trainer(
         accelerator="gpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
@@ -60,9 +61,9 @@ OPTIMIZERS = stack_optimizers()
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("accumulation", ["ramp", "tokens"])
+@pytest.mark.parametrize("accumulation", ["ramp", "tokens", "split"])
 def test_full_stack_makes_no_sync_between_logging_steps(precision, optimizer, accumulation):
-    callback = stack_accumulation(accumulation)
+    callback = stack_accumulation(accumulation, batch_size=4)
     # A scale that fits from the start: steps before the first applied one are decided on the host by design
     trainer, debug = _fit(LossScalingPrecision(precision, init_scale=2.0**8), OPTIMIZERS[optimizer], callback)
     assert trainer.global_step == 24 and len(debug.checked) >= 15

@@ -1,5 +1,6 @@
 """lightning_effi.callbacks."""
 
+from lightning_effi.callbacks._split import replaying
 from lightning_effi.callbacks.accumulation import AccumulationScheduler
 from lightning_effi.callbacks.failfast import FailFast
 from lightning_effi.callbacks.health import TrainingHealthMonitor
@@ -16,4 +17,5 @@ __all__ = [
     "FailFast",
     "SyncFreeProgressBar",
     "TrainingHealthMonitor",
+    "replaying",
 ]

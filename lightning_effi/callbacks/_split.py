@@ -110,6 +110,17 @@ class _Handoff(torch.autograd.Function):
 
 
 _ANCHORS: dict[torch.device, Tensor] = {}
+_REPLAY_FLAG = "_lightning_effi_replaying"
+
+
+def replaying(module: Any) -> bool:
+    """Whether ``module``'s ``training_step`` is being run again by an out-of-memory replay (the batch was seen and
+    counted before): a counter of samples or tokens kept by ``training_step`` should skip it then."""
+    return bool(getattr(module, _REPLAY_FLAG, False))
+
+
+def set_replaying(module: Any, on: bool) -> None:
+    object.__setattr__(module, _REPLAY_FLAG, on)
 
 
 def handoff(value: Tensor, job: Callable[[Tensor], None]) -> Tensor:

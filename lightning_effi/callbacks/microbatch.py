@@ -20,7 +20,7 @@ from typing_extensions import override
 from lightning_effi._compat import default_store
 from lightning_effi._host import device_scalar
 from lightning_effi.callbacks._logging import metrics_due
-from lightning_effi.callbacks._split import SplitSize, handoff, slice_batch
+from lightning_effi.callbacks._split import SplitSize, handoff, set_replaying, slice_batch
 from lightning_effi.callbacks.accumulation import AccumulationScheduler
 from lightning_effi.callbacks.failfast import FailFast, start_watchdog
 
@@ -80,7 +80,9 @@ class AutoMicroBatch(AccumulationScheduler):
     window is replayed: gradients are zeroed and the window's earlier batches run again, in parts, from references
     kept until the window closes. A replayed or non-final part does not call ``self.log`` (values logged by
     ``training_step`` are those of a batch's last part) and skips ``on_before_backward``/``on_after_backward``, which
-    run once per loader batch as without a split; buffers such as BatchNorm statistics see replayed batches again.
+    run once per loader batch as without a split; module buffers (BatchNorm statistics) are restored after a replay,
+    and ``lightning_effi.callbacks.replaying(module)`` tells a ``training_step`` that counts samples or tokens itself
+    that the batch was counted already (the example models use it).
     ``grow_after`` clean optimizer steps later the part size doubles (up to the loader batch); an error soon after a
     growth doubles the wait before the next. Past the floor the error is raised again with the smallest size tried.
     The part size is logged (``automicrobatch/micro_batch_size``, ``automicrobatch/oom_recoveries``) and saved in
@@ -485,6 +487,21 @@ class AutoMicroBatch(AccumulationScheduler):
     def _replay(self, current: _Record, *, upto: int) -> None:
         """Gradients from zero (or the resumed window's base): every recorded batch of the window in parts of the
         current size, uncounted, the current one up to row ``upto``; smaller again on another error."""
+        assert self.split is not None and self._module is not None
+        module = self._module
+        # Buffers (BatchNorm statistics) already saw these batches: what the replay does to them is undone.
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        set_replaying(module, True)
+        try:
+            self._replay_window(current, upto)
+        finally:
+            set_replaying(module, False)
+            with torch.no_grad():
+                for name, b in module.named_buffers():
+                    if name in buffers:
+                        b.copy_(buffers[name])
+
+    def _replay_window(self, current: _Record, upto: int) -> None:
         assert self.split is not None and self._module is not None
         while True:
             failed: BaseException | None = None

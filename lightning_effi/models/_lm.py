@@ -15,6 +15,7 @@ from torch import nn
 from lightning_effi import _compat
 from lightning_effi._host import HostMirror
 from lightning_effi._protocols import HostMetricsProgressBar
+from lightning_effi.callbacks._split import replaying
 from lightning_effi.export import SPEC_KEY, model_spec
 from lightning_effi.models._common import OptimizerCallable, build_optimizers, check_positive
 from lightning_effi.optim.norms import is_dtensor
@@ -176,7 +177,8 @@ class _LMModule(pl.LightningModule):
         loss_sum, n = self.compute_loss(batch)
         if self.tokens_seen is None:
             self.tokens_seen = torch.full((), self._tokens_seen_loaded, dtype=torch.long, device=n.device)
-        self.tokens_seen += n
+        if not replaying(self):  # an out-of-memory replay runs batches again that were counted already
+            self.tokens_seen += n
         # A prog_bar metric only under a progress bar that needs one: Lightning turns every prog_bar metric into a
         # Python number (.item(), a device sync) at the end of every batch once it has been logged, progress bar or
         # not, which drains the GPU queue at each step boundary. SyncFreeProgressBar shows the loss from

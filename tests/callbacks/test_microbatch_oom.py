@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from lightning_effi.callbacks import AccumulationScheduler, AutoMicroBatch, TrainingHealthMonitor
 from lightning_effi.callbacks._split import SplitSize, slice_batch
 from lightning_effi.plugins import LossScalingPrecision
-from tests.callbacks._toy import TinyLM, make_batches
+from tests.callbacks._toy import ListLoader, TinyLM, make_batches
 from tests.callbacks.test_accumulation import _max_diff, _weights
 
 N_SAMPLES = 48
@@ -39,7 +39,8 @@ class OOMLM(TinyLM):
         self.raised: list[tuple[int, int, str, int]] = []
 
     def train_dataloader(self):
-        return DataLoader(_samples(), batch_size=self.batch_size, shuffle=False)
+        # resumable mid-epoch (Lightning restores its position), so a mid-window checkpoint resumes exactly
+        return ListLoader(list(DataLoader(_samples(), batch_size=self.batch_size, shuffle=False)))
 
     def forward(self, input_ids, hook=None):  # a module's forward: FSDP2 gathers the parameters around it
         h = torch.tanh(self.net.mix(self.net.emb(input_ids)))
@@ -173,10 +174,10 @@ def test_size_is_logged_and_resumed(tmp_path):
     m = OOMLM({(1, 2): ("backward", 2)})
     cb = _auto(grow_after=None)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=1)
-    trainer = _fit(m, cb, extra=[ckpt], max_steps=3, log_every_n_steps=1, enable_checkpointing=True)
+    trainer = _fit(m, cb, extra=[ckpt], max_steps=2, log_every_n_steps=1, enable_checkpointing=True)
     assert trainer.callback_metrics["automicrobatch/micro_batch_size"] == 2
     assert trainer.callback_metrics["automicrobatch/oom_recoveries"] == 2
-    path = tmp_path / "epoch=0-step=3.ckpt"
+    path = tmp_path / "epoch=0-step=2.ckpt"
     saved = torch.load(path, weights_only=False)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("AutoMicroBatch"))
     assert state["split"]["size"] == 2 and state["chosen_micro_batch_size"] == 8
@@ -248,3 +249,151 @@ def test_slice_batch_cuts_batch_tensors_only():
     assert part["scale"] == 2.0 and part["meta"] == "x"
     assert part["pair"][0].shape == (2, 2) and part["pair"][1].shape == (3,)
     assert slice_batch(batch, 0, 4, 4) is batch
+
+
+@pytest.mark.gpu
+def test_cuda_real_oom_mid_run_recovers_with_the_loss_curve_of_the_smaller_size():
+    """The example GPT fits at a loader batch of 16 until the process's memory is capped mid-run: the next forward or
+    backward really runs out of memory, the run goes on in smaller parts, and its losses and weights then follow a run
+    started at that size."""
+    from lightning_effi.models import GPTLightningModule
+
+    V, T = 16384, 256
+    total = torch.cuda.get_device_properties(0).total_memory
+
+    class LM(GPTLightningModule):
+        def __init__(self) -> None:
+            torch.manual_seed(0)
+            super().__init__(vocab_size=V, block_size=T, n_layer=2, n_head=4, d_model=128, warmup_steps=2,
+                             max_steps=10)
+            self.batch_size = 16
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(1)
+            ids = torch.randint(0, V, (32 * 12, T + 1), generator=g)
+            return DataLoader([{"input_ids": r[:-1], "labels": r[1:]} for r in ids], batch_size=self.batch_size)
+
+    class Cap(Callback):
+        def __init__(self, at: int | None) -> None:
+            self.at, self.losses, self.peak, self.base = at, [], 0, 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == self.at and self.base == 0:
+                self.base = torch.cuda.memory_allocated()
+                torch.cuda.set_per_process_memory_fraction((self.base + 0.75 * (self.peak - self.base)) / total)
+                torch.cuda.empty_cache()  # the limit binds new segments only: give back the cached ones
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+            if not next(c for c in trainer.callbacks if isinstance(c, AutoMicroBatch)).window.is_open:
+                self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    def fit(max_micro: int, at: int | None):
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cb, cap = AutoMicroBatch(32, max_micro_batch_size=max_micro), Cap(at)
+        m = LM()
+        try:
+            Trainer(accelerator="gpu", devices=1, max_steps=10, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                    callbacks=[cb, cap]).fit(m)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        return cb, cap, m
+
+    cb, cap, m = fit(16, at=4)
+    assert cb._mode == "split" and cb.loader_batch_size == 16  # the default on CUDA; the probe took 16
+    assert cb.recoveries and cb.recoveries[0]["step"] == 4 and cb.split.size < 16
+    found = cb.split.size
+    ref_cb, ref_cap, ref = fit(found, at=None)
+    assert ref_cb.loader_batch_size == found and not ref_cb.recoveries
+    assert len(cap.losses) == len(ref_cap.losses) == 10
+    # The logged loss is a step's last micro-batch's (the whole 16 before the recovery, 8 or fewer after; the
+    # reference's last micro-batch throughout): from the recovery on the same samples; before it, the gradients
+    # were summed over the same samples in another order (fp32 rounding).
+    after = range(4, 10)
+    assert max(abs(cap.losses[i] - ref_cap.losses[i]) for i in after) < 1e-3
+    a, b = m.model.state_dict(), ref.model.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
+
+
+class SaveMidWindow(Callback):
+    """Saves a checkpoint after the first batch of the window of optimizer step ``step``."""
+
+    def __init__(self, cb: AutoMicroBatch, step: int, path) -> None:
+        self.cb, self.step, self.path = cb, step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and self.cb.window.is_open and self.cb.window.pos == 1:
+            trainer.save_checkpoint(self.path)
+
+
+def test_backward_oom_right_after_a_mid_window_resume_keeps_the_restored_gradients(tmp_path):
+    """The window's first batch ran before the checkpoint: its gradient comes back from the file, not from a batch
+    this run has, and a replay starts from it."""
+    reference = _reference()
+    path = tmp_path / "mid.ckpt"
+    m = OOMLM()
+    cb = _auto(grow_after=None)
+    _fit(m, cb, extra=[SaveMidWindow(cb, 1, path)], max_steps=2, enable_checkpointing=True)
+    assert path.exists()
+    resumed = OOMLM({(1, 3): ("backward", 4)})  # the window's second batch, first in this run
+    cb2 = _auto(grow_after=None)
+    _fit(resumed, cb2, ckpt=str(path), enable_checkpointing=True)
+    assert [(r["step"], r["where"]) for r in cb2.recoveries] == [(1, "backward")]
+    assert resumed.parts[0] == (1, 3, 8)  # the resumed run starts inside the window
+    assert _max_diff(_weights(resumed), reference) < TOL
+
+
+def test_replay_leaves_buffers_and_the_example_token_count_as_one_pass():
+    """A replay runs training_step again on batches seen before: a BatchNorm-like buffer and the example GPT's
+    token counter must end as after one pass (the run without the error)."""
+    from lightning_effi.callbacks import replaying
+    from lightning_effi.models import GPTLightningModule
+
+    class Counting(OOMLM):
+        def __init__(self, oom=None) -> None:
+            super().__init__(oom)
+            self.register_buffer("rows_seen", torch.zeros((), dtype=torch.long))
+            self.counted = 0
+
+        def training_step(self, batch, batch_idx):
+            self.rows_seen += batch["input_ids"].shape[0]  # a buffer updated in the forward (BatchNorm-like)
+            if not replaying(self):
+                self.counted += batch["input_ids"].shape[0]
+            return super().training_step(batch, batch_idx)
+
+    plain, m = Counting(), Counting({(1, 3): ("backward", 2)})
+    _fit(plain, _auto(grow_after=None))
+    _fit(m, _auto(grow_after=None))
+    assert len(m.parts) > len(plain.parts) + 2  # batch 2 and 3 ran again, in parts
+    assert int(m.rows_seen) == int(plain.rows_seen) == N_SAMPLES
+    assert m.counted == plain.counted == N_SAMPLES
+
+    class GPTOOM(GPTLightningModule):
+        def __init__(self, oom_at=None) -> None:
+            torch.manual_seed(0)
+            super().__init__(vocab_size=16, block_size=8, n_layer=1, n_head=2, d_model=16, loss_reduction="sum",
+                             max_steps=2)
+            self.batch_size, self.oom_at, self.fired = 8, oom_at, False
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, 16, (32, 9), generator=g)
+            return DataLoader([{"input_ids": r[:-1], "labels": r[1:]} for r in ids], batch_size=self.batch_size)
+
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            if (self.trainer.global_step, batch_idx) == self.oom_at and batch["input_ids"].shape[0] == 8:
+                def hook(grad):
+                    raise torch.OutOfMemoryError("injected")
+
+                out["loss"].register_hook(hook)
+            return out
+
+    g_plain, g_oom = GPTOOM(), GPTOOM((1, 3))
+    _fit(g_plain, _auto("tokens", grow_after=None))
+    cb = _auto("tokens", grow_after=None)
+    _fit(g_oom, cb)
+    assert cb.recoveries and int(g_oom.tokens_seen) == int(g_plain.tokens_seen) == 32 * 8
