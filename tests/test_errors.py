@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.precision import Precision
 
 from lightning_effi.callbacks import (
     AccumulationScheduler,
@@ -74,6 +75,13 @@ class _Batched(SequentialRegressorSGD):
     """Has the batch-size attribute AutoMicroBatch sets, so its next check is reached."""
 
     batch_size = 4
+
+
+class _LossDoublingPrecision(Precision):
+    """A precision plugin whose pre_backward changes the loss in its own way."""
+
+    def pre_backward(self, tensor: Any, module: Any) -> Any:
+        return super().pre_backward(tensor * 2, module)
 
 
 def _corpus(tmp: Path, text: str = "hello world, " * 400, name: str = "corpus.txt") -> str:
@@ -184,6 +192,17 @@ ROWS = [
     Row("microbatch-needs-max-on-cpu", lambda t: _fit(t, _Batched(), callbacks=[AutoMicroBatch(8)]), ValueError,
         r"AutoMicroBatch needs max_micro_batch_size on cpu with SingleDeviceStrategy: .*pass "
         r"AutoMicroBatch\(8, max_micro_batch_size=N\)"),
+    Row("microbatch-on-oom", lambda t: AutoMicroBatch(8, on_oom="retry"), ValueError,  # type: ignore[arg-type]
+        r"Invalid on_oom 'retry': must be 'split', 'raise' or None \(split where it can\)"),
+    Row("microbatch-min-micro", lambda t: AutoMicroBatch(8, min_micro_batch_size=0), ValueError,
+        r"Invalid min_micro_batch_size 0: must be an integer >= 1"),
+    Row("microbatch-grow-after", lambda t: AutoMicroBatch(8, grow_after=1.5), ValueError,  # type: ignore[arg-type]
+        r"Invalid grow_after 1.5: must be an integer >= 1 \(optimizer steps\) or None"),
+    Row("microbatch-split-unknown-precision",
+        lambda t: _fit(t, _Batched(), callbacks=[AutoMicroBatch(8, max_micro_batch_size=4, on_oom="split")],
+                       plugins=[_LossDoublingPrecision()]), ValueError,
+        r"AutoMicroBatch\(on_oom='split'\) with the precision plugin _LossDoublingPrecision: its pre_backward changes "
+        r"the loss in a way a split cannot repeat for each part; use on_oom='raise'"),
     # ConfigureOptimizer
     Row("configure-optimizer-short-name", lambda t: ConfigureOptimizer("AdamW"), ValueError,
         r"Invalid optimizer 'AdamW': give the full import path of a class, e.g. 'torch.optim.AdamW'"),
