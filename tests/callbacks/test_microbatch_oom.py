@@ -30,8 +30,10 @@ class OOMLM(TinyLM):
     backward error comes from a hook on an inner activation, after the head's gradients were already accumulated.
     """
 
-    def __init__(self, oom: dict | None = None, reduction: str = "mean", rank: int | None = None, **kw) -> None:
+    def __init__(self, oom: dict | None = None, reduction: str = "mean", rank: int | None = None,
+                 resumable: bool = True, **kw) -> None:
         super().__init__(loss_reduction=reduction, **kw)
+        self.resumable = resumable  # False: a plain DataLoader, which Lightning shards over DDP ranks
         self.batch_size = 8
         self.oom = dict(oom or {})
         self.oom_rank = rank  # None: every rank
@@ -39,8 +41,9 @@ class OOMLM(TinyLM):
         self.raised: list[tuple[int, int, str, int]] = []
 
     def train_dataloader(self):
+        loader = DataLoader(_samples(), batch_size=self.batch_size, shuffle=False)
         # resumable mid-epoch (Lightning restores its position), so a mid-window checkpoint resumes exactly
-        return ListLoader(list(DataLoader(_samples(), batch_size=self.batch_size, shuffle=False)))
+        return ListLoader(list(loader)) if self.resumable else loader
 
     def forward(self, input_ids, hook=None):  # a module's forward: FSDP2 gathers the parameters around it
         h = torch.tanh(self.net.mix(self.net.emb(input_ids)))

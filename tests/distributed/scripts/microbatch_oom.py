@@ -44,7 +44,7 @@ def main() -> None:
         oom = {(0, 0): ("forward", 4)}  # the probe runs training_step at step 0 with batch_idx 0
         rank = 1 if CASE == "probe1" else None
         _ProbeAgreement.TIMEOUT_S = 10.0  # rank 0 waits in FSDP2's all-gather for rank 1, which never comes
-    module = OOMLM(oom, rank=rank, optimizer="adam" if STRATEGY == "ddp" else "sgd", lr=0.05)
+    module = OOMLM(oom, rank=rank, resumable=False, optimizer="adam" if STRATEGY == "ddp" else "sgd", lr=0.05)
     if CASE == "stock":
         callback: pl.Callback = AccumulationScheduler({0: 2})
     elif CASE in ("probe", "probe1", "fixed"):
