@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import sys
 import time
@@ -32,7 +33,9 @@ class Case:
     optimizer: str = "adamw"
     health: bool = False
     nonfinite: str | None = "raise"  # TrainingHealthMonitor(on_nonfinite=...) when health is on
-    accumulation: str = ""  # "", "callback1" ({0: 1}), "callback4" ({0: 4}), "stock4" (accumulate_grad_batches=4)
+    # "", "callback1" ({0: 1}), "callback4" ({0: 4}), "stock4" (accumulate_grad_batches=4), "automb1"/"automb4"
+    # (AutoMicroBatch with out-of-memory recovery armed, the size given: no probe)
+    accumulation: str = ""
     baseline: str = ""  # the case this one is compared with
 
 
@@ -56,6 +59,8 @@ CASES = {
     "master_fp32_lamb": Case(precision="master-fp32", optimizer="lamb", baseline="stock_bf16_lamb"),
     "stock_accum4": Case(accumulation="stock4"),
     "callback_accum4": Case(accumulation="callback4", baseline="stock_accum4"),
+    "automb_armed": Case(accumulation="automb1", baseline="stock_bf16"),
+    "automb_armed4": Case(accumulation="automb4", baseline="stock_accum4"),
     "stock_bf16_again": Case(baseline="stock_bf16"),
 }
 
@@ -65,12 +70,15 @@ def run_case(name: str, args) -> dict:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    from lightning_effi.callbacks import AccumulationScheduler, TrainingHealthMonitor
+    from lightning_effi.callbacks import AccumulationScheduler, AutoMicroBatch, TrainingHealthMonitor
     from lightning_effi.models import GPTLightningModule
     from lightning_effi.optim import Lamb
     from lightning_effi.plugins import LossScalingPrecision, MasterWeightsPrecision
 
     case = CASES[name]
+    # Every case compiles a new module: without a reset, the compiled code of the earlier cases stays cached on the
+    # same function and each call of a later case checks their guards first, which slows the later cases down.
+    torch._dynamo.reset()
     accum4 = case.accumulation.endswith("4")
     micro = 4 if accum4 else args.micro_batch
     per_step = 4 if accum4 else 1
@@ -113,6 +121,13 @@ def run_case(name: str, args) -> dict:
         callbacks.append(TrainingHealthMonitor(log_every_n_steps=50, on_nonfinite=case.nonfinite))  # type: ignore[arg-type]
     if case.accumulation.startswith("callback"):
         callbacks.append(AccumulationScheduler({0: per_step}, unit="step"))
+    if case.accumulation.startswith("automb"):
+        class Given(AutoMicroBatch):
+            @staticmethod
+            def _can_probe(trainer) -> bool:  # the loader is given here; the probe builds its own
+                return False
+
+        callbacks.append(Given(micro * per_step, max_micro_batch_size=micro, on_oom="split"))
     timer = callbacks[0]
     torch.manual_seed(0)
     trainer = pl.Trainer(
@@ -124,6 +139,7 @@ def run_case(name: str, args) -> dict:
     model = GPTLightningModule(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer,
                                n_head=args.n_head, d_model=args.d_model, optimizer=optimizer, warmup_steps=10,
                                max_steps=args.warmup + args.steps, compile=True)
+    model.batch_size = micro  # the attribute AutoMicroBatch sets
     loader = DataLoader(RandomTokens(), batch_size=micro, num_workers=2, pin_memory=True, shuffle=False)
     trainer.fit(model, train_dataloaders=loader)
     seconds = timer.t1 - timer.t0
@@ -138,6 +154,7 @@ def run_case(name: str, args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     del trainer, model, loader
+    gc.collect()  # the case's objects, cycles included, gone: later cases pay no collector time for them
     torch.cuda.empty_cache()
     return row
 
@@ -165,8 +182,6 @@ def main() -> None:
         sys.exit("stack_overhead.py measures GPU throughput; no CUDA device is visible")
     import torch._dynamo
 
-    # every case builds a new module: let Dynamo keep a compiled graph for each instead of falling back to eager
-    torch._dynamo.config.cache_size_limit = 256
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = {}
     for name in cases:

@@ -35,6 +35,11 @@ class SyncDebugBetweenLogs(Callback):
         if on:
             self.checked.add(step)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # the last callback: the last batch's hooks were checked; the end of fit may read once (documented)
+        if trainer.global_step >= trainer.max_steps:
+            torch.cuda.set_sync_debug_mode(0)
+
     def on_train_end(self, trainer, pl_module):
         torch.cuda.set_sync_debug_mode(0)
 
@@ -74,3 +79,17 @@ def test_control_host_decided_skip_raises_under_sync_debug():
     with pytest.raises(RuntimeError, match="synchroniz"):
         _fit(LossScalingPrecision("16-mixed", init_scale=2.0**8), partial(torch.optim.AdamW, lr=1e-3, foreach=True),
              AccumulationScheduler({0: 1}))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_nonfinite_policy_without_a_scaler_makes_no_sync_between_logging_steps(precision, optimizer):
+    """TrainingHealthMonitor's non-finite check (on by default without a loss scaler) masks through found_inf, on the
+    device."""
+    from lightning.pytorch.plugins import MixedPrecision, Precision
+
+    plugin = MixedPrecision("bf16-mixed", "cuda") if precision == "bf16-mixed" else Precision()
+    trainer, debug = _fit(plugin, OPTIMIZERS[optimizer], stack_accumulation("ramp"))
+    assert trainer.global_step == 24 and len(debug.checked) >= 15
+    monitor = next(c for c in trainer.callbacks if isinstance(c, TrainingHealthMonitor))
+    assert monitor._nf is not None and monitor._nf.masked
