@@ -192,6 +192,10 @@ ROWS = [
     Row("microbatch-needs-max-on-cpu", lambda t: _fit(t, _Batched(), callbacks=[AutoMicroBatch(8)]), ValueError,
         r"AutoMicroBatch needs max_micro_batch_size on cpu with SingleDeviceStrategy: .*pass "
         r"AutoMicroBatch\(8, max_micro_batch_size=N\)"),
+    Row("microbatch-with-accumulation-scheduler",
+        lambda t: _fit(t, _Batched(), callbacks=[AutoMicroBatch(8, max_micro_batch_size=4),
+                                                 AccumulationScheduler({0: 2})]), ValueError,
+        r"AutoMicroBatch and AccumulationScheduler both drive the accumulation window; use one"),
     Row("microbatch-on-oom", lambda t: AutoMicroBatch(8, on_oom="retry"), ValueError,  # type: ignore[arg-type]
         r"Invalid on_oom 'retry': must be 'split', 'raise' or None \(split where it can\)"),
     Row("microbatch-min-micro", lambda t: AutoMicroBatch(8, min_micro_batch_size=0), ValueError,

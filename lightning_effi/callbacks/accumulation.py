@@ -138,6 +138,13 @@ class AccumulationScheduler(Callback):
                 "AccumulationScheduler, which sets it per micro-batch; remove the Trainer argument and give the factor "
                 "to the callback (schedule={0: k})."
             )
+        others = [type(c).__name__ for c in getattr(trainer, "callbacks", ())
+                  if isinstance(c, AccumulationScheduler) and c is not self]
+        if others:
+            raise ValueError(
+                f"{type(self).__name__} and {', '.join(others)} both drive the accumulation window; use one "
+                "(AutoMicroBatch is an AccumulationScheduler with global_batch_size set)."
+            )
         strategy = trainer.strategy
         name = type(strategy).__name__
         if strategy.handles_gradient_accumulation and not isinstance(strategy, AccumulationEngine):

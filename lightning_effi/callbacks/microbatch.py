@@ -671,17 +671,22 @@ class _ProbeAgreement:
     """
 
     TIMEOUT_S = 120.0
+    # Probes started in this process: the same on every rank of an SPMD program, so keys of an earlier fit in the
+    # same job (the store outlives a fit) are never read as this one's.
+    started = 0
 
     def __init__(self, trainer: Trainer) -> None:
         self.store = default_store()
         self.rank, self.world = trainer.global_rank, trainer.world_size
+        _ProbeAgreement.started += 1
+        self.generation = _ProbeAgreement.started
         self.round = 0
 
     def verdict(self, m: int, mine: str, global_batch_size: int | None) -> str:
         if self.store is None:  # pragma: no cover - a multi-process run always has one
             raise RuntimeError("AutoMicroBatch: no key-value store to agree on the probe over")
         self.round += 1
-        prefix = f"lightning_effi/automicrobatch/probe/{self.round}"
+        prefix = f"lightning_effi/automicrobatch/probe/{self.generation}/{self.round}"
         self.store.set(f"{prefix}/{self.rank}", mine.encode())
         keys = [f"{prefix}/{r}" for r in range(self.world)]
         deadline = time.monotonic() + self.TIMEOUT_S
