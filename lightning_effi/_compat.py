@@ -278,6 +278,44 @@ def _check_default_store() -> None:
         assert hasattr(dist.Store, name), f"torch.distributed.Store lost {name}()"
 
 
+def coalesced_all_reduce(tensors: list[torch.Tensor], group: Any = None) -> None:
+    """Sum ``tensors`` (one dtype) over ``group`` in one coalesced all-reduce (one NCCL group call, gloo's
+    ``allreduce_coalesced``), without copying them into a flat buffer."""
+    import torch.distributed as dist
+
+    with dist._coalescing_manager(group=group, async_ops=True) as cm:
+        for t in tensors:
+            dist.all_reduce(t, group=group)
+    cm.wait()
+
+
+@_register("torch.distributed._coalescing_manager and DDP.require_backward_grad_sync",
+           "AutoMicroBatch(on_oom='split') turns DDP's reducer off inside backward and averages the gradients itself "
+           "in one coalesced all-reduce at the window's end")
+def _check_coalescing_and_ddp_sync_flag() -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    _has_params(dist._coalescing_manager, ["group", "async_ops"], "torch.distributed._coalescing_manager")
+    assert hasattr(dist.ProcessGroup, "allreduce_coalesced"), "ProcessGroup lost allreduce_coalesced"
+    for where in (DistributedDataParallel._pre_forward, DistributedDataParallel._post_forward,
+                  DistributedDataParallel.no_sync):
+        assert "require_backward_grad_sync" in inspect.getsource(where), \
+            f"DistributedDataParallel.{where.__name__} no longer reads require_backward_grad_sync"
+
+
+@_register("lightning Closure order: training_step, zero_grad, backward",
+           "AutoMicroBatch sets the parts' gradients aside across the zero_grad the loop runs between a window's "
+           "first training_step and its backward")
+def _check_closure_order() -> None:
+    from lightning.pytorch.loops.optimization.automatic import Closure
+
+    src = inspect.getsource(Closure.closure)
+    order = [src.find(s) for s in ("self._step_fn()", "self._zero_grad_fn()", "self._backward_fn(")]
+    assert -1 not in order and order == sorted(order), \
+        "Lightning's Closure no longer runs training_step, then zero_grad, then backward"
+
+
 @_register("LightningCLI private methods",
            "the effi command overrides _parse_ckpt_path (resume checks), _instantiate_trainer (always-on callbacks "
            "and the --optimizer callback) and _add_configure_optimizers_method_to_model (--optimizer through "

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
 from typing_extensions import override
 
-from lightning_effi._compat import default_store
+from lightning_effi._compat import coalesced_all_reduce, default_store
 from lightning_effi._host import device_scalar
 from lightning_effi.callbacks._logging import metrics_due
 from lightning_effi.callbacks._split import SplitSize, handoff, set_replaying, slice_batch
@@ -787,7 +787,4 @@ def _reduce_grads(module: LightningModule, group: Any, world: int) -> None:
         by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
         torch._foreach_div_(grads, float(world))
-        with dist._coalescing_manager(group=group, async_ops=True) as cm:
-            for g in grads:
-                dist.all_reduce(g, group=group)
-        cm.wait()
+        coalesced_all_reduce(grads, group)
