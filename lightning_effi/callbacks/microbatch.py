@@ -92,8 +92,9 @@ class AutoMicroBatch(AccumulationScheduler):
     error on one rank would leave the others waiting in a bucket's all-reduce for ever); at the window's end the
     ranks agree on the part size over a CPU (gloo) group and the gradients are averaged in one coalesced all-reduce.
     The cost is the overlap DDP has between the last backward and its all-reduces: the reduction runs after the
-    backward instead (``on_oom="raise"`` keeps DDP's own reducer). A rank past the floor raises; a fail-fast
-    watchdog (as :class:`~lightning_effi.callbacks.FailFast`) ends the others.
+    backward instead (``on_oom="raise"`` keeps DDP's own reducer and its ``ddp_comm_hook``, which ``"split"``
+    refuses). A rank past the floor raises; in either mode a fail-fast watchdog (as
+    :class:`~lightning_effi.callbacks.FailFast`) ends the others.
 
     Under FSDP2 and DeepSpeed, whose collectives run inside forward and backward, a run-time split cannot be made;
     ``on_oom="raise"`` (their default, and the CPU default) raises ``torch.OutOfMemoryError`` naming the micro-batch
@@ -200,6 +201,12 @@ class AutoMicroBatch(AccumulationScheduler):
                     "single device / strategy='ddp'"
                 )
             _loss_scaler(trainer.precision_plugin)  # refuses a precision plugin whose loss scaling is unknown
+            if getattr(strategy, "_ddp_comm_hook", None) is not None:
+                raise ValueError(
+                    "AutoMicroBatch(on_oom='split') with DDPStrategy(ddp_comm_hook=...): the split averages the "
+                    "gradients itself at the window's end, so the hook would not run; use on_oom='raise' to keep "
+                    "DDP's reducer and its hook"
+                )
         return self.on_oom
 
     @staticmethod
@@ -378,7 +385,12 @@ class AutoMicroBatch(AccumulationScheduler):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if self._mode != "split" or trainer.world_size < 2:
+        if trainer.world_size < 2:
+            return
+        if not any(isinstance(c, FailFast) for c in getattr(trainer, "callbacks", ())):
+            # an out-of-memory error that ends one rank ends the others too, whatever on_oom says
+            self._watchdog = start_watchdog(trainer.strategy)
+        if self._mode != "split":
             return
         from torch.nn.parallel import DistributedDataParallel
 
@@ -388,8 +400,6 @@ class AutoMicroBatch(AccumulationScheduler):
             self._ddp = model
             model.require_backward_grad_sync = False
         self._cpu_group = _cpu_group()
-        if not any(isinstance(c, FailFast) for c in getattr(trainer, "callbacks", ())):
-            self._watchdog = start_watchdog(trainer.strategy)
 
     def _run_batch(self, original: Any, args: tuple, kwargs: dict) -> Any:
         """One loader batch: in parts of ``split.size``, counted by the window; the last part's loss goes back to

@@ -400,3 +400,19 @@ def test_replay_leaves_buffers_and_the_example_token_count_as_one_pass():
     cb = _auto("tokens", grow_after=None)
     _fit(g_oom, cb)
     assert cb.recoveries and int(g_oom.tokens_seen) == int(g_plain.tokens_seen) == 32 * 8
+
+
+def test_split_refuses_a_ddp_comm_hook_it_would_bypass():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import DDPStrategy
+
+    def hook(state, bucket):  # pragma: no cover - never called
+        raise AssertionError
+
+    trainer = SimpleNamespace(strategy=DDPStrategy(ddp_comm_hook=hook), precision_plugin=Precision())
+    with pytest.raises(ValueError, match=r"ddp_comm_hook=...\): the split averages the gradients itself .* use "
+                                         r"on_oom='raise'"):
+        _auto()._resolve_mode(trainer)
+    assert _auto()._resolve_mode(SimpleNamespace(strategy=DDPStrategy(), precision_plugin=Precision())) == "split"

@@ -42,6 +42,8 @@ def test_ddp_oom_on_one_rank_in_forward_or_backward_splits_both_and_matches(tmp_
 @pytest.mark.parametrize("strategy,case,message", [
     ("ddp", "floor1", "AutoMicroBatch: out of memory in the forward even at 1 samples per forward/backward, the floor "
                       "(min_micro_batch_size=1; loader batch 8, smallest tried 1)"),
+    ("ddp", "raise1", "AutoMicroBatch: out of memory in the backward of a micro-batch of 8 samples under DDPStrategy "
+                      "at optimizer step 1; on_oom='raise' does not split at run time"),
     ("effi_fsdp", "fwd1", "AutoMicroBatch: out of memory in the forward of a micro-batch of 8 samples under "
                           "EffiFSDPStrategy at optimizer step 1; a run-time split is not possible there"),
     ("effi_deepspeed_stage_2", "bwd1", "AutoMicroBatch: out of memory in the backward of a micro-batch of 8 samples "

@@ -4,7 +4,8 @@ Usage: python microbatch_oom.py STRATEGY OUT CASE   (Lightning's launcher, 2 pro
 
 STRATEGY ddp, CASE: ``none`` (on_oom="split", no error), ``stock`` (AccumulationScheduler under DDP's own reducer),
 ``fwd1`` (rank 1, the forward of a window's only batch), ``bwd1`` (rank 1, the backward of a window's second batch:
-a replay), ``bwd0`` (rank 0, the backward of the first batch), ``floor1`` (rank 1 runs out of memory at every size).
+a replay), ``bwd0`` (rank 0, the backward of the first batch), ``floor1`` (rank 1 runs out of memory at every size),
+``raise1`` (on_oom="raise", a backward error on rank 1: the job must end).
 Each rank writes ``OUT/CASE-rank{r}.pt``: weights, part size, recoveries.
 STRATEGY effi_fsdp / effi_deepspeed_stage_2, CASE ``fwd1`` / ``bwd1``: the run must end with AutoMicroBatch's error;
 ``probe`` (the fit-start probe on both ranks, out of memory above 4 on both) against ``fixed`` (4 given); ``probe1``
@@ -29,7 +30,8 @@ from tests.callbacks.test_microbatch_oom import OOMLM  # noqa: E402
 STRATEGY, OUT, CASE = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 # 48 samples, 24 per rank, loader batch 8, global batch 32: factor 2, windows of 2 and 1 batches per epoch
 INJECT = {"fwd1": ({(1, 2): ("forward", 4)}, 1), "bwd1": ({(2, 1): ("backward", 2)}, 1),
-          "bwd0": ({(0, 0): ("backward", 4)}, 0), "floor1": ({(1, 2): ("forward", 0)}, 1)}
+          "bwd0": ({(0, 0): ("backward", 4)}, 0), "floor1": ({(1, 2): ("forward", 0)}, 1),
+          "raise1": ({(1, 2): ("backward", 4)}, 1)}
 
 
 class _Probing(AutoMicroBatch):
@@ -53,8 +55,8 @@ def main() -> None:
         cls = AutoMicroBatch if CASE == "fixed" else _Probing
         callback = cls(32, max_micro_batch_size=4 if CASE == "fixed" else None, grow_after=None)
     else:
-        callback = AutoMicroBatch(32, max_micro_batch_size=8, on_oom="split" if STRATEGY == "ddp" else None,
-                                  grow_after=None)
+        split = STRATEGY == "ddp" and CASE != "raise1"  # else the default here: "raise"
+        callback = AutoMicroBatch(32, max_micro_batch_size=8, on_oom="split" if split else None, grow_after=None)
     strategy: object = STRATEGY
     if STRATEGY == "effi_fsdp":
         from lightning_effi.strategies import EffiFSDPStrategy
