@@ -156,6 +156,7 @@ class AutoMicroBatch(AccumulationScheduler):
         self._cpu_group: Any = None
         self._watchdog: Any = None
         self._module: LightningModule | None = None
+        self._fit_started = False  # on_fit_start chose the loader batch in this fit
 
     @property
     def micro_batch_size(self) -> int | None:
@@ -271,6 +272,7 @@ class AutoMicroBatch(AccumulationScheduler):
             self._records.clear()
             self._base_grads = None
             self._module = None
+            self._fit_started = False
         super().teardown(trainer, pl_module, stage)
 
     @override
@@ -300,6 +302,7 @@ class AutoMicroBatch(AccumulationScheduler):
             if restored is not None and restored.get("split") and restored.get("loader_batch_size") == chosen:
                 self.split.load_state_dict(restored["split"])
         self._restored = None
+        self._fit_started = True
 
     def _probe_all(self, trainer: Trainer, pl_module: LightningModule, candidates: list[int]) -> int:
         agree = _ProbeAgreement(trainer) if trainer.world_size > 1 else None
@@ -657,6 +660,11 @@ class AutoMicroBatch(AccumulationScheduler):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        if self._fit_started and self.loader_batch_size:
+            # Restored after on_fit_start (DeepSpeed restores after setup): the loader was built with this run's
+            # choice, and the window's factor must follow it.
+            self.window.micro_batch_size = self.loader_batch_size
+            return
         self._restored = {"loader_batch_size": state_dict.get("chosen_micro_batch_size") or None,
                           "split": state_dict.get("split")}
 

@@ -190,6 +190,10 @@ def test_size_is_logged_and_resumed(tmp_path):
     assert cb2.loader_batch_size == 8 and cb2.split.size == 2  # starts from the saved part size
     assert {rows for step, b, rows in resumed.parts} == {2}
     assert _max_diff(_weights(resumed), reference) < TOL
+    again = OOMLM()  # the first run's callback instance, fitted a second time, resumes the same way
+    _fit(again, cb, epochs=2, ckpt=str(path), enable_checkpointing=True)
+    assert cb.split.size == 2 and {rows for step, b, rows in again.parts} == {2}
+    assert _max_diff(_weights(again), reference) < TOL
 
 
 @pytest.mark.parametrize("precision,tol", [("16-mixed", 2e-4), ("bf16-mixed", 1e-3)])
