@@ -277,18 +277,26 @@ class AccumulationScheduler(Callback):
             self.window.pos += 1
             return None
         batch = kwargs["batch"] if "batch" in kwargs else args[0]
-        samples = extract_batch_size(batch)
+        unpacked = self._unpack_output(output)
+        if unpacked is None:
+            self.window.pos += 1
+            return output  # Lightning raises its own error for other types
+        loss, num_tokens = unpacked
+        loss = self.window.scale_loss(loss, samples=extract_batch_size(batch), num_tokens=num_tokens)
+        return {**output, "loss": loss} if isinstance(output, Mapping) else loss
+
+    def _unpack_output(self, output: Any) -> tuple[torch.Tensor, Any] | None:
+        """``(loss, num_tokens or None)`` of a training_step output, the token protocol checked; None for an output
+        that is neither a loss tensor nor a dict."""
         if isinstance(output, Mapping):
             if "num_tokens" not in output and self._needs_tokens:
                 raise RuntimeError(self._protocol_error(f"a dict without 'num_tokens' (keys: {sorted(output)})"))
-            loss = self.window.scale_loss(output["loss"], samples=samples, num_tokens=output.get("num_tokens"))
-            return {**output, "loss": loss}
+            return output["loss"], output.get("num_tokens")
         if isinstance(output, torch.Tensor):
             if self._needs_tokens:
                 raise RuntimeError(self._protocol_error("a bare loss tensor"))
-            return self.window.scale_loss(output, samples=samples)
-        self.window.pos += 1
-        return output  # Lightning raises its own error for other types
+            return output, None
+        return None
 
     def _protocol_error(self, got: str) -> str:
         what = "normalize='tokens'" if self.normalize == "tokens" else "unit='token'"

@@ -361,25 +361,21 @@ class AutoMicroBatch(AccumulationScheduler):
         same as without the probe.
         """
         step = self._original_training_step or pl_module.training_step
-        buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        engine = _deepspeed_engine(trainer)
         try:
-            with _silenced_log(pl_module), trainer.precision_plugin.forward_context():
-                out = step(batch, 0)
-            loss: Any = out["loss"] if isinstance(out, dict) else out
-            engine = _deepspeed_engine(trainer)
-            if engine is not None:  # ZeRO's gradient hooks expect its own backward; its partitions are zeroed after
-                engine.backward(loss)
-            else:
-                loss.backward()
+            with _buffers_kept(pl_module):
+                with _silenced_log(pl_module), trainer.precision_plugin.forward_context():
+                    out = step(batch, 0)
+                loss: Any = out["loss"] if isinstance(out, dict) else out
+                if engine is not None:  # ZeRO's gradient hooks expect its own backward; its partitions are zeroed after
+                    engine.backward(loss)
+                else:
+                    loss.backward()
         finally:
-            engine = _deepspeed_engine(trainer)
             if engine is not None and getattr(engine, "optimizer", None) is not None:
                 engine.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for name, b in pl_module.named_buffers():
-                    b.copy_(buffers[name])
             torch.set_rng_state(cpu_rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
@@ -503,16 +499,12 @@ class AutoMicroBatch(AccumulationScheduler):
         assert self.split is not None and self._module is not None
         module = self._module
         # Buffers (BatchNorm statistics) already saw these batches: what the replay does to them is undone.
-        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
         set_replaying(module, True)
         try:
-            self._replay_window(current, upto)
+            with _buffers_kept(module):
+                self._replay_window(current, upto)
         finally:
             set_replaying(module, False)
-            with torch.no_grad():
-                for name, b in module.named_buffers():
-                    if name in buffers:
-                        b.copy_(buffers[name])
 
     def _replay_window(self, current: _Record, upto: int) -> None:
         assert self.split is not None and self._module is not None
@@ -580,16 +572,12 @@ class AutoMicroBatch(AccumulationScheduler):
             return original(*args, **kwargs)
 
     def _unpack(self, output: Any) -> tuple[torch.Tensor, Any, Any]:
-        if isinstance(output, Mapping):
-            if "num_tokens" not in output and self._needs_tokens:
-                raise RuntimeError(self._protocol_error(f"a dict without 'num_tokens' (keys: {sorted(output)})"))
-            return output["loss"], output.get("num_tokens"), output
-        if isinstance(output, torch.Tensor):
-            if self._needs_tokens:
-                raise RuntimeError(self._protocol_error("a bare loss tensor"))
-            return output, None, None
-        raise RuntimeError(f"AutoMicroBatch(on_oom='split'): training_step returned {type(output).__name__}; "
-                           "return a loss tensor or a dict with 'loss'")
+        """``(loss, num_tokens, the dict or None)``; a split needs a loss from every part."""
+        unpacked = self._unpack_output(output)
+        if unpacked is None:
+            raise RuntimeError(f"AutoMicroBatch(on_oom='split'): training_step returned {type(output).__name__}; "
+                               "return a loss tensor or a dict with 'loss'")
+        return unpacked[0], unpacked[1], output if isinstance(output, Mapping) else None
 
     @staticmethod
     def _repack(output: Any, extra: Any, loss: torch.Tensor, tokens: Any) -> Any:
@@ -766,6 +754,19 @@ def _silenced_log(module: LightningModule) -> Iterator[None]:
     finally:
         if "log" in vars(module):
             del module.log
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Module buffers as they were before the block (a probe or a replay must not count its batches again)."""
+    saved = {name: b.detach().clone() for name, b in module.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
 
 
 def _deepspeed_engine(trainer: Trainer) -> Any:
