@@ -49,11 +49,25 @@ def per_param(name: str, value, n: int, *, pair: bool = False) -> list:
 
 
 def resolve_path(tensors: Sequence[Tensor], foreach: bool | None, fused: bool | None) -> str:
-    """Pick ``"fused"``, ``"foreach"`` or ``"single"``; raise if an explicitly requested path cannot run."""
+    """Pick ``"fused"`` (Triton, CUDA), ``"cpu_fused"`` (the C++ kernel, CPU), ``"foreach"`` or ``"single"``; raise
+    if an explicitly requested path cannot run."""
     if foreach and fused:
         raise ValueError("foreach=True and fused=True are exclusive: pick one implementation path")
     locals_ = [to_local(t) for t in tensors]
     on_cuda = bool(locals_) and all(t.is_cuda for t in locals_)
+    on_cpu = bool(locals_) and all(t.device.type == "cpu" for t in locals_)
+    if on_cpu and (fused or (fused is None and foreach is None)):
+        from lightning_effi.optim import cpu_kernel
+
+        reason = cpu_kernel.cpu_kernel_unavailable_reason(locals_)
+        if reason is None:
+            return "cpu_fused"
+        if fused:
+            raise RuntimeError(f"Lamb(fused=True) cannot run on the CPU: {reason}. Use foreach=True (or leave "
+                               "fused=None)")
+        if any(t.dtype in (torch.float32, torch.float64) for t in locals_):
+            cpu_kernel.warn_fallback(reason)
+        return "foreach"
     if fused:
         from lightning_effi.optim.fused import fused_unavailable_reason
 

@@ -22,7 +22,9 @@ issues exactly one all_reduce per process group.
 
 Paths: ``single`` (a loop of plain tensor ops), ``foreach`` (multi-tensor ops on CUDA; on the CPU, where foreach
 ops are per-tensor loops anyway and the step is memory bound, unsharded tensors are finished one at a time while in
-cache, and sharded units in cache-sized batches), ``fused`` (Triton, CUDA; see :mod:`.fused`).
+cache, and sharded units in cache-sized batches), ``fused`` (Triton, CUDA; see :mod:`.fused`), ``cpu_fused`` (a
+C++ kernel for unsharded float32/float64 CPU tensors, two passes over memory per tensor; see :mod:`.cpu_kernel`;
+other CPU units of such a step take the foreach phases).
 
 Skipped steps: a non-finite global gradient norm (with ``max_grad_norm``) or ``found_inf != 0`` (AMP) skips the
 step entirely: weights, moments and step counts stay as they were, and the returned trust ratios are NaN. The
@@ -188,8 +190,8 @@ def lamb_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
               flat_layouts: Sequence[FlatLayout] | None = None, norm_process_group=None,
               grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
               workspace: dict | None = None) -> Tensor | None:
-    """:func:`lamb` on an already resolved ``path`` (``"fused"``, ``"foreach"`` or ``"single"``): what ``Lamb`` calls,
-    since it resolves the path once when it builds its cached lists."""
+    """:func:`lamb` on an already resolved ``path`` (``"fused"``, ``"cpu_fused"``, ``"foreach"`` or ``"single"``):
+    what ``Lamb`` calls, since it resolves the path once when it builds its cached lists."""
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(state_steps) == n):
         lengths = [len(x) for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
@@ -334,9 +336,16 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
             raise RuntimeError("the single-tensor/foreach paths keep 'step' on the CPU; got one on " + str(s.device))
     torch._foreach_add_(state_steps, 1.0)
 
-    chunked = path == "foreach" and device.type == "cpu"
     one_unit_per_lid = len(plan.lid) == plan.num_lids and all(lid == k for k, lid in enumerate(plan.lid))
-    if chunked and one_unit_per_lid and not distinct_groups(plan.lid_group):
+    unsharded = one_unit_per_lid and not distinct_groups(plan.lid_group)
+    if path == "cpu_fused":
+        from lightning_effi.optim import cpu_kernel
+
+        if unsharded and cpu_kernel.kernel_applies(plan):
+            return cpu_kernel.step(plan, _kernel_hyper(plan, hp, state_steps), coef)
+        path = "foreach"  # sharded units, or mixed dtypes: the norms need the generic phases
+    chunked = path == "foreach" and device.type == "cpu"
+    if chunked and unsharded:
         # Unsharded on the CPU: each trust ratio depends on its own tensor only, so each tensor can be finished
         # while it is still in cache, instead of two passes of the whole step over DRAM.
         if _cpu_adam_core_ok(plan):
@@ -424,6 +433,22 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
             torch._foreach_mul_(us, list(scale.unbind(0)))
             torch._foreach_add_(ps, us)
     return ratio.to(torch.float32)
+
+
+def _kernel_hyper(plan: Plan, hp: dict, state_steps: list[Tensor]) -> Tensor:
+    """The CPU kernel's per-unit float64 table (column order in cpu_kernel.step)."""
+    steps = torch.stack(state_steps).tolist() if state_steps else []
+    inf = math.inf
+    rows = []
+    for k in range(len(plan.p)):
+        i = plan.param[k]
+        b1, b2 = hp["beta1"][i], hp["beta2"][i]
+        bc1, bc2 = _bias_corrections(steps[i], b1, b2, hp["bias_correction"][i])
+        w = hp["weight_norm_clip"][i] or (0.0, inf)
+        t = hp["trust_clip"][i] or (0.0, inf)
+        rows.append((float(hp["lr"][i]), b1, b2, hp["eps"][i], hp["weight_decay"][i], 1.0 / bc1, 1.0 / math.sqrt(bc2),
+                     1.0 if hp["adapt"][i] else 0.0, w[0], w[1], t[0], t[1]))
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def _host_ratio(hp: dict, i: int, xn: float, un: float) -> float:

@@ -64,10 +64,14 @@ def _validate(group: dict) -> None:
             raise TypeError(f"Invalid {key} {group[key]!r}: must be True or False")
     if group["foreach"] and group["fused"]:
         raise ValueError("foreach=True and fused=True are exclusive: pick one implementation path")
-    if group["fused"]:
+    if group["fused"] and "params" in group:
+        # fused=True means the Triton kernel for CUDA parameters and the C++ kernel for CPU ones (as torch's
+        # AdamW(fused=True) has a kernel for each).
+        from lightning_effi.optim.cpu_kernel import cpu_kernel_unavailable_reason
         from lightning_effi.optim.fused import fused_unavailable_reason
 
-        reason = fused_unavailable_reason(None)
+        on_cpu = all(p.device.type == "cpu" for p in group["params"])  # a DTensor's .device is its local one
+        reason = cpu_kernel_unavailable_reason(None) if on_cpu else fused_unavailable_reason(None)
         if reason is not None:
             raise RuntimeError(f"Lamb(fused=True) cannot run: {reason}. Use foreach=True (or leave fused=None)")
 
@@ -110,9 +114,13 @@ class Lamb(Optimizer):
             norm taken over all parameters of all groups and all shards; ``p.grad`` is never modified. A non-finite
             global norm skips the step (weights, moments and step counts unchanged; ``trust_ratios`` NaN). One value
             for the whole optimizer. Default None.
-        foreach: use the multi-tensor path. Default None (foreach unless fused applies).
-        fused: use the Triton kernel (CUDA only). Default None: fused when every parameter is on a CUDA device and
-            Triton is importable, foreach otherwise. Asking for True where it cannot run raises with the reason.
+        foreach: use the multi-tensor path (on the CPU: torch's fused AdamW kernel on a scratch copy, then the
+            update; no build step). Default None (foreach unless fused applies).
+        fused: use a fused kernel: the Triton kernel for CUDA parameters, the C++ kernel
+            (:mod:`~lightning_effi.optim.cpu_kernel`, built on first use) for CPU ones; on the CPU it steps unsharded
+            float32/float64 parameters and the rest take the foreach path. Default None: fused where its kernel is
+            available, foreach otherwise (on the CPU with one warning that says why). Asking for True where it
+            cannot run raises with the reason.
 
     Sharding is detected, not configured: DTensor parameters (FSDP2, TP) get the norms of their full logical tensor
     with one all_reduce per step; flat ZeRO partitions are handled when a strategy sets ``group["flat_layouts"]``

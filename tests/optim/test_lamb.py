@@ -42,6 +42,7 @@ TOL = {
 PATHS = [
     pytest.param("cpu", "single", id="cpu-single"),
     pytest.param("cpu", "foreach", id="cpu-foreach"),
+    pytest.param("cpu", "fused", id="cpu-fused"),
     pytest.param("cuda", "foreach", id="cuda-foreach", marks=pytest.mark.gpu),
     pytest.param("cuda", "fused", id="cuda-fused", marks=pytest.mark.gpu),
 ]
@@ -102,6 +103,12 @@ def test_matches_float64_reference(device, path, dtype, name, opt_kwargs, b_over
     gen = torch.Generator().manual_seed(0)
     params = _make_params(dtype, device, gen)
     opt = _build(params, opt_kwargs, b_overrides, path)
+    if (device, path, dtype) == ("cpu", "fused", torch.bfloat16):
+        for p, g in zip(params, _make_grads(params, 0, gen)):
+            p.grad = g
+        with pytest.raises(RuntimeError, match=r"fused=True\) cannot run on the CPU: unsupported .*bfloat16"):
+            opt.step()
+        return
     ref = ReferenceLamb(params, _ref_groups(opt_kwargs, b_overrides), opt_kwargs.get("max_grad_norm"))
     tol = TOL[dtype]
     assert opt.trust_ratios is None

@@ -58,7 +58,18 @@ def test_invalid_group_overrides(group, exc, msg):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where fused cannot run")
 def test_fused_unavailable_names_the_reason():
+    # Parameters not on the CPU ask for the Triton kernel (meta tensors: no memory, no CUDA needed).
     with pytest.raises(RuntimeError, match=r"Lamb\(fused=True\) cannot run: .*(CUDA|Triton).*Use foreach=True"):
+        Lamb([torch.nn.Parameter(torch.empty(3, device="meta"))], fused=True)
+
+
+def test_cpu_fused_unavailable_names_the_reason(monkeypatch):
+    from lightning_effi.optim import cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "_loaded", {})
+    monkeypatch.setenv(cpu_kernel.ENV, "0")
+    with pytest.raises(RuntimeError, match=r"Lamb\(fused=True\) cannot run: it is switched off by "
+                                           r"LIGHTNING_EFFI_LAMB_CPU_KERNEL=0. Use foreach=True"):
         Lamb([_p(3)], fused=True)
 
 
