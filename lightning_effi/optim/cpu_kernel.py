@@ -10,9 +10,11 @@ with one warning that says why; ``LIGHTNING_EFFI_LAMB_CPU_KERNEL=0`` skips the b
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ _LDFLAGS = ["-fopenmp"]
 ENV = "LIGHTNING_EFFI_LAMB_CPU_KERNEL"
 _SUPPORTED = (torch.float32, torch.float64)
 
+_WAIT_S = 900.0  # for another process's build: the first takes about 20 s on 2 cores
+_log = logging.getLogger(__name__)
 _loaded: dict[str, Any] = {}  # "module" or "error", once per process
 _warned = False
 
@@ -73,9 +77,20 @@ def _build(name: str, build_dir: Path):
 
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir / "effi-build.flock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        deadline = time.monotonic() + _WAIT_S
+        while True:  # a builder that hangs must not hold this process forever: give up and fall back
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has held the build lock in {build_dir} for over "
+                                       f"{_WAIT_S:.0f} s") from None
+                time.sleep(0.2)
         try:
             (build_dir / "lock").unlink(missing_ok=True)
+            if not (build_dir / f"{name}.so").exists():
+                _log.info("Lamb: building the CPU kernel in %s (once per machine and CPU kind)", build_dir)
             # copies: torch's builder appends to the lists it is given, and _name() hashes them
             return cpp_extension.load(name, [str(_SOURCE)], extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
                                       build_directory=str(build_dir), verbose=False)

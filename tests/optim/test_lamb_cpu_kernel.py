@@ -197,3 +197,13 @@ def test_real_build_in_a_fresh_directory_with_a_stale_lock(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")
     assert any(stale.parent.glob("*.so"))
+
+
+def test_a_build_lock_held_too_long_gives_up_instead_of_waiting_forever(monkeypatch, tmp_path):
+    import fcntl
+
+    monkeypatch.setattr(cpu_kernel, "_WAIT_S", 0.5)
+    with open(tmp_path / "effi-build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another open file description: blocks this process's own attempt too
+        with pytest.raises(TimeoutError, match="held the build lock .* for over 0 s"):
+            cpu_kernel._build("effi_lamb_cpu_test", tmp_path)
