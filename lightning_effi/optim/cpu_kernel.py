@@ -32,7 +32,7 @@ _LDFLAGS = ["-fopenmp"]
 ENV = "LIGHTNING_EFFI_LAMB_CPU_KERNEL"
 _SUPPORTED = (torch.float32, torch.float64)
 
-_WAIT_S = 900.0  # for another process's build: the first takes about 20 s on 2 cores
+_WAIT_S = 900.0  # for another process's build; generous, a build takes a small fraction of it
 _log = logging.getLogger(__name__)
 _loaded: dict[str, Any] = {}  # "module" or "error", once per process
 _warned = False
