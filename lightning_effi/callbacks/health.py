@@ -470,8 +470,13 @@ class _NonFinite:
             if full:
                 _compat.non_finite_check_and_unscale_(full, self._found, self._one)
         else:
-            # inf-norm per parameter (a NaN or inf anywhere makes it non-finite): names for the report
-            norms = list(torch._foreach_norm(full, float("inf"))) if full else []
+            # inf-norm per parameter (a NaN or inf anywhere makes it non-finite): names for the report. On the CPU
+            # torch's inf-norm reduction is many times slower than aminmax, so there it is max(|min|, |max|).
+            if device.type == "cpu" and full:
+                mins, maxs = zip(*(torch.aminmax(g) for g in full))
+                norms = list(torch._foreach_maximum(torch._foreach_abs(mins), torch._foreach_abs(maxs)))
+            else:
+                norms = list(torch._foreach_norm(full, float("inf"))) if full else []
             if plan["full"] is None and len({n.dtype for n in norms}) == 1:
                 bad = ~torch.stack(norms).isfinite()
             else:

@@ -176,3 +176,33 @@ def test_on_cuda_one_kernel_checks_and_the_optimizer_skips(name):
     with pytest.raises(RuntimeError, match=r"optimizer step 2 without a loss scaler .*<not recorded: checked on the "
                                            r"GPU.*still finite"):
         _fit(Poisoned(make_opt, bad_steps=(2,)), TrainingHealthMonitor(log_every_n_steps=4), accelerator="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_cpu_check_flags_exactly_the_non_finite_parameters(dtype):
+    """The CPU check's per-parameter flags against torch.isfinite: +inf, -inf alone, NaN, huge finite values and an
+    empty parameter."""
+    from types import SimpleNamespace
+
+    from lightning_effi.callbacks.health import _NonFinite
+
+    net = nn.ModuleDict({k: nn.Linear(3, 300) for k in ("posinf", "neginf", "nan", "huge", "fine")}).to(dtype)
+    net["empty"] = nn.Linear(0, 4).to(dtype)
+    for p in net.parameters():
+        p.grad = torch.randn(p.shape).to(dtype)
+    net["posinf"].weight.grad[7, 1] = float("inf")
+    net["neginf"].bias.grad[100] = float("-inf")
+    net["nan"].weight.grad[0, 0] = float("nan")
+    net["huge"].weight.grad.fill_(3e38)  # finite: an L2 norm would overflow, the check must not
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    nf = _NonFinite(SimpleNamespace(world_size=1, strategy=SimpleNamespace(root_device=torch.device("cpu"))), "raise")
+    nf.check(opt, 0, net)
+    names = [n for n, _ in net.named_parameters()]
+    expected = [not bool(torch.isfinite(p.grad).all()) for p in net.parameters()]
+    assert sum(expected) == 3
+    assert [bool(f) for f in nf._flags.tolist()] == expected, list(zip(names, nf._flags.tolist()))
+    assert float(nf._found) == 1.0
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    nf.check(opt, 1, net)
+    assert float(nf._found) == 0.0
