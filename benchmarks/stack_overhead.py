@@ -2,6 +2,8 @@
 
     python benchmarks/stack_overhead.py --out benchmarks/results/stack_overhead_<hardware>_<yyyymmdd>.jsonl
     python benchmarks/stack_overhead.py --cases stock_bf16,lsp_bf16 --steps 25      # a subset
+    python benchmarks/stack_overhead.py --accelerator cpu --no-compile --d-model 128 --n-layer 4 --n-head 4 \
+        --block-size 128 --vocab 512 --micro-batch 8 --warmup 3 --steps 20 --cases stock_bf16,health_only,...
 
 Workload: the example ``GPTLightningModule`` at GPT-2-small shape (12 layers, d=768, 12 heads, vocab 50304, block
 1024), micro-batch 16, ``compile=True``, fused AdamW (lr 3e-4) unless the case says Lamb, random tokens, no logger,
@@ -10,6 +12,9 @@ timed (synchronised before and after). The stock bf16 case runs first and last, 
 two accumulation cases run at micro-batch 4 with 4 micro-batches per step (Lightning's ``accumulate_grad_batches=4``
 against ``AccumulationScheduler({0: 4})``) and also report peak memory. Output: one JSON line per case, then a table
 with tokens/s and the ratio to stock Lightning with the same optimizer and precision.
+
+``--accelerator cpu`` runs the same cases on the CPU (at a small shape, see above); there only the ratios mean
+anything, and peak memory is not measured.
 """
 
 from __future__ import annotations
@@ -92,24 +97,28 @@ def run_case(name: str, args) -> dict:
             t = torch.randint(0, args.vocab, (args.block_size + 1,), generator=g)
             return {"input_ids": t[:-1], "labels": t[1:]}
 
+    gpu = args.accelerator == "gpu"
+
     class Timer(pl.Callback):
         t0 = t1 = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if trainer.global_step == args.warmup and self.t0 is None:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                if gpu:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
                 self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if trainer.global_step == args.warmup + args.steps and self.t1 is None:
-                torch.cuda.synchronize()
+                if gpu:
+                    torch.cuda.synchronize()
                 self.t1 = time.perf_counter()
 
     def optimizer(groups):
         if case.optimizer == "lamb":
             return Lamb(groups, lr=3e-4, betas=(0.9, 0.999), eps=1e-6)
-        return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)  # CPU kernel too
 
     plugins, precision = [], case.precision
     if case.precision.startswith("lsp-"):
@@ -131,16 +140,16 @@ def run_case(name: str, args) -> dict:
     timer = callbacks[0]
     torch.manual_seed(0)
     trainer = pl.Trainer(
-        accelerator="gpu", devices=1, precision=precision, plugins=plugins, callbacks=callbacks,
+        accelerator=args.accelerator, devices=1, precision=precision, plugins=plugins, callbacks=callbacks,
         max_steps=args.warmup + args.steps, accumulate_grad_batches=4 if case.accumulation == "stock4" else 1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     model = GPTLightningModule(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer,
                                n_head=args.n_head, d_model=args.d_model, optimizer=optimizer, warmup_steps=10,
-                               max_steps=args.warmup + args.steps, compile=True)
+                               max_steps=args.warmup + args.steps, compile=args.compile)
     model.batch_size = micro  # the attribute AutoMicroBatch sets
-    loader = DataLoader(RandomTokens(), batch_size=micro, num_workers=2, pin_memory=True, shuffle=False)
+    loader = DataLoader(RandomTokens(), batch_size=micro, num_workers=2 if gpu else 0, pin_memory=gpu, shuffle=False)
     trainer.fit(model, train_dataloaders=loader)
     seconds = timer.t1 - timer.t0
     tokens = args.steps * micro * per_step * args.block_size
@@ -149,13 +158,15 @@ def run_case(name: str, args) -> dict:
         "micro_batches_per_step": per_step, "steps": args.steps, "warmup": args.warmup,
         "tokens_per_s": round(tokens / seconds, 1),
         "step_ms": round(1e3 * seconds / args.steps, 3),
-        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "lightning": pl.__version__,
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if gpu else None,
+        "gpu": torch.cuda.get_device_name() if gpu else None, "cpu_threads": torch.get_num_threads(),
+        "compile": args.compile, "torch": torch.__version__, "lightning": pl.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     del trainer, model, loader
     gc.collect()  # the case's objects, cycles included, gone: later cases pay no collector time for them
-    torch.cuda.empty_cache()
+    if gpu:
+        torch.cuda.empty_cache()
     return row
 
 
@@ -171,6 +182,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=15, help="untimed optimizer steps first (compilation)")
     p.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
+    p.add_argument("--accelerator", choices=("gpu", "cpu"), default="gpu")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="the example model's torch.compile (--no-compile on a CPU: compiling there takes minutes)")
     args = p.parse_args()
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
@@ -178,8 +192,8 @@ def main() -> None:
         p.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("stack_overhead.py measures GPU throughput; no CUDA device is visible")
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        sys.exit("stack_overhead.py measures GPU throughput; no CUDA device is visible (--accelerator cpu for ratios)")
     import torch._dynamo
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -202,7 +216,8 @@ def main() -> None:
             continue
         base = rows.get(row["baseline"]) if row["baseline"] else None
         rel = f"{100 * (row['tokens_per_s'] / base['tokens_per_s'] - 1):+.1f}%" if base and "error" not in base else ""
-        print(f"{name:20s} {row['tokens_per_s']:11.1f} {rel:>12s} {row['peak_alloc_gib']:9.2f}")
+        peak = "" if row["peak_alloc_gib"] is None else f"{row['peak_alloc_gib']:9.2f}"
+        print(f"{name:20s} {row['tokens_per_s']:11.1f} {rel:>12s} {peak:>9s}")
 
 
 if __name__ == "__main__":
