@@ -86,6 +86,11 @@ def main() -> None:
     log_dir = trainer.log_dir  # a broadcast from rank 0: every rank asks
     if trainer.is_global_zero:
         print(f"hf_gpt2: {trainer.global_step} optimizer steps; logs in {log_dir}")
+    if torch.distributed.is_initialized():
+        # Gloo's worker threads must not outlive the interpreter's teardown (an exit-time abort otherwise);
+        # the barrier keeps a rank from leaving while another still talks to it.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -88,10 +88,21 @@ def main(args: list[str] | None = None) -> None:
         if not argv or argv[0] in ("-h", "--help"):
             print(USAGE)
         cli(args, run_state=state)
+        _end_process_group()
     except Exception as e:
         if debug or state.started or not _cli_errors.is_input_error(e):
             raise
         _cli_errors.report(e)
+
+
+def _end_process_group() -> None:
+    """After a run in several processes: gloo's worker threads must not outlive the interpreter's teardown (an
+    exit-time abort otherwise); the barrier keeps a rank from leaving while another still talks to it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cli(argv: list[str] | None, *, run_state: _cli_errors.RunState | None = None) -> EffiCLI:
