@@ -21,11 +21,9 @@ from lightning_effi.plugins import LossScalingPrecision
 from tests._host_reads import HostReadCounter, stack_accumulation, stack_data, stack_optimizers
 
 LOG_EVERY = 10
-# Lamb's CPU paths: norms, the skip flag and (for the C++ kernel's bias corrections) the CPU step counts are read on
-# the host (documented; the accelerator paths read nothing).
+# Lamb's CPU paths: norms and the skip flag are read on the host (documented; the accelerator paths read nothing).
 CPU_OPTIMIZER_FRAMES = ("optim/functional.py:_host_step", "optim/functional.py:_cpu_adam_core",
-                        "optim/functional.py:_cpu_per_tensor", "optim/functional.py:lamb",
-                        "optim/functional.py:_kernel_hyper")
+                        "optim/functional.py:_cpu_per_tensor", "optim/functional.py:lamb")
 
 
 def _data():

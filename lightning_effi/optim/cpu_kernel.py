@@ -111,7 +111,10 @@ def load():
             _loaded["module"] = _build(name, _build_root() / name)
             return _loaded["module"]
         except Exception as e:  # noqa: BLE001 - any build or import failure means "not available", with its message
-            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            # the compiler's own complaint where there is one (torch's message starts with the command line)
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if "error" in ln.lower() and "error building" not in ln.lower()),
+                         lines[0] if lines else type(e).__name__)
             reason = f"building it failed ({type(e).__name__}: {first[:300]})"
     _loaded["error"] = reason
     raise RuntimeError(reason)
@@ -165,8 +168,9 @@ def kernel_applies(plan) -> bool:
                for t in (*plan.p, *plan.g, *plan.m, *plan.v))
 
 
-def step(plan, hyper: Tensor, coef: float) -> Tensor:
-    """One LAMB step of every unit of ``plan`` (one unit per logical parameter, step counts already advanced).
-    ``hyper``: float64 ``[units, 12]``, per unit lr, beta1, beta2, eps, weight_decay, 1/bc1, 1/sqrt(bc2), adapt,
-    weight_norm_clip lo/hi, trust_clip lo/hi (absent clips: 0, inf). Returns the trust ratios as float32."""
-    return load().lamb_step(plan.p, plan.g, plan.m, plan.v, hyper, float(coef)).to(torch.float32)
+def step(plan, steps: list[Tensor], hyper: Tensor, coef: float) -> Tensor:
+    """One LAMB step of every unit of ``plan`` (one unit per logical parameter). ``steps``: each unit's float32 CPU
+    step count, already advanced. ``hyper``: float64 ``[units, 11]``, per unit lr, beta1, beta2, eps, weight_decay,
+    bias_correction, adapt (1 or 0), weight_norm_clip lo/hi, trust_clip lo/hi (absent clips: 0, inf). Returns the
+    trust ratios as float32."""
+    return load().lamb_step(plan.p, plan.g, plan.m, plan.v, steps, hyper, float(coef)).to(torch.float32)

@@ -342,7 +342,7 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         from lightning_effi.optim import cpu_kernel
 
         if unsharded and cpu_kernel.kernel_applies(plan):
-            return cpu_kernel.step(plan, _kernel_hyper(plan, hp, state_steps), coef)
+            return cpu_kernel.step(plan, [state_steps[i] for i in plan.param], _kernel_hyper(plan, hp), coef)
         path = "foreach"  # sharded units, or mixed dtypes: the norms need the generic phases
     chunked = path == "foreach" and device.type == "cpu"
     if chunked and unsharded:
@@ -435,19 +435,17 @@ def _host_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
     return ratio.to(torch.float32)
 
 
-def _kernel_hyper(plan: Plan, hp: dict, state_steps: list[Tensor]) -> Tensor:
-    """The CPU kernel's per-unit float64 table (column order in cpu_kernel.step)."""
-    steps = torch.stack(state_steps).tolist() if state_steps else []
+def _kernel_hyper(plan: Plan, hp: dict) -> Tensor:
+    """The CPU kernel's per-unit float64 table (column order in cpu_kernel.step); the kernel reads the step counts
+    itself."""
     inf = math.inf
     rows = []
     for k in range(len(plan.p)):
         i = plan.param[k]
-        b1, b2 = hp["beta1"][i], hp["beta2"][i]
-        bc1, bc2 = _bias_corrections(steps[i], b1, b2, hp["bias_correction"][i])
         w = hp["weight_norm_clip"][i] or (0.0, inf)
         t = hp["trust_clip"][i] or (0.0, inf)
-        rows.append((float(hp["lr"][i]), b1, b2, hp["eps"][i], hp["weight_decay"][i], 1.0 / bc1, 1.0 / math.sqrt(bc2),
-                     1.0 if hp["adapt"][i] else 0.0, w[0], w[1], t[0], t[1]))
+        rows.append((float(hp["lr"][i]), hp["beta1"][i], hp["beta2"][i], hp["eps"][i], hp["weight_decay"][i],
+                     1.0 if hp["bias_correction"][i] else 0.0, 1.0 if hp["adapt"][i] else 0.0, w[0], w[1], t[0], t[1]))
     return torch.tensor(rows, dtype=torch.float64)
 
 

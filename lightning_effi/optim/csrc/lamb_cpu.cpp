@@ -16,8 +16,8 @@
 
 namespace {
 
-// Per-tensor row of the float64 hyperparameter table, in this order.
-enum Col { LR, B1, B2, EPS, WD, INV_BC1, INV_SQRT_BC2, ADAPT, WLO, WHI, TLO, THI, NCOL };
+// Per-tensor row of the float64 hyperparameter table, in this order (BIAS_CORRECTION and ADAPT: 1 or 0).
+enum Col { LR, B1, B2, EPS, WD, BIAS_CORRECTION, ADAPT, WLO, WHI, TLO, THI, NCOL };
 
 // Partial sums are taken per block of this many elements, in T, then added in double: the sums do not depend on
 // the thread count, and no float accumulator sees more than a block.
@@ -66,9 +66,12 @@ double trust_ratio(double xn, double un, const double* h) {
 }
 
 template <typename T>
-double step_tensor(T* x, const T* g, T* m, T* v, int64_t n, const double* h, double coef) {
+double step_tensor(T* x, const T* g, T* m, T* v, int64_t n, const double* h, double count, double coef) {
+  // Bias corrections from the (already advanced) step count, in double as the other paths form them.
+  const bool bc = h[BIAS_CORRECTION] != 0.0;
+  const double bc1 = bc ? 1.0 - std::pow(h[B1], count) : 1.0, bc2 = bc ? 1.0 - std::pow(h[B2], count) : 1.0;
   const T b1 = static_cast<T>(h[B1]), b2 = static_cast<T>(h[B2]), eps = static_cast<T>(h[EPS]);
-  const T wd = static_cast<T>(h[WD]), ibc1 = static_cast<T>(h[INV_BC1]), isbc2 = static_cast<T>(h[INV_SQRT_BC2]);
+  const T wd = static_cast<T>(h[WD]), ibc1 = static_cast<T>(1.0 / bc1), isbc2 = static_cast<T>(1.0 / std::sqrt(bc2));
   const T c = static_cast<T>(coef);
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<double> xsq(blocks), usq(blocks);
@@ -95,17 +98,19 @@ double step_tensor(T* x, const T* g, T* m, T* v, int64_t n, const double* h, dou
 // after the other, so a tensor that fits the last-level cache is still there for its second pass.
 torch::Tensor lamb_step(const std::vector<torch::Tensor>& params, const std::vector<torch::Tensor>& grads,
                         const std::vector<torch::Tensor>& exp_avgs, const std::vector<torch::Tensor>& exp_avg_sqs,
-                        const torch::Tensor& hyper, double coef) {
+                        const std::vector<torch::Tensor>& steps, const torch::Tensor& hyper, double coef) {
   const int64_t k = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == k && static_cast<int64_t>(exp_avgs.size()) == k &&
-                  static_cast<int64_t>(exp_avg_sqs.size()) == k,
-              "lamb_step: params, grads, exp_avgs and exp_avg_sqs must have the same length");
+                  static_cast<int64_t>(exp_avg_sqs.size()) == k && static_cast<int64_t>(steps.size()) == k,
+              "lamb_step: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length");
   TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == torch::kFloat64 && hyper.is_contiguous() &&
                   hyper.dim() == 2 && hyper.size(0) == k && hyper.size(1) == NCOL,
               "lamb_step: hyper must be a contiguous CPU float64 tensor of shape [", k, ", ", int(NCOL), "]");
   for (int64_t i = 0; i < k; ++i) {
     const auto& p = params[i];
     TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "lamb_step: tensor ", i, " must be a contiguous CPU tensor");
+    TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == torch::kFloat32 && steps[i].numel() == 1,
+                "lamb_step: the step count of tensor ", i, " must be a one-element float32 CPU tensor");
     for (const auto* t : {&grads[i], &exp_avgs[i], &exp_avg_sqs[i]}) {
       TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == p.scalar_type() &&
                       t->numel() == p.numel(),
@@ -121,7 +126,7 @@ torch::Tensor lamb_step(const std::vector<torch::Tensor>& params, const std::vec
     AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lamb_step", [&] {
       r[i] = step_tensor<scalar_t>(p.data_ptr<scalar_t>(), grads[i].data_ptr<scalar_t>(),
                                    exp_avgs[i].data_ptr<scalar_t>(), exp_avg_sqs[i].data_ptr<scalar_t>(), p.numel(),
-                                   h + NCOL * i, coef);
+                                   h + NCOL * i, static_cast<double>(*steps[i].data_ptr<float>()), coef);
     });
     // Writes through raw pointers bypass the version counters that in-place ops bump (autograd's saved-tensor
     // check relies on them).
