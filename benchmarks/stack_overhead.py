@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -102,18 +103,48 @@ def run_case(name: str, args) -> dict:
     class Timer(pl.Callback):
         t0 = t1 = None
 
+        def __init__(self) -> None:
+            # One CUDA event per timed optimizer step (recorded without a sync, read after the run): the device's
+            # time per step, so a few slow steps (a logging step, a stall) show apart from a steady cost.
+            self.events: list = []
+            self.event_steps: list[int] = []
+            self.host: list[float] = []  # host clock at the same points (the only per-step time on a CPU)
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if trainer.global_step == args.warmup and self.t0 is None:
                 if gpu:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 self.t0 = time.perf_counter()
+            if self.t0 is not None and self.t1 is None and trainer.global_step not in self.event_steps[-1:]:
+                self.host.append(time.perf_counter())
+                self.event_steps.append(trainer.global_step)
+                if gpu:
+                    self.events.append(torch.cuda.Event(enable_timing=True))
+                    self.events[-1].record()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if trainer.global_step == args.warmup + args.steps and self.t1 is None:
+                self.event_steps.append(trainer.global_step)
                 if gpu:
+                    self.events.append(torch.cuda.Event(enable_timing=True))
+                    self.events[-1].record()
                     torch.cuda.synchronize()
                 self.t1 = time.perf_counter()
+                self.host.append(self.t1)
+
+        def per_step(self) -> dict:
+            out = {}
+            series = {"host": [1e3 * (b - a) for a, b in zip(self.host, self.host[1:])]}
+            if gpu:
+                series["gpu"] = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]
+            for kind, ms in series.items():
+                if ms:
+                    order = sorted(range(len(ms)), key=ms.__getitem__, reverse=True)
+                    out.update({f"{kind}_step_ms_median": round(statistics.median(ms), 3),
+                                f"{kind}_step_ms_mean": round(statistics.fmean(ms), 3),
+                                f"{kind}_slowest_steps": [[self.event_steps[i], round(ms[i], 2)] for i in order[:5]]})
+            return out
 
     def optimizer(groups):
         if case.optimizer == "lamb":
@@ -159,6 +190,7 @@ def run_case(name: str, args) -> dict:
         "tokens_per_s": round(tokens / seconds, 1),
         "step_ms": round(1e3 * seconds / args.steps, 3),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if gpu else None,
+        **timer.per_step(),
         "gpu": torch.cuda.get_device_name() if gpu else None, "cpu_threads": torch.get_num_threads(),
         "compile": args.compile, "torch": torch.__version__, "lightning": pl.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
