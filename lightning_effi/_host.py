@@ -58,6 +58,14 @@ class HostMirror:
         self._events = [torch.cuda.Event() if cuda else None for _ in range(self.slots)]
         self._seq = [-1] * self.slots
 
+    def reserve(self, like: Tensor) -> None:
+        """Allocate the ring for values shaped like ``like`` now. Pinned host memory and events made at the first
+        push can stall that step's host for far longer than the copy itself, so a caller whose first push comes
+        in the middle of training allocates at its start instead."""
+        if self._bufs is None or self._bufs[0].shape != like.shape or self._bufs[0].dtype != like.dtype:
+            self._allocate(like)
+            self.pushed = 0
+
     def push(self, value: Tensor) -> int:
         """Copy ``value`` (detached) into the next slot without waiting; returns its sequence number."""
         value = value.detach()

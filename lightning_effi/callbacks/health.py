@@ -97,6 +97,8 @@ class TrainingHealthMonitor(Callback):
         self.on_nonfinite = on_nonfinite
         self._nf: Optional[_NonFinite] = None
         self._mirror = HostMirror(slots=2)
+        self._room = 0  # the mirror's length (float64 values), set at train start
+        self._warmed = False  # the logging step's device work has run once in this fit
         self._pending: Optional[dict[str, Any]] = None
         self._nf_steps_host = 0  # skipped non-finite steps restored from a checkpoint
         self.log_every_n_steps = log_every_n_steps
@@ -109,7 +111,12 @@ class TrainingHealthMonitor(Callback):
         self._tokens: Optional[Tensor] = None
         self._tokens_host = 0  # token counts returned as Python ints
         self._seen_tokens = False
-        self._device_skips: list[tuple[int, Tensor]] = []  # (step, 0-dim flag) of steps decided on the device
+        # Steps decided on the device this interval (step numbers on the host, flags in _skip_flags[:len]): one
+        # persistent buffer written in place, since keeping each step's flag tensor alive until the log would grow
+        # the allocator's live set every step and move the next steps' gradients (a captured optimizer graph reads
+        # them at fixed addresses).
+        self._device_skips: list[int] = []
+        self._skip_flags: Optional[Tensor] = None
         self._warned_tokens = False
         self._last_step = 0
         self._t_last = 0.0
@@ -126,6 +133,12 @@ class TrainingHealthMonitor(Callback):
         self._device_skips = []
         self._pending = None
         self._nf = _NonFinite(trainer, self.on_nonfinite) if self.on_nonfinite and _no_scaler(trainer) else None
+        # Room for every part of an interval's metrics (grad norm, ratios, tokens, the scaler state, one skip flag
+        # per step, the non-finite count, first step and one flag per parameter), allocated before the first step.
+        n_params = sum(len(g["params"]) for opt in trainer.optimizers for g in getattr(opt, "param_groups", []))
+        self._room = 64 + self.log_every_n_steps + n_params
+        self._mirror.reserve(torch.empty(self._room, dtype=torch.float64, device=trainer.strategy.root_device))
+        self._warmed = False
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -155,7 +168,7 @@ class TrainingHealthMonitor(Callback):
         # Runs after unscaling (LossScalingPrecision) and before clipping.
         if self._nf is not None:
             self._nf.check(optimizer, trainer.global_step, pl_module)
-        if (trainer.global_step + 1) % self.log_every_n_steps != 0:
+        if (trainer.global_step + 1) % self.log_every_n_steps != 0 and self._warmed:
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
@@ -178,12 +191,23 @@ class TrainingHealthMonitor(Callback):
         if skipped is None:  # decided on the device: keep the flag for the next log
             flag = _device_skip_flag(trainer)
             if flag is not None:
-                self._device_skips.append((step - 1, flag))
+                k = len(self._device_skips)
+                buf = self._skip_flags
+                if buf is None or buf.device != flag.device or k >= buf.numel():
+                    grown = torch.zeros(max(self.log_every_n_steps, 2 * k), dtype=torch.float64, device=flag.device)
+                    if buf is not None and k:
+                        grown[:k].copy_(buf[:k].to(flag.device))
+                    buf = self._skip_flags = grown
+                buf[k].copy_(flag.reshape(()))
+                self._device_skips.append(step - 1)
         elif skipped:
             state = _loss_scale_state(trainer)
             self._report_skip(trainer, step - 1, state[0] if state else None, self._plugin_names(trainer))
         if step % self.log_every_n_steps == 0:
             self._emit(trainer, step)
+        elif not self._warmed:
+            self._warm_up(trainer)
+        self._warmed = True
 
     # ------------------------------------------------------------------------------------------------- helpers
     def _count_tokens(self, outputs: Any) -> None:
@@ -269,6 +293,36 @@ class TrainingHealthMonitor(Callback):
         accelerator, so the logging step does not drain the device queue."""
         self._finish_pending(trainer, wait=True)  # the previous interval's copy, issued an interval ago
         device = trainer.strategy.root_device
+        parts = self._parts(trainer, device)
+        now = time.perf_counter()
+        pending = {"step": step, "sizes": {k: t.numel() for k, t in parts.items()}, "seconds": now - self._t_last,
+                   "device_skips": self._device_skips, "seq": None}
+        self._device_skips = []
+        self._tokens = None
+        self._tokens_host = 0
+        self._t_last = now
+        if parts:
+            pending["seq"] = self._mirror.push(self._flat(parts, device))
+        self._pending = pending
+        self._finish_pending(trainer, wait=False)
+
+    def _warm_up(self, trainer: pl.Trainer) -> None:
+        """The logging step's device work, once, at the first optimizer step, its result dropped. A kernel's first
+        use loads its module (lazily, on CUDA), which holds the host for tens of milliseconds per kernel; here that
+        happens at the first step, beside compilation, instead of in the middle of the run."""
+        device = trainer.strategy.root_device
+        parts = self._parts(trainer, device)
+        if parts:
+            self._flat(parts, device)
+
+    def _flat(self, parts: dict[str, Tensor], device: torch.device) -> Tensor:
+        flat = torch.cat([t.to(device, torch.float64).reshape(-1) for t in parts.values()])
+        if flat.numel() > self._room:  # more than reserved (e.g. many device skips): a larger ring, once
+            self._room = 2 * flat.numel()
+        return torch.nn.functional.pad(flat, (0, self._room - flat.numel()))
+
+    def _parts(self, trainer: pl.Trainer, device: torch.device) -> dict[str, Tensor]:
+        """This interval's device values by name (reads the interval's state; takes the gradient norm)."""
         parts: dict[str, Tensor] = {}
         if self._grad_norm is not None:
             parts["grad_norm"] = self._grad_norm.reshape(1)
@@ -282,25 +336,14 @@ class TrainingHealthMonitor(Callback):
             local = local + self._tokens_host
             # every rank reaches this point at the same step, so the collective is matched
             parts["tokens"] = trainer.strategy.reduce(local, reduce_op="sum").reshape(1)
-        if self._device_skips:
-            parts["skips"] = torch.stack([f.to(device, torch.float64).reshape(()) for _, f in self._device_skips])
+        if self._device_skips and self._skip_flags is not None:
+            parts["skips"] = self._skip_flags[: len(self._device_skips)]
         scaler = _own_scaler(trainer)
         if scaler is not None and scaler.state_tensor is not None:
             parts["scaler"] = scaler.state_tensor
         if self._nf is not None:
             parts["nonfinite"] = self._nf.packed(device)
-        now = time.perf_counter()
-        pending = {"step": step, "sizes": {k: t.numel() for k, t in parts.items()}, "seconds": now - self._t_last,
-                   "device_skips": self._device_skips, "seq": None}
-        self._device_skips = []
-        self._tokens = None
-        self._tokens_host = 0
-        self._t_last = now
-        if parts:
-            flat = torch.cat([t.to(device, torch.float64).reshape(-1) for t in parts.values()])
-            pending["seq"] = self._mirror.push(flat)
-        self._pending = pending
-        self._finish_pending(trainer, wait=False)
+        return parts
 
     def _finish_pending(self, trainer: pl.Trainer, wait: bool) -> None:
         """Log the pending interval if its copy has landed (or, with ``wait``, once it has)."""
@@ -335,7 +378,7 @@ class TrainingHealthMonitor(Callback):
             count = self._report_nonfinite(trainer, host["nonfinite"])
             if self.on_nonfinite == "skip":
                 metrics["nonfinite_steps"] = float(count)
-        for (s, _), flag in zip(pending["device_skips"], host.get("skips", [])):
+        for s, flag in zip(pending["device_skips"], host.get("skips", [])):
             if flag:
                 self._report_skip(trainer, s, metrics.get("loss_scale"), None,
                                   "<not recorded: the optimizer skipped the step on the device>")

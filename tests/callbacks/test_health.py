@@ -81,7 +81,8 @@ def test_metrics_with_loss_scaling(fake_clock, monkeypatch, caplog, accelerator)
 
     rows = [(s, m) for s, m in logger.rows if any(k.startswith("health/") for k in m)]
     assert [s for s, _ in rows] == list(range(every, n_steps + 1, every))
-    assert len(norm_calls) == n_steps // every  # the norm is only computed on logged steps
+    # the norm is computed on logged steps, and once at the first step (the logging work's warm-up, not logged)
+    assert len(norm_calls) == n_steps // every + 1
     flags = [s in inject for s in range(n_steps)]
     scales = reference_scales(flags, init=2.0**8, growth=2.0, backoff=0.5, interval=3, hysteresis=2, lo=1.0,
                               hi=2.0**24, consecutive=False)
@@ -197,3 +198,106 @@ def test_lightning_mixed_precision_logs_scale_without_skip_count():
     fit(TokenToy(), plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=4.0))],
         callbacks=[monitor], max_steps=2)
     assert monitor.last_metrics["health/loss_scale"] == 4.0 and "health/skipped_steps" not in monitor.last_metrics
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_logging_steps_allocate_no_host_buffers(fake_clock, monkeypatch, accelerator):
+    """The host ring the logging steps copy into is allocated at train start, not at the first logging step (pinned
+    memory made mid-run stalls that step); a ring outgrown later is re-made and logs the same rows."""
+    from lightning_effi._host import HostMirror
+
+    where: list = []
+    phase = {"now": "setup"}
+    real = HostMirror._allocate
+    monkeypatch.setattr(HostMirror, "_allocate", lambda self, like: where.append(phase["now"]) or real(self, like))
+
+    class Phase(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            phase["now"] = trainer.global_step
+
+    class Shrink(pl.Callback):  # after the monitor's on_train_start: a ring too small for the first interval
+        def on_train_start(self, trainer, pl_module):
+            trainer.callbacks[0]._room = 1
+
+    rows = {}
+    for shrink in (False, True):
+        logger = MemLogger()
+        monitor = TrainingHealthMonitor(log_every_n_steps=2)
+        where.clear()
+        phase["now"] = "setup"
+        fit(TokenToy(), plugins=[LossScalingPrecision("16-mixed", init_scale=2.0**8)],
+            callbacks=[monitor, Phase()] + ([Shrink()] if shrink else []), logger=logger, max_steps=6,
+            accelerator=accelerator)
+        rows[shrink] = [(s, m) for s, m in logger.rows if any(k.startswith("health/") for k in m)]
+        if shrink:
+            assert "setup" in where and any(isinstance(w, int) and w > 0 for w in where), where
+        else:
+            # the monitor's ring at setup; one at the first step is the precision plugin's first push
+            assert monitor._mirror._bufs is not None and len(monitor._mirror._bufs[0]) == monitor._room
+            assert where.count("setup") == 1 and all(w in ("setup", 0) for w in where), where
+    assert [s for s, _ in rows[False]] == [2, 4, 6]
+    assert rows[False] == rows[True]
+
+
+def test_first_step_runs_the_logging_work_once_and_logs_nothing(fake_clock, monkeypatch):
+    """The logging step's device work (gradient norm, trust-ratio statistics, the non-finite state, packing) runs
+    once at the first optimizer step, so its kernels are loaded there and not mid-run; only logging steps log, and
+    the first interval's metrics are those of a run without that extra pass (the same rows)."""
+    calls = []
+    real = TrainingHealthMonitor._parts
+
+    def spy(self, trainer, device):
+        parts = real(self, trainer, device)
+        calls.append((trainer.global_step, sorted(parts)))
+        return parts
+
+    class M(TokenToy):
+        def configure_optimizers(self):
+            return Lamb(self.parameters(), lr=1e-2)
+
+    rows = {}
+    for warm in (True, False):
+        calls.clear()
+        monkeypatch.setattr(TrainingHealthMonitor, "_parts", spy)
+        if not warm:  # the reference: as if the first step had already warmed up
+            monkeypatch.setattr(TrainingHealthMonitor, "_warm_up", lambda self, trainer: None)
+        logger = MemLogger()
+        torch.manual_seed(0)
+        fit(M(), callbacks=[TrainingHealthMonitor(log_every_n_steps=4)], logger=logger, max_steps=8)
+        rows[warm] = [(s, m) for s, m in logger.rows if any(k.startswith("health/") for k in m)]
+        if warm:
+            assert calls == [(1, ["grad_norm", "nonfinite", "ratios", "tokens"])] + [
+                (s, ["grad_norm", "nonfinite", "ratios", "tokens"]) for s in (4, 8)]
+    assert [s for s, _ in rows[True]] == [4, 8]
+    assert rows[True] == rows[False]
+
+
+def test_device_decided_skips_are_reported_from_one_persistent_buffer(fake_clock):
+    """Fused AdamW skips inside its kernel (found_inf), so only the device knows which steps were skipped: the
+    monitor reports them at the logs after, with the scale the independent rule gives, and keeps the flags in one
+    buffer written in place (a flag tensor kept per step would grow the allocator's live set every step)."""
+    inject = {2: "inf", 3: "inf", 6: "nan"}
+    n_steps, every = 10, 4
+    module = TokenToy(inject=inject, inject_param="net.0.bias", optimizer="adamw_fused")
+    plugin = LossScalingPrecision("16-mixed", init_scale=2.0**8, growth_interval=3, hysteresis=2)
+    monitor = TrainingHealthMonitor(log_every_n_steps=every)
+    ptrs = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if monitor._skip_flags is not None:
+                ptrs.append(monitor._skip_flags.data_ptr())
+
+    fit(module, plugins=[plugin], callbacks=[monitor, Watch()], logger=MemLogger(), max_steps=n_steps)
+    assert trainer_skips_on_device(plugin)
+    flags = [s in inject for s in range(n_steps)]
+    scales = reference_scales(flags, init=2.0**8, growth=2.0, backoff=0.5, interval=3, hysteresis=2, lo=1.0,
+                              hi=2.0**24, consecutive=False)
+    assert [s for s, _, _ in monitor.skip_events] == sorted(inject)
+    # reported at the next log, with that log's scale (the scale after the interval, not the step's own)
+    assert [sc for _, sc, _ in monitor.skip_events] == [scales[4 - 1], scales[4 - 1], scales[8 - 1]]
+    assert len(ptrs) >= n_steps - 1 and len(set(ptrs)) == 1
+
+
+def trainer_skips_on_device(plugin) -> bool:
+    return plugin.scaler.host_known_skip is None
