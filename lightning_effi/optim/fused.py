@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -69,6 +70,10 @@ REDUCE_BLOCK = 256
 # LIGHTNING_EFFI_LAMB_CUDA_GRAPHS=0 to always launch eagerly.
 CUDA_GRAPHS = os.environ.get("LIGHTNING_EFFI_LAMB_CUDA_GRAPHS", "1") != "0"
 GRAPH_AFTER = 3
+# Signatures (gradient address sets, mostly) whose caches and graphs are kept per optimizer.
+SIGNATURES_KEPT = 4
+# Eager steps between captures once SIGNATURES_KEPT graphs were captured (see _may_capture).
+CAPTURE_EVERY = 200
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -128,15 +133,45 @@ if triton is not None:
         return rbc1.to(CT), rbc2.to(CT)
 
     @triton.jit
+    def _phase1_chunk(PB, GB, MB, VB, po, go, mo, vo, start, n, b1, b2, eps, wd, rbc1, rbc2, coef,
+                      DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                      MASKED: tl.constexpr, IS64: tl.constexpr):
+        acc_x = tl.zeros([BLOCK], dtype=CT)
+        acc_u = tl.zeros([BLOCK], dtype=CT)
+        # A static trip count; in a unit's last (masked) chunk the iterations past its end load and store nothing.
+        for off in range(0, CHUNK, BLOCK):
+            idx = start + off + tl.arange(0, BLOCK)
+            mask = idx < n
+            x = _ld(PB + po + idx, mask, MASKED).to(CT)
+            g = _ld(GB + go + idx, mask, MASKED).to(CT) * coef
+            m = _ld(MB + mo + idx, mask, MASKED).to(CT)
+            v = _ld(VB + vo + idx, mask, MASKED).to(CT)
+            m = m + (1.0 - b1) * (g - m)
+            v = b2 * v + (1.0 - b2) * g * g
+            m_s = m.to(DT)
+            v_s = v.to(DT)
+            _st(MB + mo + idx, m_s, mask, MASKED)
+            _st(VB + vo + idx, v_s, mask, MASKED)
+            # The norm must see the moments as stored (rounded to the param dtype), as phase 2 will.
+            upd = (m_s.to(CT) * rbc1) / (_sqrt(v_s.to(CT) * rbc2, IS64) + eps) + wd * x
+            if MASKED:
+                upd = tl.where(mask, upd, 0.0)
+            acc_x += x * x
+            acc_u += upd * upd
+        return tl.sum(acc_x, axis=0), tl.sum(acc_u, axis=0)
+
+    @triton.jit
     def _phase1_kernel(
         PB, GB, MB, VB, OFF, NUMEL, HP, STEPS, UPARAM, BLK_UNIT, BLK_START, BLK_ID, COEF, SKIP, PARTIAL, n_units,
-        DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
+        n_full, DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
         ALIGN: tl.constexpr, IS64: tl.constexpr, HPW: tl.constexpr,
     ):
         # One program = one CHUNK of one unit, walked BLOCK elements at a time (the multi-tensor-apply shape: few
         # registers per thread, so many programs per SM hide memory latency; per-chunk table lookups amortised).
         # Pointers are a base tensor plus a per-unit element offset (not raw addresses cast to pointers), and offsets
-        # carry alignment hints, so that full chunks compile to unmasked 16-byte vector loads.
+        # carry alignment hints, so that full chunks compile to unmasked 16-byte vector loads. With MASKED (the
+        # launch has partial chunks), the first n_full programs take full chunks and the rest the units' last
+        # chunks, masked: one launch for both.
         pid = tl.program_id(0)
         if tl.load(SKIP) == 0:
             u = tl.load(BLK_UNIT + pid)
@@ -153,30 +188,18 @@ if triton is not None:
             wd = tl.load(HP + u * HPW + 3).to(CT)
             rbc1, rbc2 = _rbc(HP, STEPS, UPARAM, u, CT, HPW)
             coef = tl.load(COEF).to(CT)
-            acc_x = tl.zeros([BLOCK], dtype=CT)
-            acc_u = tl.zeros([BLOCK], dtype=CT)
-            # A static trip count; in a unit's last (masked) chunk the iterations past its end load and store nothing.
-            for off in range(0, CHUNK, BLOCK):
-                idx = start + off + tl.arange(0, BLOCK)
-                mask = idx < n
-                x = _ld(PB + po + idx, mask, MASKED).to(CT)
-                g = _ld(GB + go + idx, mask, MASKED).to(CT) * coef
-                m = _ld(MB + mo + idx, mask, MASKED).to(CT)
-                v = _ld(VB + vo + idx, mask, MASKED).to(CT)
-                m = m + (1.0 - b1) * (g - m)
-                v = b2 * v + (1.0 - b2) * g * g
-                m_s = m.to(DT)
-                v_s = v.to(DT)
-                _st(MB + mo + idx, m_s, mask, MASKED)
-                _st(VB + vo + idx, v_s, mask, MASKED)
-                # The norm must see the moments as stored (rounded to the param dtype), as phase 2 will.
-                upd = (m_s.to(CT) * rbc1) / (_sqrt(v_s.to(CT) * rbc2, IS64) + eps) + wd * x
-                if MASKED:
-                    upd = tl.where(mask, upd, 0.0)
-                acc_x += x * x
-                acc_u += upd * upd
-            tl.store(PARTIAL + bid * 2, tl.sum(acc_x, axis=0))
-            tl.store(PARTIAL + bid * 2 + 1, tl.sum(acc_u, axis=0))
+            if MASKED:
+                if pid < n_full:
+                    sx, su = _phase1_chunk(PB, GB, MB, VB, po, go, mo, vo, start, n, b1, b2, eps, wd, rbc1, rbc2,
+                                           coef, DT, CT, BLOCK, CHUNK, False, IS64)
+                else:
+                    sx, su = _phase1_chunk(PB, GB, MB, VB, po, go, mo, vo, start, n, b1, b2, eps, wd, rbc1, rbc2,
+                                           coef, DT, CT, BLOCK, CHUNK, True, IS64)
+            else:
+                sx, su = _phase1_chunk(PB, GB, MB, VB, po, go, mo, vo, start, n, b1, b2, eps, wd, rbc1, rbc2, coef,
+                                       DT, CT, BLOCK, CHUNK, False, IS64)
+            tl.store(PARTIAL + bid * 2, sx)
+            tl.store(PARTIAL + bid * 2 + 1, su)
 
     @triton.jit
     def _reduce_kernel(
@@ -214,8 +237,22 @@ if triton is not None:
                 tl.store(RATIO + tl.load(LID + u), r.to(tl.float32))
 
     @triton.jit
+    def _phase2_chunk(PB, MB, VB, po, mo, vo, start, n, eps, wd, rbc1, rbc2, scale, DT: tl.constexpr,
+                      CT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
+                      IS64: tl.constexpr):
+        # A static trip count; in a unit's last (masked) chunk the iterations past its end load and store nothing.
+        for off in range(0, CHUNK, BLOCK):
+            idx = start + off + tl.arange(0, BLOCK)
+            mask = idx < n
+            x = _ld(PB + po + idx, mask, MASKED).to(CT)
+            m = _ld(MB + mo + idx, mask, MASKED).to(CT)
+            v = _ld(VB + vo + idx, mask, MASKED).to(CT)
+            x = x + scale * ((m * rbc1) / (_sqrt(v * rbc2, IS64) + eps) + wd * x)
+            _st(PB + po + idx, x.to(DT), mask, MASKED)
+
+    @triton.jit
     def _phase2_kernel(
-        PB, MB, VB, OFF, NUMEL, HP, STEPS, UPARAM, BLK_UNIT, BLK_START, SCALE, SKIP, n_units,
+        PB, MB, VB, OFF, NUMEL, HP, STEPS, UPARAM, BLK_UNIT, BLK_START, SCALE, SKIP, n_units, n_full,
         DT: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, MASKED: tl.constexpr,
         ALIGN: tl.constexpr, IS64: tl.constexpr, HPW: tl.constexpr,
     ):
@@ -231,15 +268,16 @@ if triton is not None:
             wd = tl.load(HP + u * HPW + 3).to(CT)
             rbc1, rbc2 = _rbc(HP, STEPS, UPARAM, u, CT, HPW)
             scale = tl.load(SCALE + u).to(CT)
-            # A static trip count; in a unit's last (masked) chunk the iterations past its end load and store nothing.
-            for off in range(0, CHUNK, BLOCK):
-                idx = start + off + tl.arange(0, BLOCK)
-                mask = idx < n
-                x = _ld(PB + po + idx, mask, MASKED).to(CT)
-                m = _ld(MB + mo + idx, mask, MASKED).to(CT)
-                v = _ld(VB + vo + idx, mask, MASKED).to(CT)
-                x = x + scale * ((m * rbc1) / (_sqrt(v * rbc2, IS64) + eps) + wd * x)
-                _st(PB + po + idx, x.to(DT), mask, MASKED)
+            if MASKED:  # as in phase 1: full chunks first, then the masked last chunks
+                if pid < n_full:
+                    _phase2_chunk(PB, MB, VB, po, mo, vo, start, n, eps, wd, rbc1, rbc2, scale, DT, CT, BLOCK,
+                                  CHUNK, False, IS64)
+                else:
+                    _phase2_chunk(PB, MB, VB, po, mo, vo, start, n, eps, wd, rbc1, rbc2, scale, DT, CT, BLOCK,
+                                  CHUNK, True, IS64)
+            else:
+                _phase2_chunk(PB, MB, VB, po, mo, vo, start, n, eps, wd, rbc1, rbc2, scale, DT, CT, BLOCK, CHUNK,
+                              False, IS64)
 
 
 _TL: dict = {}
@@ -254,7 +292,9 @@ def _tl_types(dtype: torch.dtype):
 
 
 def _block_table(numels: tuple[int, ...], block: int, device):
-    """Blocks of every unit, split into full blocks (unmasked launch) and tails (masked launch); cached by sizes.
+    """Blocks of every unit for one launch per phase: full blocks first (unmasked), then the units' last, partial
+    blocks (masked); cached by sizes. One launch instead of a second, masked one for the tails saves the second
+    launch's ramp and the gap between the two, which is most of what the tails cost.
 
     Block ids are contiguous per unit (``first``, ``nb``), so the reduce kernel sums a unit's partials in order.
     """
@@ -270,12 +310,9 @@ def _block_table(numels: tuple[int, ...], block: int, device):
     sizes = torch.tensor(numels, dtype=torch.long)
     full = (blk_start + block) <= sizes[blk_unit] if total else torch.zeros(0, dtype=torch.bool)
     bid = torch.arange(total)
-
-    def pick(sel):
-        return (blk_unit[sel].to(torch.int32).to(device), blk_start[sel].to(device), bid[sel].to(device),
-                int(sel.sum()))
-
-    out = dict(full=pick(full), tail=pick(~full), first=first.to(device), nb=nb.to(device), total=total)
+    order = torch.cat([bid[full], bid[~full]])  # the programs below n_full run unmasked
+    out = dict(unit=blk_unit[order].to(torch.int32).to(device), start=blk_start[order].to(device),
+               bid=order.to(device), n_full=int(full.sum()), first=first.to(device), nb=nb.to(device), total=total)
     if len(_BLOCK_CACHE) > 64:
         _BLOCK_CACHE.clear()
     _BLOCK_CACHE[key] = out
@@ -296,6 +333,7 @@ class _Cache:
         self.lid_hyper = lid_hyper
         self.lr_key, self.lr_t = None, None
         self.hits, self.graph, self.graph_ratio, self.graph_mode = 0, None, None, None
+        self.group_lrs: Any = None  # the groups' float learning rates lr_t was last filled from (replay)
         # Static inputs of a captured graph: the AMP flag and scale are copied in before each replay.
         self.found_buf = torch.zeros((), dtype=torch.float32, device=device)
         self.scale_buf = torch.ones((), dtype=torch.float32, device=device)
@@ -305,6 +343,7 @@ class _Cache:
 
 
 def _signature(plan, hp, state_steps) -> tuple:
+    # The gradient addresses come third: Lamb keeps graphs per gradient address set and compares the rest.
     return (
         tuple(t.data_ptr() for t in state_steps),
         tuple(t.data_ptr() for t in plan.p), tuple(t.data_ptr() for t in plan.g),
@@ -355,22 +394,23 @@ def _build_cache(key, plan, hp, device) -> _Cache:
         dt, ct = _tl_types(dtype)
         numels = tuple(plan.p[k].numel() for k in ks)
         bt = _block_table(numels, CHUNK, device)
-        kbs, offsets, aligned = [], [], True
+        kbs, offsets, aligned = [], [], []
         for kind in (plan.p, plan.g, plan.m, plan.v):
             kb, off, al = _offsets([kind[k] for k in ks])
             kbs.append(ks[kb])
-            offsets += off
-            aligned = aligned and al
+            offsets.append(off)
+            aligned.append(al)
         is64 = dtype == torch.float64
         launches.append(_Launch(
-            dtype=dtype, ks=ks, kbs=kbs, bt=bt, n=len(ks), is64=is64,
-            off_t=h2d(offsets, torch.int64, device), numel_t=h2d(list(numels), torch.int64, device),
+            dtype=dtype, ks=ks, kbs=kbs, bt=bt, n=len(ks), is64=is64, offsets=offsets, aligned=aligned,
+            off_t=h2d([o for part in offsets for o in part], torch.int64, device),
+            numel_t=h2d(list(numels), torch.int64, device),
             hp_t=h2d([rows[k] for k in ks], torch.float64, device).reshape(-1).contiguous(),
             uparam_t=h2d([plan.param[k] for k in ks], torch.int32, device),
             lid_t=h2d([plan.lid[k] for k in ks], torch.int32, device),
             lids=h2d([plan.lid[k] for k in ks], torch.long, device),
             uparam=h2d([plan.param[k] for k in ks], torch.long, device),
-            consts=dict(DT=dt, CT=ct, BLOCK=BLOCK, CHUNK=CHUNK, ALIGN=(16 // dtype.itemsize) if aligned else 1,
+            consts=dict(DT=dt, CT=ct, BLOCK=BLOCK, CHUNK=CHUNK, ALIGN=(16 // dtype.itemsize) if all(aligned) else 1,
                         IS64=is64, HPW=HPW, num_warps=NUM_WARPS),
         ))
     static_hyper = None
@@ -380,16 +420,67 @@ def _build_cache(key, plan, hp, device) -> _Cache:
     return _Cache(key, launches, fast, static_hyper, device)
 
 
+def _may_capture(workspace: dict | None) -> bool:
+    """Whether this eager step may capture a graph. A capture synchronises the device and empties the allocator's
+    cache (torch.cuda.graph), which can itself move later gradients; where their addresses keep changing, captures
+    would repeat without ever being replayed. SIGNATURES_KEPT captures are free, then one per CAPTURE_EVERY eager
+    steps."""
+    if workspace is None:
+        return True
+    n = workspace.get("eager_steps", 0)
+    done, last = workspace.get("captures", 0), workspace.get("last_capture", -CAPTURE_EVERY)
+    if done >= SIGNATURES_KEPT and n - last < CAPTURE_EVERY:
+        return False
+    workspace["captures"], workspace["last_capture"] = done + 1, n
+    return True
+
+
+def _same_but_gradients(a: tuple, b: tuple) -> bool:
+    return a[:2] == b[:2] and a[3:] == b[3:]
+
+
+def _regrad_cache(old: _Cache, key, plan, device) -> _Cache:
+    """``old``'s plan for gradients at new addresses (everything else in the signature unchanged): only the
+    gradients' base tensors, offsets and alignment are redone. The full build's many small host-to-device copies
+    and per-tensor loops are host time on every step whose gradients moved."""
+    launches = []
+    for L in old.launches:
+        grads = [plan.g[k] for k in L.ks]
+        if not all(t.is_contiguous() for t in grads):
+            raise RuntimeError("Lamb(fused): a gradient is not contiguous (the kernel indexes flat memory); "
+                               "use foreach=True for such parameters")
+        kb, off, al = _offsets(grads)
+        offsets = [L.offsets[0], off, L.offsets[2], L.offsets[3]]
+        aligned = [L.aligned[0], al, L.aligned[2], L.aligned[3]]
+        launches.append(_Launch(**{
+            **L.__dict__, "kbs": [L.kbs[0], L.ks[kb], L.kbs[2], L.kbs[3]], "offsets": offsets, "aligned": aligned,
+            "off_t": h2d([o for part in offsets for o in part], torch.int64, device),
+            "consts": dict(L.consts, ALIGN=(16 // L.dtype.itemsize) if all(aligned) else 1),
+        }))
+    return _Cache(key, launches, old.fast, old.lid_hyper, device)
+
+
 def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, workspace=None) -> Tensor:
     num = plan.num_lids
     key = _signature(plan, hp, state_steps)
+    # The last few signatures' caches (and graphs), not only the newest: other tensors with lifetimes across steps
+    # can make the allocator hand out gradients at two or three alternating address sets, and each then replays.
+    ring = None if workspace is None else workspace.setdefault("lamb_fused_ring", {})
     cache = None if workspace is None else workspace.get("lamb_fused")
     if cache is None or cache.key != key:
-        for s in state_steps:
-            if s.device != device:
-                raise RuntimeError(f"the fused path keeps 'step' on the parameters' device; got one on {s.device}")
-        cache = _build_cache(key, plan, hp, device)
-        if workspace is not None:
+        newest = None if not ring else ring[next(reversed(ring))]
+        cache = None if ring is None else ring.pop(key, None)
+        if cache is None and newest is not None and _same_but_gradients(newest.key, key):
+            cache = _regrad_cache(newest, key, plan, device)
+        if cache is None:
+            for s in state_steps:
+                if s.device != device:
+                    raise RuntimeError(f"the fused path keeps 'step' on the parameters' device; got one on {s.device}")
+            cache = _build_cache(key, plan, hp, device)
+        if ring is not None and workspace is not None:
+            ring[key] = cache  # newest last
+            while len(ring) > SIGNATURES_KEPT:
+                ring.pop(next(iter(ring)))
             workspace["lamb_fused"] = cache
     update_lrs(cache, hp["lr"], device)
     mode = (found_inf is not None, grad_scale is not None, max_grad_norm)
@@ -400,7 +491,9 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         if cache.graph is not None and cache.graph_mode != mode:
             cache.graph, cache.graph_ratio, cache.hits = None, None, 0
         cache.hits += 1
-        if cache.graph is None and cache.hits >= GRAPH_AFTER:
+        if workspace is not None:
+            workspace["eager_steps"] = workspace.get("eager_steps", 0) + 1
+        if cache.graph is None and cache.hits >= GRAPH_AFTER and _may_capture(workspace):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = _advance_and_launch(cache, plan, hp, state_steps, max_grad_norm,
@@ -414,6 +507,7 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
 
 def update_lrs(cache: _Cache, lrs: list, device) -> None:
     """Bring the cached per-unit learning rates (the buffer a captured graph reads) up to date without a sync."""
+    cache.group_lrs = None  # the replay's record of what lr_t holds is stale after an eager step
     if any(isinstance(lr, torch.Tensor) for lr in lrs):
         # Device learning rates (a device-side schedule): gathered on the device every step.
         vec = lr_vector(lrs, list(range(len(lrs))), device, torch.float64)
@@ -469,13 +563,11 @@ def _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num,
         partial = torch.empty(max(bt["total"], 1), 2, dtype=torch.float64 if L.is64 else torch.float32,
                               device=device)
         coef_t = coef64 if L.is64 else coef32
-        for which, masked in (("full", False), ("tail", True)):
-            b_unit, b_start, b_id, nblk = bt[which]
-            if nblk:
-                _phase1_kernel[(nblk,)](
-                    *bases, L.off_t, L.numel_t, L.hp_t, steps, L.uparam_t, b_unit, b_start, b_id, coef_t, skip_t,
-                    partial, L.n, MASKED=masked, **L.consts,
-                )
+        if bt["total"]:
+            _phase1_kernel[(bt["total"],)](
+                *bases, L.off_t, L.numel_t, L.hp_t, steps, L.uparam_t, bt["unit"], bt["start"], bt["bid"], coef_t,
+                skip_t, partial, L.n, bt["n_full"], MASKED=bt["n_full"] < bt["total"], **L.consts,
+            )
         sumsq = torch.empty(L.n, 2, dtype=torch.float64, device=device)
         scale = torch.empty(L.n, dtype=torch.float64, device=device)
         _reduce_kernel[(L.n,)](
@@ -507,11 +599,10 @@ def _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num,
 
     # --- phase 2: x <- x + scale * u ---
     for L, bases, _, scale in live:
-        for which, masked in (("full", False), ("tail", True)):
-            b_unit, b_start, _, nblk = L.bt[which]
-            if nblk:
-                _phase2_kernel[(nblk,)](
-                    bases[0], bases[2], bases[3], L.off_t, L.numel_t, L.hp_t, steps, L.uparam_t, b_unit, b_start,
-                    scale, skip_t, L.n, MASKED=masked, **L.consts,
-                )
+        bt = L.bt
+        if bt["total"]:
+            _phase2_kernel[(bt["total"],)](
+                bases[0], bases[2], bases[3], L.off_t, L.numel_t, L.hp_t, steps, L.uparam_t, bt["unit"], bt["start"],
+                scale, skip_t, L.n, bt["n_full"], MASKED=bt["n_full"] < bt["total"], **L.consts,
+            )
     return ratio if ratio.dtype == torch.float32 else ratio.to(torch.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Callable, Iterable
@@ -14,6 +15,8 @@ from torch.optim import Optimizer
 from lightning_effi.optim.functional import lamb_step, resolve_path
 
 __all__ = ["Lamb"]
+
+_GRAD = operator.attrgetter("grad")
 
 _GROUP_DEFAULTS = dict(
     bias_correction=True, trust_clip=None, weight_norm_clip=None, max_grad_norm=None, adapt=True, foreach=None,
@@ -267,6 +270,12 @@ class Lamb(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        ratios = self._replay(grad_scale, found_inf)
+        if ratios is not None:
+            self.trust_ratios = ratios
+            return loss
         flat = [("flat_layouts" in g) for g in self.param_groups]
         if any(flat) and not all(flat):
             raise RuntimeError(
@@ -280,12 +289,6 @@ class Lamb(Optimizer):
                 )
         with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not with_grad:
-            return loss
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        ratios = self._replay(with_grad, grad_scale, found_inf)
-        if ratios is not None:
-            self.trust_ratios = ratios
             return loss
         path, lists = self._prepared(with_grad)
         self.trust_ratios = lamb_step(
@@ -321,41 +324,78 @@ class Lamb(Optimizer):
             for g in self.param_groups))
 
     def _remember_replay(self, with_grad: list, path: str, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """After a fused step that left a captured graph: what the graph reads, so the next steps can replay it."""
+        """After a fused step that left a captured graph: what the graph reads, so the next steps can replay it.
+        Graphs of the same parameters and hyperparameters are kept per gradient address set (see the fused path's
+        SIGNATURES_KEPT): gradients that alternate between a few address sets each replay their own."""
+        from lightning_effi.optim.fused import SIGNATURES_KEPT
+
         ws = self._workspace()
         cache = ws.get("lamb_fused")
-        if path != "fused" or cache is None or cache.graph is None:
+        if path != "fused" or cache is None:
             ws.pop("replay", None)
             return
-        counts = [sum(1 for p in g["params"] if p.grad is not None) for g in self.param_groups]
-        group_of_unit = [i for i, c in enumerate(counts) for _ in range(c)]
-        device = cache.lr_t.device
-        ws["replay"] = dict(
-            params=with_grad, param_ptrs=tuple(map(Tensor.data_ptr, with_grad)),
-            grad_ptrs=tuple(map(Tensor.data_ptr, [p.grad for p in with_grad])), hyper=self._hyper_token(),
-            mode=(found_inf is not None, grad_scale is not None, self.defaults["max_grad_norm"]), cache=cache,
-            counts=counts, group_lrs=None,
-            unit_group=torch.tensor(group_of_unit, dtype=torch.long).pin_memory().to(device, non_blocking=True),
-        )
+        # The step's signature but for the gradient addresses (the fused path's key holds them third): graphs kept
+        # side by side differ in those alone.
+        rest = cache.key[:2] + cache.key[3:]
+        hit = ws.get("replay")
+        if cache.graph is None:
+            # an address set without a graph yet: the others' graphs stay usable if nothing else changed
+            if hit is not None and hit["rest"] != rest:
+                ws.pop("replay", None)
+            return
+        param_ptrs = list(map(Tensor.data_ptr, with_grad))
+        hyper = self._hyper_token()
+        mode = (found_inf is not None, grad_scale is not None, self.defaults["max_grad_norm"])
+        if (hit is None or len(hit["params"]) != len(with_grad) or not all(map(operator.is_, with_grad, hit["params"]))
+                or hit["param_ptrs"] != param_ptrs or hit["hyper"] != hyper or hit["mode"] != mode
+                or hit["rest"] != rest):
+            counts = [sum(1 for p in g["params"] if p.grad is not None) for g in self.param_groups]
+            group_of_unit = [i for i, c in enumerate(counts) for _ in range(c)]
+            device = cache.lr_t.device
+            hit = ws["replay"] = dict(
+                params=with_grad, every=len(with_grad) == sum(len(g["params"]) for g in self.param_groups),
+                param_ptrs=param_ptrs, hyper=hyper, mode=mode, counts=counts, by_grads={}, rest=rest,
+                unit_group=torch.tensor(group_of_unit, dtype=torch.long).pin_memory().to(device, non_blocking=True),
+            )
+        by_grads = hit["by_grads"]
+        by_grads.pop(tuple(map(Tensor.data_ptr, [p.grad for p in with_grad])), None)
+        by_grads[tuple(map(Tensor.data_ptr, [p.grad for p in with_grad]))] = cache  # newest last
+        while len(by_grads) > SIGNATURES_KEPT:
+            by_grads.pop(next(iter(by_grads)))
 
-    def _replay(self, with_grad: list, grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
-        """The fused step straight from its CUDA graph when nothing it reads has changed: the same parameter, state
-        and gradient tensors at the same addresses (gradients are new tensors every step, usually at the same
-        addresses), the same hyperparameters. This skips the per-tensor preparation of a step, host time during
-        which a GPU that waits for the step idles; only the learning rates are brought up to date."""
+    def _replay(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
+        """The fused step straight from a captured CUDA graph when nothing it reads has changed: the same parameter,
+        state and gradient tensors at the same addresses (gradients are new tensors every step, usually at one of a
+        few address sets), the same hyperparameters. This skips the per-tensor preparation of a step, host time
+        during which a GPU that waits for the step idles; only the learning rates are brought up to date. The
+        checks run before the graph's first kernel can start, so they are C-level passes over the parameters."""
         ws = self._workspace()
         hit: Any = ws.get("replay")
         if hit is None:
             return None
-        fc: Any = hit["cache"]
         mode = hit["mode"]
-        if (id(fc) != id(ws.get("lamb_fused")) or fc.graph is None or fc.graph_mode != mode
-                or mode[:2] != (found_inf is not None, grad_scale is not None)
-                or len(with_grad) != len(hit["params"]) or not all(map(operator.is_, with_grad, hit["params"]))
-                or tuple(map(Tensor.data_ptr, [p.grad for p in with_grad])) != hit["grad_ptrs"]
-                or tuple(map(Tensor.data_ptr, with_grad)) != hit["param_ptrs"] or self._hyper_token() != hit["hyper"]):
+        params = hit["params"]
+        if mode[:2] != (found_inf is not None, grad_scale is not None) or self._hyper_token() != hit["hyper"]:
             ws.pop("replay", None)
             return None
+        if hit["every"]:  # every parameter had a gradient: the groups' own lists, in order (their lengths are in hyper)
+            same = all(map(operator.is_, itertools.chain.from_iterable([g["params"] for g in self.param_groups]),
+                           params))
+            try:
+                grad_ptrs = tuple(map(Tensor.data_ptr, map(_GRAD, params)))
+            except TypeError:  # a parameter without a gradient this step
+                same = False
+        else:
+            with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            same = len(with_grad) == len(params) and all(map(operator.is_, with_grad, params))
+            grad_ptrs = tuple(map(Tensor.data_ptr, [p.grad for p in with_grad])) if same else ()
+        if not same or list(map(Tensor.data_ptr, params)) != hit["param_ptrs"]:
+            ws.pop("replay", None)
+            return None
+        fc: Any = hit["by_grads"].get(grad_ptrs)
+        if fc is None or fc.graph is None or fc.graph_mode != mode:
+            return None  # gradients at an address set without a graph (yet): the eager path, which may capture one
+        ws["lamb_fused"] = fc
         from lightning_effi.optim.fused import replay
 
         lrs = [g["lr"] for g in self.param_groups]
@@ -364,11 +404,11 @@ class Lamb(Optimizer):
                                else torch.full((), float(lr), dtype=torch.float64, device=fc.lr_t.device)
                                for lr in lrs])
             fc.lr_t.copy_(vec[hit["unit_group"]])
-            fc.lr_key = hit["group_lrs"] = None
-        elif tuple(lrs) != hit["group_lrs"]:
+            fc.lr_key = fc.group_lrs = None
+        elif tuple(lrs) != fc.group_lrs:
             per_unit = [lr for lr, c in zip(lrs, hit["counts"]) for _ in range(c)]
             fc.lr_t.copy_(torch.tensor(per_unit, dtype=torch.float64).pin_memory(), non_blocking=True)
-            fc.lr_key, hit["group_lrs"] = tuple(per_unit), tuple(lrs)
+            fc.lr_key, fc.group_lrs = tuple(per_unit), tuple(lrs)
         fc.hits += 1
         return replay(fc, grad_scale, found_inf)
 

@@ -176,3 +176,96 @@ def test_fused_cuda_graph_replay_equals_eager_launches(monkeypatch):
     assert ob._workspace()["lamb_fused"].graph is None
     # captured at the 3rd step of each signature: steps 2-5 and 8-9 replayed
     assert captured == [False, False, True, True, True, True, False, False, True, True]
+
+
+@pytest.mark.gpu
+def test_fused_cuda_graph_replay_follows_gradients_and_groups(monkeypatch):
+    """The replay's checks against eager launches (no graphs), bitwise: a parameter that loses its gradient for
+    some steps and gets it back, a parameter without a gradient from the start (in its own optimizer), and a
+    parameter replaced in place in the group's list."""
+    import lightning_effi.optim.fused as FU
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    shapes = [(300, 70), (5,), (70000,), (131072,)]
+    runs = {}
+    for graphs in (True, False):
+        monkeypatch.setattr(FU, "CUDA_GRAPHS", graphs)
+        gen.manual_seed(1)
+        ps = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
+        frozen = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
+        opt = Lamb(ps, lr=1e-2, weight_decay=0.1, fused=True)
+        opt_frozen = Lamb(frozen, lr=1e-2, weight_decay=0.1, fused=True)
+        # New gradient tensors every step at the same addresses, as autograd gives them after zero_grad
+        bufs = [torch.empty(s, device="cuda") for s in shapes + shapes]
+        for step in range(16):
+            for b in bufs:
+                b.normal_(generator=gen)
+            for i, p in enumerate(ps):
+                p.grad = None if (i == 1 and 5 <= step < 9) else bufs[i].view(p.shape)
+            for i, p in enumerate(frozen):
+                p.grad = None if i == 2 else bufs[len(shapes) + i].view(p.shape)
+            if step == 12:
+                new = torch.nn.Parameter(ps[0].detach().clone())
+                new.grad = ps[0].grad
+                opt.param_groups[0]["params"][0] = ps[0] = new
+            opt.step()
+            opt_frozen.step()
+        runs[graphs] = (ps, frozen, opt, opt_frozen)
+    (pa, fa, oa, ofa), (pb, fb, ob, ofb) = runs[True], runs[False]
+    for x, y in zip(pa + fa, pb + fb):
+        assert torch.equal(x, y)
+    for (o1, ps1), (o2, ps2) in (((oa, pa), (ob, pb)), ((ofa, fa), (ofb, fb))):
+        for x, y in zip(ps1, ps2):
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert (x in o1.state) == (y in o2.state)
+                if x in o1.state:
+                    assert torch.equal(o1.state[x][key], o2.state[y][key])
+    assert torch.equal(oa.trust_ratios, ob.trust_ratios)
+    assert oa._workspace()["lamb_fused"].graph is not None and ofa._workspace()["lamb_fused"].graph is not None
+    assert ofa._workspace()["replay"]["every"] is False
+    assert "replay" in oa._workspace() and oa._workspace()["replay"]["every"] is True
+
+
+@pytest.mark.gpu
+def test_fused_cuda_graph_replays_alternating_gradient_addresses(monkeypatch):
+    """Gradients that alternate between two address sets (other tensors living across steps can make the allocator
+    do that) each replay their own graph; a third set now and then runs eagerly at a changed learning rate, and
+    the replays after it use their own step's rate. Bitwise against eager launches, every step."""
+    import lightning_effi.optim.fused as FU
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    shapes = [(300, 70), (5,), (70000,)]
+    runs = {}
+    for graphs in (True, False):
+        monkeypatch.setattr(FU, "CUDA_GRAPHS", graphs)
+        gen.manual_seed(2)
+        ps = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in shapes]
+        opt = Lamb(ps, lr=1e-2, weight_decay=0.1)
+        sets = [[torch.empty(s, device="cuda") for s in shapes] for _ in range(3)]
+        hits = []
+        real = Lamb._replay
+
+        def spy(self, *a, _real=real, _hits=hits, **k):
+            out = _real(self, *a, **k)
+            _hits.append(out is not None)
+            return out
+
+        monkeypatch.setattr(Lamb, "_replay", spy)
+        history = []
+        for step in range(20):
+            which = 2 if step in (13, 14) else step % 2
+            for b in sets[which]:
+                b.normal_(generator=gen)
+            for p, b in zip(ps, sets[which]):
+                p.grad = b.view(p.shape)
+            opt.param_groups[0]["lr"] = 1e-2 * (1 + step % 3)
+            opt.step()
+            history.append([p.detach().clone() for p in ps])
+        monkeypatch.setattr(Lamb, "_replay", real)
+        runs[graphs] = (history, hits)
+    for step, (a, b) in enumerate(zip(runs[True][0], runs[False][0])):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), step
+    hits = runs[True][1]
+    assert sum(hits[8:]) >= 9, hits  # both alternating sets replay once captured
+    assert not hits[13] and not hits[14], hits  # the third set runs eagerly
