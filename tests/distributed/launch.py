@@ -53,7 +53,7 @@ def run_script(name: str, *args: str, timeout: float = 300.0, env: dict | None =
     if proc.returncode != 0:
         raise AssertionError(
             f"{name} {' '.join(map(str, args))} exited with {proc.returncode}\n"
-            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{_head_and_tail(proc.stderr)}"
         )
     return proc
 
@@ -71,3 +71,11 @@ def start_script(name: str, *args: str, log: Path, env: dict | None = None) -> s
     with open(log, "wb") as out:
         return subprocess.Popen(cmd, env=full_env, cwd=str(REPO), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+
+
+def _head_and_tail(text: str, head: int = 4000, tail: int = 8000) -> str:
+    """The start and the end of a long stream: under torchrun the first rank to fail writes its traceback first, and
+    the other ranks' tracebacks (a collective broken by the dead peer) fill the end."""
+    if len(text) <= head + tail:
+        return text
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters left out ...]\n{text[-tail:]}"
