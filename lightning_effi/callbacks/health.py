@@ -138,6 +138,7 @@ class TrainingHealthMonitor(Callback):
         n_params = sum(len(g["params"]) for opt in trainer.optimizers for g in getattr(opt, "param_groups", []))
         self._room = 64 + self.log_every_n_steps + n_params
         self._mirror.reserve(torch.empty(self._room, dtype=torch.float64, device=trainer.strategy.root_device))
+        self._skip_flags = torch.zeros(self.log_every_n_steps, dtype=torch.float64, device=trainer.strategy.root_device)
         self._warmed = False
 
     @override
@@ -192,13 +193,10 @@ class TrainingHealthMonitor(Callback):
             flag = _device_skip_flag(trainer)
             if flag is not None:
                 k = len(self._device_skips)
-                buf = self._skip_flags
-                if buf is None or buf.device != flag.device or k >= buf.numel():
-                    grown = torch.zeros(max(self.log_every_n_steps, 2 * k), dtype=torch.float64, device=flag.device)
-                    if buf is not None and k:
-                        grown[:k].copy_(buf[:k].to(flag.device))
-                    buf = self._skip_flags = grown
-                buf[k].copy_(flag.reshape(()))
+                assert self._skip_flags is not None  # made at train start
+                if k == self._skip_flags.numel():  # one flag per step, a log every n steps: not expected
+                    self._skip_flags = torch.cat([self._skip_flags, torch.zeros_like(self._skip_flags)])
+                self._skip_flags[k].copy_(flag.reshape(()))
                 self._device_skips.append(step - 1)
         elif skipped:
             state = _loss_scale_state(trainer)
@@ -336,7 +334,8 @@ class TrainingHealthMonitor(Callback):
             local = local + self._tokens_host
             # every rank reaches this point at the same step, so the collective is matched
             parts["tokens"] = trainer.strategy.reduce(local, reduce_op="sum").reshape(1)
-        if self._device_skips and self._skip_flags is not None:
+        if self._device_skips:
+            assert self._skip_flags is not None
             parts["skips"] = self._skip_flags[: len(self._device_skips)]
         scaler = _own_scaler(trainer)
         if scaler is not None and scaler.state_tensor is not None:

@@ -343,7 +343,7 @@ class _Cache:
 
 
 def _signature(plan, hp, state_steps) -> tuple:
-    # The gradient addresses come third: Lamb keeps graphs per gradient address set and compares the rest.
+    # The gradient addresses come third (but_gradients): graphs are kept per gradient address set.
     return (
         tuple(t.data_ptr() for t in state_steps),
         tuple(t.data_ptr() for t in plan.p), tuple(t.data_ptr() for t in plan.g),
@@ -370,11 +370,15 @@ def _offsets(tensors: list[Tensor]):
     return kb, offs, aligned
 
 
+def _check_contiguous(kind: str, tensors) -> None:
+    if not all(t.is_contiguous() for t in tensors):
+        raise RuntimeError(f"Lamb(fused): a {kind} is not contiguous (the kernel indexes flat memory); "
+                           "use foreach=True for such parameters")
+
+
 def _build_cache(key, plan, hp, device) -> _Cache:
     for kind, ts in (("gradient", plan.g), ("exp_avg", plan.m), ("exp_avg_sq", plan.v), ("parameter", plan.p)):
-        if not all(t.is_contiguous() for t in ts):
-            raise RuntimeError(f"Lamb(fused): a {kind} is not contiguous (the kernel indexes flat memory); "
-                               "use foreach=True for such parameters")
+        _check_contiguous(kind, ts)
     n_units = len(plan.p)
     fast = (n_units == plan.num_lids and all(lid == k for k, lid in enumerate(plan.lid))
             and plan.flat_group is None and all(not gs for gs in plan.lid_group))
@@ -435,8 +439,9 @@ def _may_capture(workspace: dict | None) -> bool:
     return True
 
 
-def _same_but_gradients(a: tuple, b: tuple) -> bool:
-    return a[:2] == b[:2] and a[3:] == b[3:]
+def but_gradients(key: tuple) -> tuple:
+    """A step signature without its gradient addresses (the third entry, see _signature)."""
+    return key[:2] + key[3:]
 
 
 def _regrad_cache(old: _Cache, key, plan, device) -> _Cache:
@@ -446,9 +451,7 @@ def _regrad_cache(old: _Cache, key, plan, device) -> _Cache:
     launches = []
     for L in old.launches:
         grads = [plan.g[k] for k in L.ks]
-        if not all(t.is_contiguous() for t in grads):
-            raise RuntimeError("Lamb(fused): a gradient is not contiguous (the kernel indexes flat memory); "
-                               "use foreach=True for such parameters")
+        _check_contiguous("gradient", grads)
         kb, off, al = _offsets(grads)
         offsets = [L.offsets[0], off, L.offsets[2], L.offsets[3]]
         aligned = [L.aligned[0], al, L.aligned[2], L.aligned[3]]
@@ -465,22 +468,22 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
     key = _signature(plan, hp, state_steps)
     # The last few signatures' caches (and graphs), not only the newest: other tensors with lifetimes across steps
     # can make the allocator hand out gradients at two or three alternating address sets, and each then replays.
-    ring = None if workspace is None else workspace.setdefault("lamb_fused_ring", {})
+    ring: dict = {} if workspace is None else workspace.setdefault("lamb_fused_ring", {})
     cache = None if workspace is None else workspace.get("lamb_fused")
     if cache is None or cache.key != key:
-        newest = None if not ring else ring[next(reversed(ring))]
-        cache = None if ring is None else ring.pop(key, None)
-        if cache is None and newest is not None and _same_but_gradients(newest.key, key):
+        newest = ring[next(reversed(ring))] if ring else None
+        cache = ring.pop(key, None)
+        if cache is None and newest is not None and but_gradients(newest.key) == but_gradients(key):
             cache = _regrad_cache(newest, key, plan, device)
         if cache is None:
             for s in state_steps:
                 if s.device != device:
                     raise RuntimeError(f"the fused path keeps 'step' on the parameters' device; got one on {s.device}")
             cache = _build_cache(key, plan, hp, device)
-        if ring is not None and workspace is not None:
-            ring[key] = cache  # newest last
-            while len(ring) > SIGNATURES_KEPT:
-                ring.pop(next(iter(ring)))
+        ring[key] = cache  # newest last
+        while len(ring) > SIGNATURES_KEPT:
+            ring.pop(next(iter(ring)))
+        if workspace is not None:
             workspace["lamb_fused"] = cache
     update_lrs(cache, hp["lr"], device)
     mode = (found_inf is not None, grad_scale is not None, max_grad_norm)

@@ -327,16 +327,14 @@ class Lamb(Optimizer):
         """After a fused step that left a captured graph: what the graph reads, so the next steps can replay it.
         Graphs of the same parameters and hyperparameters are kept per gradient address set (see the fused path's
         SIGNATURES_KEPT): gradients that alternate between a few address sets each replay their own."""
-        from lightning_effi.optim.fused import SIGNATURES_KEPT
+        from lightning_effi.optim.fused import SIGNATURES_KEPT, but_gradients
 
         ws = self._workspace()
         cache = ws.get("lamb_fused")
         if path != "fused" or cache is None:
             ws.pop("replay", None)
             return
-        # The step's signature but for the gradient addresses (the fused path's key holds them third): graphs kept
-        # side by side differ in those alone.
-        rest = cache.key[:2] + cache.key[3:]
+        rest = but_gradients(cache.key)  # graphs kept side by side differ in the gradient addresses alone
         hit = ws.get("replay")
         if cache.graph is None:
             # an address set without a graph yet: the others' graphs stay usable if nothing else changed
@@ -358,8 +356,9 @@ class Lamb(Optimizer):
                 unit_group=torch.tensor(group_of_unit, dtype=torch.long).pin_memory().to(device, non_blocking=True),
             )
         by_grads = hit["by_grads"]
-        by_grads.pop(tuple(map(Tensor.data_ptr, [p.grad for p in with_grad])), None)
-        by_grads[tuple(map(Tensor.data_ptr, [p.grad for p in with_grad]))] = cache  # newest last
+        grad_ptrs = tuple(map(Tensor.data_ptr, [p.grad for p in with_grad]))
+        by_grads.pop(grad_ptrs, None)
+        by_grads[grad_ptrs] = cache  # newest last
         while len(by_grads) > SIGNATURES_KEPT:
             by_grads.pop(next(iter(by_grads)))
 
