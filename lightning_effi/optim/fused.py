@@ -5,6 +5,9 @@ least memory traffic is two passes over a "chunk table" covering all parameters 
 phase 1 reads x, g, m, v, writes m, v and per-chunk partial sums of x² and u²; phase 2 reads x, m, v, recomputes u
 and writes x. That is 40 bytes per fp32 parameter (28 is the floor of one read-modify-write of x, m, v plus reading
 g). Pointers are a base tensor plus per-unit element offsets from a device table, so there is no per-tensor launch.
+Gradients are offsets from an anchor tensor the plan owns: autograd hands out gradients at new addresses whenever
+other allocations between steps change, and then only their offsets are rewritten in place (the plan, and a captured
+CUDA graph, stay valid).
 Between the phases a reduce kernel (one program per unit) sums each unit's chunk partials in a fixed order (runs are
 bitwise reproducible) and, when every unit is a whole unsharded parameter, computes the trust ratio and the step
 scale ``-lr * ratio`` itself; sharded units instead go through one all_reduce of the per-parameter sums (see
@@ -70,10 +73,6 @@ REDUCE_BLOCK = 256
 # LIGHTNING_EFFI_LAMB_CUDA_GRAPHS=0 to always launch eagerly.
 CUDA_GRAPHS = os.environ.get("LIGHTNING_EFFI_LAMB_CUDA_GRAPHS", "1") != "0"
 GRAPH_AFTER = 3
-# Signatures (gradient address sets, mostly) whose caches and graphs are kept per optimizer.
-SIGNATURES_KEPT = 4
-# Eager steps between captures once SIGNATURES_KEPT graphs were captured (see _may_capture).
-CAPTURE_EVERY = 200
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -333,6 +332,7 @@ class _Cache:
         self.lid_hyper = lid_hyper
         self.lr_key, self.lr_t = None, None
         self.hits, self.graph, self.graph_ratio, self.graph_mode = 0, None, None, None
+        self.grad_ptrs: tuple = ()  # the gradient addresses the offset tables point at (see retarget)
         self.group_lrs: Any = None  # the groups' float learning rates lr_t was last filled from (replay)
         # Static inputs of a captured graph: the AMP flag and scale are copied in before each replay.
         self.found_buf = torch.zeros((), dtype=torch.float32, device=device)
@@ -343,10 +343,10 @@ class _Cache:
 
 
 def _signature(plan, hp, state_steps) -> tuple:
-    # The gradient addresses come third (but_gradients): graphs are kept per gradient address set.
+    # Not the gradient addresses: those are offsets rewritten in place (retarget).
     return (
         tuple(t.data_ptr() for t in state_steps),
-        tuple(t.data_ptr() for t in plan.p), tuple(t.data_ptr() for t in plan.g),
+        tuple(t.data_ptr() for t in plan.p),
         tuple(t.data_ptr() for t in plan.m), tuple(t.data_ptr() for t in plan.v),
         tuple(t.numel() for t in plan.p), tuple(t.dtype for t in plan.p),
         tuple(hp["beta1"]), tuple(hp["beta2"]), tuple(hp["eps"]), tuple(hp["weight_decay"]),
@@ -356,11 +356,15 @@ def _signature(plan, hp, state_steps) -> tuple:
     )
 
 
-def _offsets(tensors: list[Tensor]):
-    """Index of the base tensor, each tensor's element offset from it, and whether all are 16-byte aligned."""
-    kb = next((k for k, t in enumerate(tensors) if t.numel() > 0), 0)
-    b = tensors[kb].data_ptr()
-    es = tensors[kb].element_size()
+def _offsets(tensors: list[Tensor], anchor: Tensor | None = None):
+    """Index of the base tensor (None: ``anchor`` is the base), each tensor's element offset from it, and whether all
+    are 16-byte aligned."""
+    kb: int | None = None
+    if anchor is None:
+        kb = next((k for k, t in enumerate(tensors) if t.numel() > 0), 0)
+        anchor = tensors[kb]
+    b = anchor.data_ptr()
+    es = anchor.element_size()
     offs, aligned = [], True
     for t in tensors:
         a = t.data_ptr()
@@ -398,15 +402,18 @@ def _build_cache(key, plan, hp, device) -> _Cache:
         dt, ct = _tl_types(dtype)
         numels = tuple(plan.p[k].numel() for k in ks)
         bt = _block_table(numels, CHUNK, device)
+        # 16 bytes, so that the anchor itself is aligned as the kernels' vector loads assume of every base
+        anchor = torch.empty(max(1, 16 // dtype.itemsize), dtype=dtype, device=device)
         kbs, offsets, aligned = [], [], []
         for kind in (plan.p, plan.g, plan.m, plan.v):
-            kb, off, al = _offsets([kind[k] for k in ks])
-            kbs.append(ks[kb])
+            kb, off, al = _offsets([kind[k] for k in ks], anchor if kind is plan.g else None)
+            kbs.append(None if kb is None else ks[kb])
             offsets.append(off)
             aligned.append(al)
         is64 = dtype == torch.float64
         launches.append(_Launch(
-            dtype=dtype, ks=ks, kbs=kbs, bt=bt, n=len(ks), is64=is64, offsets=offsets, aligned=aligned,
+            dtype=dtype, ks=ks, kbs=kbs, g_anchor=anchor, bt=bt, n=len(ks), is64=is64, offsets=offsets,
+            aligned=aligned,
             off_t=h2d([o for part in offsets for o in part], torch.int64, device),
             numel_t=h2d(list(numels), torch.int64, device),
             hp_t=h2d([rows[k] for k in ks], torch.float64, device).reshape(-1).contiguous(),
@@ -421,68 +428,49 @@ def _build_cache(key, plan, hp, device) -> _Cache:
     if not fast and plan.flat_group is None:  # the lid -> param map is static outside flat mode
         static_hyper = lid_hyper(plan, hp["adapt"], hp["weight_norm_clip"], hp["trust_clip"], torch.float64, device,
                                  None)
-    return _Cache(key, launches, fast, static_hyper, device)
+    cache = _Cache(key, launches, fast, static_hyper, device)
+    cache.grad_ptrs = tuple(g.data_ptr() for g in plan.g)
+    return cache
 
 
-def _may_capture(workspace: dict | None) -> bool:
-    """Whether this eager step may capture a graph. A capture synchronises the device and empties the allocator's
-    cache (torch.cuda.graph), which can itself move later gradients; where their addresses keep changing, captures
-    would repeat without ever being replayed. SIGNATURES_KEPT captures are free, then one per CAPTURE_EVERY eager
-    steps."""
-    if workspace is None:
-        return True
-    n = workspace.get("eager_steps", 0)
-    done, last = workspace.get("captures", 0), workspace.get("last_capture", -CAPTURE_EVERY)
-    if done >= SIGNATURES_KEPT and n - last < CAPTURE_EVERY:
-        return False
-    workspace["captures"], workspace["last_capture"] = done + 1, n
+def retarget(cache: _Cache, grads: list[Tensor], ptrs: tuple, clips: bool) -> bool:
+    """Point ``cache`` (and its graph) at gradients at new addresses ``ptrs``, ``grads`` in the plan's unit order:
+    their offsets from the anchor are written into the offset tables in place, stream-ordered after the kernels
+    that read the old ones. False where the kernels' alignment assumption no longer holds (the caller rebuilds).
+    A step that clips reads the gradients in its norm too, which a graph captures at their addresses: its graph is
+    dropped and the count towards a capture restarts (gradients that keep moving then run eagerly)."""
+    new = []
+    for L in cache.launches:
+        gs = [grads[k] for k in L.ks]
+        _check_contiguous("gradient", gs)
+        _, off, al = _offsets(gs, L.g_anchor)
+        if not al and L.consts["ALIGN"] > 1:
+            return False
+        new.append((off, al))
+    for L, (off, al) in zip(cache.launches, new):
+        if L.n:
+            src = torch.tensor(off, dtype=torch.int64)
+            L.off_t[L.n : 2 * L.n].copy_(src.pin_memory() if L.off_t.is_cuda else src, non_blocking=True)
+        L.offsets[1], L.aligned[1] = off, al
+    cache.grad_ptrs = ptrs
+    if clips:
+        cache.graph, cache.graph_ratio, cache.hits = None, None, 0
     return True
-
-
-def but_gradients(key: tuple) -> tuple:
-    """A step signature without its gradient addresses (the third entry, see _signature)."""
-    return key[:2] + key[3:]
-
-
-def _regrad_cache(old: _Cache, key, plan, device) -> _Cache:
-    """``old``'s plan for gradients at new addresses (everything else in the signature unchanged): only the
-    gradients' base tensors, offsets and alignment are redone. The full build's many small host-to-device copies
-    and per-tensor loops are host time on every step whose gradients moved."""
-    launches = []
-    for L in old.launches:
-        grads = [plan.g[k] for k in L.ks]
-        _check_contiguous("gradient", grads)
-        kb, off, al = _offsets(grads)
-        offsets = [L.offsets[0], off, L.offsets[2], L.offsets[3]]
-        aligned = [L.aligned[0], al, L.aligned[2], L.aligned[3]]
-        launches.append(_Launch(**{
-            **L.__dict__, "kbs": [L.kbs[0], L.ks[kb], L.kbs[2], L.kbs[3]], "offsets": offsets, "aligned": aligned,
-            "off_t": h2d([o for part in offsets for o in part], torch.int64, device),
-            "consts": dict(L.consts, ALIGN=(16 // L.dtype.itemsize) if all(aligned) else 1),
-        }))
-    return _Cache(key, launches, old.fast, old.lid_hyper, device)
 
 
 def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc, device, workspace=None) -> Tensor:
     num = plan.num_lids
     key = _signature(plan, hp, state_steps)
-    # The last few signatures' caches (and graphs), not only the newest: other tensors with lifetimes across steps
-    # can make the allocator hand out gradients at two or three alternating address sets, and each then replays.
-    ring: dict = {} if workspace is None else workspace.setdefault("lamb_fused_ring", {})
     cache = None if workspace is None else workspace.get("lamb_fused")
+    if cache is not None and cache.key == key:
+        ptrs = tuple(g.data_ptr() for g in plan.g)
+        if ptrs != cache.grad_ptrs and not retarget(cache, plan.g, ptrs, max_grad_norm is not None):
+            cache = None
     if cache is None or cache.key != key:
-        newest = ring[next(reversed(ring))] if ring else None
-        cache = ring.pop(key, None)
-        if cache is None and newest is not None and but_gradients(newest.key) == but_gradients(key):
-            cache = _regrad_cache(newest, key, plan, device)
-        if cache is None:
-            for s in state_steps:
-                if s.device != device:
-                    raise RuntimeError(f"the fused path keeps 'step' on the parameters' device; got one on {s.device}")
-            cache = _build_cache(key, plan, hp, device)
-        ring[key] = cache  # newest last
-        while len(ring) > SIGNATURES_KEPT:
-            ring.pop(next(iter(ring)))
+        for s in state_steps:
+            if s.device != device:
+                raise RuntimeError(f"the fused path keeps 'step' on the parameters' device; got one on {s.device}")
+        cache = _build_cache(key, plan, hp, device)
         if workspace is not None:
             workspace["lamb_fused"] = cache
     update_lrs(cache, hp["lr"], device)
@@ -494,9 +482,7 @@ def fused_step(plan, hp, state_steps, max_grad_norm, grad_scale, found_inf, acc,
         if cache.graph is not None and cache.graph_mode != mode:
             cache.graph, cache.graph_ratio, cache.hits = None, None, 0
         cache.hits += 1
-        if workspace is not None:
-            workspace["eager_steps"] = workspace.get("eager_steps", 0) + 1
-        if cache.graph is None and cache.hits >= GRAPH_AFTER and _may_capture(workspace):
+        if cache.graph is None and cache.hits >= GRAPH_AFTER:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = _advance_and_launch(cache, plan, hp, state_steps, max_grad_norm,
@@ -561,7 +547,7 @@ def _launch_all(cache, plan, hp, state_steps, skip, skip_t, coef32, coef64, num,
     ratio = torch.empty(num, dtype=torch.float32, device=device) if cache.fast else None
     live = []
     for L in cache.launches:
-        bases = [plan.p[L.kbs[0]], plan.g[L.kbs[1]], plan.m[L.kbs[2]], plan.v[L.kbs[3]]]
+        bases = [plan.p[L.kbs[0]], L.g_anchor, plan.m[L.kbs[2]], plan.v[L.kbs[3]]]
         bt = L.bt
         partial = torch.empty(max(bt["total"], 1), 2, dtype=torch.float64 if L.is64 else torch.float32,
                               device=device)

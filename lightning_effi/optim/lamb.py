@@ -324,78 +324,69 @@ class Lamb(Optimizer):
             for g in self.param_groups))
 
     def _remember_replay(self, with_grad: list, path: str, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        """After a fused step that left a captured graph: what the graph reads, so the next steps can replay it.
-        Graphs of the same parameters and hyperparameters are kept per gradient address set (see the fused path's
-        SIGNATURES_KEPT): gradients that alternate between a few address sets each replay their own."""
-        from lightning_effi.optim.fused import SIGNATURES_KEPT, but_gradients
-
+        """After a fused step that left a captured graph: what the graph reads, so the next steps can replay it."""
         ws = self._workspace()
         cache = ws.get("lamb_fused")
-        if path != "fused" or cache is None:
+        if path != "fused" or cache is None or cache.graph is None:
             ws.pop("replay", None)
-            return
-        rest = but_gradients(cache.key)  # graphs kept side by side differ in the gradient addresses alone
-        hit = ws.get("replay")
-        if cache.graph is None:
-            # an address set without a graph yet: the others' graphs stay usable if nothing else changed
-            if hit is not None and hit["rest"] != rest:
-                ws.pop("replay", None)
             return
         param_ptrs = list(map(Tensor.data_ptr, with_grad))
         hyper = self._hyper_token()
         mode = (found_inf is not None, grad_scale is not None, self.defaults["max_grad_norm"])
-        if (hit is None or len(hit["params"]) != len(with_grad) or not all(map(operator.is_, with_grad, hit["params"]))
-                or hit["param_ptrs"] != param_ptrs or hit["hyper"] != hyper or hit["mode"] != mode
-                or hit["rest"] != rest):
+        hit = ws.get("replay")
+        if (hit is None or hit["cache"] is not cache or len(hit["params"]) != len(with_grad)
+                or not all(map(operator.is_, with_grad, hit["params"])) or hit["param_ptrs"] != param_ptrs
+                or hit["hyper"] != hyper or hit["mode"] != mode):
             counts = [sum(1 for p in g["params"] if p.grad is not None) for g in self.param_groups]
             group_of_unit = [i for i, c in enumerate(counts) for _ in range(c)]
             device = cache.lr_t.device
-            hit = ws["replay"] = dict(
-                params=with_grad, every=len(with_grad) == sum(len(g["params"]) for g in self.param_groups),
-                param_ptrs=param_ptrs, hyper=hyper, mode=mode, counts=counts, by_grads={}, rest=rest,
+            ws["replay"] = dict(
+                cache=cache, params=with_grad,
+                every=len(with_grad) == sum(len(g["params"]) for g in self.param_groups),
+                param_ptrs=param_ptrs, hyper=hyper, mode=mode, counts=counts,
                 unit_group=torch.tensor(group_of_unit, dtype=torch.long).pin_memory().to(device, non_blocking=True),
             )
-        by_grads = hit["by_grads"]
-        grad_ptrs = tuple(map(Tensor.data_ptr, [p.grad for p in with_grad]))
-        by_grads.pop(grad_ptrs, None)
-        by_grads[grad_ptrs] = cache  # newest last
-        while len(by_grads) > SIGNATURES_KEPT:
-            by_grads.pop(next(iter(by_grads)))
 
     def _replay(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
-        """The fused step straight from a captured CUDA graph when nothing it reads has changed: the same parameter,
-        state and gradient tensors at the same addresses (gradients are new tensors every step, usually at one of a
-        few address sets), the same hyperparameters. This skips the per-tensor preparation of a step, host time
-        during which a GPU that waits for the step idles; only the learning rates are brought up to date. The
-        checks run before the graph's first kernel can start, so they are C-level passes over the parameters."""
+        """The fused step straight from a captured CUDA graph when nothing it reads has changed: the same parameter
+        and state tensors at the same addresses, the same hyperparameters. Gradients are new tensors every step, at
+        addresses that may change: the graph's offset tables are pointed at them (fused.retarget). This skips the
+        per-tensor preparation of a step, host time during which a GPU that waits for the step idles; only the
+        learning rates are brought up to date. The checks run before the graph's first kernel can start, so they are
+        C-level passes over the parameters."""
         ws = self._workspace()
         hit: Any = ws.get("replay")
         if hit is None:
             return None
         mode = hit["mode"]
         params = hit["params"]
-        if mode[:2] != (found_inf is not None, grad_scale is not None) or self._hyper_token() != hit["hyper"]:
+        fc: Any = hit["cache"]
+        if (mode[:2] != (found_inf is not None, grad_scale is not None) or self._hyper_token() != hit["hyper"]
+                or hit["cache"] is not ws.get("lamb_fused") or fc.graph is None or fc.graph_mode != mode):
             ws.pop("replay", None)
             return None
         if hit["every"]:  # every parameter had a gradient: the groups' own lists, in order (their lengths are in hyper)
             same = all(map(operator.is_, itertools.chain.from_iterable([g["params"] for g in self.param_groups]),
                            params))
+            grads = list(map(_GRAD, params))
             try:
-                grad_ptrs = tuple(map(Tensor.data_ptr, map(_GRAD, params)))
+                grad_ptrs = tuple(map(Tensor.data_ptr, grads))
             except TypeError:  # a parameter without a gradient this step
                 same = False
         else:
             with_grad = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             same = len(with_grad) == len(params) and all(map(operator.is_, with_grad, params))
-            grad_ptrs = tuple(map(Tensor.data_ptr, [p.grad for p in with_grad])) if same else ()
+            grads = [p.grad for p in with_grad] if same else []
+            grad_ptrs = tuple(map(Tensor.data_ptr, grads))
         if not same or list(map(Tensor.data_ptr, params)) != hit["param_ptrs"]:
             ws.pop("replay", None)
             return None
-        fc: Any = hit["by_grads"].get(grad_ptrs)
-        if fc is None or fc.graph is None or fc.graph_mode != mode:
-            return None  # gradients at an address set without a graph (yet): the eager path, which may capture one
-        ws["lamb_fused"] = fc
-        from lightning_effi.optim.fused import replay
+        from lightning_effi.optim.fused import replay, retarget
+
+        if grad_ptrs != fc.grad_ptrs and (not retarget(fc, grads, grad_ptrs, mode[2] is not None)
+                                          or fc.graph is None):
+            ws.pop("replay", None)
+            return None  # the eager path rebuilds the plan or captures the graph again
 
         lrs = [g["lr"] for g in self.param_groups]
         if any(isinstance(lr, Tensor) for lr in lrs):  # device learning rates: gathered on the device
