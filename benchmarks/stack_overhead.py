@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -146,6 +147,34 @@ def run_case(name: str, args) -> dict:
                                 f"{kind}_slowest_steps": [[self.event_steps[i], round(ms[i], 2)] for i in order[:5]]})
             return out
 
+    class KernelProfile(pl.Callback):
+        """Device time by kernel over optimizer steps [A, B) of the untimed warm-up (torch.profiler, CUDA only):
+        where two cases differ in device work, apart from host time and the GPU clock."""
+
+        def __init__(self, a: int, b: int) -> None:
+            self.a, self.b, self.done = a, b, False
+            self.prof: Any = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == self.a and self.prof is None:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == self.b and self.prof is not None and not self.done:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                self.done = True
+
+        def summary(self) -> dict:
+            if not self.done:
+                return {}
+            n = self.b - self.a
+            ev = sorted(self.prof.key_averages(), key=lambda e: -e.self_device_time_total)
+            return {"kernel_ms_per_step": round(sum(e.self_device_time_total for e in ev) / n / 1e3, 3),
+                    "top_kernels": [[e.key[:120], round(e.self_device_time_total / n / 1e3, 3), round(e.count / n, 1)]
+                                    for e in ev[:25]]}
+
     def optimizer(groups):
         if case.optimizer == "lamb":
             return Lamb(groups, lr=3e-4, betas=(0.9, 0.999), eps=1e-6)
@@ -169,6 +198,10 @@ def run_case(name: str, args) -> dict:
 
         callbacks.append(Given(micro * per_step, max_micro_batch_size=micro, on_oom="split"))
     timer = callbacks[0]
+    kernels = None
+    if getattr(args, "kernel_profile", None):
+        kernels = KernelProfile(*args.kernel_profile)
+        callbacks.append(kernels)
     torch.manual_seed(0)
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=1, precision=precision, plugins=plugins, callbacks=callbacks,
@@ -190,7 +223,7 @@ def run_case(name: str, args) -> dict:
         "tokens_per_s": round(tokens / seconds, 1),
         "step_ms": round(1e3 * seconds / args.steps, 3),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if gpu else None,
-        **timer.per_step(),
+        **timer.per_step(), **(kernels.summary() if kernels is not None else {}),
         "gpu": torch.cuda.get_device_name() if gpu else None, "cpu_threads": torch.get_num_threads(),
         "compile": args.compile, "torch": torch.__version__, "lightning": pl.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -217,7 +250,18 @@ def main() -> None:
     p.add_argument("--accelerator", choices=("gpu", "cpu"), default="gpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="the example model's torch.compile (--no-compile on a CPU: compiling there takes minutes)")
+    p.add_argument("--kernel-profile", default=None, metavar="A:B",
+                   help="also report device time by kernel over optimizer steps A to B of the warm-up (CUDA)")
     args = p.parse_args()
+    if args.kernel_profile is not None:
+        try:
+            a, b = (int(x) for x in args.kernel_profile.split(":"))
+        except ValueError:
+            p.error(f"--kernel-profile {args.kernel_profile!r}: give two step numbers A:B, e.g. 30:40")
+        if not 0 <= a < b <= args.warmup or args.accelerator != "gpu":
+            p.error(f"--kernel-profile {args.kernel_profile!r}: needs a GPU and 0 <= A < B <= --warmup "
+                    f"({args.warmup}), so that the profiler stays out of the timed steps")
+        args.kernel_profile = (a, b)
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
