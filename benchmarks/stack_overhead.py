@@ -13,6 +13,9 @@ two accumulation cases run at micro-batch 4 with 4 micro-batches per step (Light
 against ``AccumulationScheduler({0: 4})``) and also report peak memory. Output: one JSON line per case, then a table
 with tokens/s and the ratio to stock Lightning with the same optimizer and precision.
 
+``--isolate`` runs each case in a fresh process (host-bound cases, such as the accumulation pair, run slower the later
+they come in one process); ``--kernel-profile A:B`` adds device time by kernel over warm-up steps A to B.
+
 ``--accelerator cpu`` runs the same cases on the CPU (at a small shape, see above); there only the ratios mean
 anything, and peak memory is not measured.
 """
@@ -235,6 +238,25 @@ def run_case(name: str, args) -> dict:
     return row
 
 
+def run_isolated(name: str, args) -> dict:
+    """``name`` in a fresh Python process: nothing of the earlier cases (compiled code, allocator and interpreter
+    state) is left to slow a later one, which shows most where the host bounds the step."""
+    import subprocess
+
+    argv = [sys.executable, __file__, "--cases", name, "--d-model", str(args.d_model), "--n-layer", str(args.n_layer),
+            "--n-head", str(args.n_head), "--block-size", str(args.block_size), "--vocab", str(args.vocab),
+            "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--accelerator", args.accelerator, "--compile" if args.compile else "--no-compile"]
+    if args.kernel_profile:
+        argv += ["--kernel-profile", "{}:{}".format(*args.kernel_profile)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        if line.startswith('{"bench"'):
+            return json.loads(line)
+    raise RuntimeError(f"the process for case {name} exited {done.returncode} without a result: "
+                       f"{(done.stderr or done.stdout)[-400:]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
@@ -250,6 +272,8 @@ def main() -> None:
     p.add_argument("--accelerator", choices=("gpu", "cpu"), default="gpu")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="the example model's torch.compile (--no-compile on a CPU: compiling there takes minutes)")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each case in a fresh process (for host-bound cases, which earlier cases slow down)")
     p.add_argument("--kernel-profile", default=None, metavar="A:B",
                    help="also report device time by kernel over optimizer steps A to B of the warm-up (CUDA)")
     args = p.parse_args()
@@ -276,7 +300,7 @@ def main() -> None:
     rows = {}
     for name in cases:
         try:
-            row = run_case(name, args)
+            row = run_isolated(name, args) if args.isolate else run_case(name, args)
         except Exception as e:  # noqa: BLE001 - report and go on: the other cases still measure
             row = {"bench": "stack_overhead", "case": name, "error": f"{type(e).__name__}: {e}"[:500]}
         rows[name] = row
