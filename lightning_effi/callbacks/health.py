@@ -113,8 +113,7 @@ class TrainingHealthMonitor(Callback):
         self._seen_tokens = False
         # Steps decided on the device this interval (step numbers on the host, flags in _skip_flags[:len]): one
         # persistent buffer written in place, since keeping each step's flag tensor alive until the log would grow
-        # the allocator's live set every step and move the next steps' gradients (a captured optimizer graph reads
-        # them at fixed addresses).
+        # the allocator's live set every step.
         self._device_skips: list[int] = []
         self._skip_flags: Optional[Tensor] = None
         self._warned_tokens = False
