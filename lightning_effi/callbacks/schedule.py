@@ -387,7 +387,11 @@ class AccumulationWindow:
         """``loss`` times a micro-batch's ``multiplier`` (a float or a device tensor) and, under
         ``normalize="mean"``, the share ``part`` of its samples; the product is taken in the loss dtype."""
         m = multiplier if part == 1.0 or self.normalize == "tokens" else multiplier * part
-        return loss * (m.to(loss.dtype) if isinstance(m, Tensor) else m)
+        if isinstance(m, Tensor):
+            return loss * m.to(loss.dtype)
+        # A full window under "mean" weighs by exactly 1: the product would be the same loss, for one more kernel
+        # and autograd node per micro-batch (host time in a step the host bounds).
+        return loss if m == 1.0 else loss * m
 
     def ready_to_close(self) -> bool:
         return self.is_open and not self.closed and self.pos >= self.size

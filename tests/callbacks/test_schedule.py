@@ -180,6 +180,18 @@ def test_window_mean_weights_and_partial_window():
         assert weights == pytest.approx([1.0 / size] * size)
 
 
+def test_full_mean_window_leaves_the_loss_as_it_is():
+    """Under "mean" with full, aligned windows the loop's own 1/k is the weight: the window multiplies by nothing,
+    so a micro-batch adds no kernel or autograd node; a part of a split micro-batch is still weighted."""
+    w = AccumulationWindow(normalize="mean", schedule=((0, 4),))
+    w.start(batch_idx=0, num_batches=8, is_last_batch=False, step=0, epoch=0, batch_size=2)
+    loss = torch.tensor(2.5, requires_grad=True) * 1  # a non-leaf, as a training_step's loss is
+    assert w.scale_loss(loss, samples=2) is loss
+    w.start(batch_idx=1, num_batches=8, is_last_batch=False, step=0, epoch=0, batch_size=2)
+    half = w.scale_loss(loss, samples=1, part=0.5, last=False)
+    assert half is not loss and float(half) == pytest.approx(1.25)
+
+
 def test_token_position_lags_one_window_and_survives_a_checkpoint():
     inf = float("inf")
     w = AccumulationWindow(unit="token", schedule=((0, 1), (20, 2)))
