@@ -14,7 +14,10 @@ against ``AccumulationScheduler({0: 4})``) and also report peak memory. Output: 
 with tokens/s and the ratio to stock Lightning with the same optimizer and precision.
 
 ``--isolate`` runs each case in a fresh process (host-bound cases, such as the accumulation pair, run slower the later
-they come in one process); ``--kernel-profile A:B`` adds device time by kernel over warm-up steps A to B.
+they come in one process; name a case more than once, in the order A,B,B,A, and the table compares the means of
+its runs); ``--share-model`` runs the cases in one process on one model compiled once, in turns;
+``--kernel-profile A:B`` adds device time by kernel over warm-up steps A to B, ``--host-profile A:B`` host time by
+Python function (cProfile); each row also reports the garbage collector's pauses in the timed steps.
 
 ``--accelerator cpu`` runs the same cases on the CPU (at a small shape, see above); there only the ratios mean
 anything, and peak memory is not measured.
@@ -75,7 +78,7 @@ CASES = {
 }
 
 
-def run_case(name: str, args) -> dict:
+def run_case(name: str, args, shared: dict | None = None) -> dict:
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader, Dataset
@@ -86,9 +89,10 @@ def run_case(name: str, args) -> dict:
     from lightning_effi.plugins import LossScalingPrecision, MasterWeightsPrecision
 
     case = CASES[name]
-    # Every case compiles a new module: without a reset, the compiled code of the earlier cases stays cached on the
-    # same function and each call of a later case checks their guards first, which slows the later cases down.
-    torch._dynamo.reset()
+    if shared is None:
+        # Every case compiles a new module: without a reset, the compiled code of the earlier cases stays cached on
+        # the same function and each call of a later case checks their guards first, which slows the later cases.
+        torch._dynamo.reset()
     accum4 = case.accumulation.endswith("4")
     micro = 4 if accum4 else args.micro_batch
     per_step = 4 if accum4 else 1
@@ -113,12 +117,23 @@ def run_case(name: str, args) -> dict:
             self.events: list = []
             self.event_steps: list[int] = []
             self.host: list[float] = []  # host clock at the same points (the only per-step time on a CPU)
+            # The cyclic garbage collector's pauses in the timed steps, by generation: where the host sets the pace,
+            # a case that allocates more Python objects per step pays for collections of the whole heap too.
+            self.gc_s, self.gc_runs, self._gc_t = 0.0, [0, 0, 0], 0.0
+
+        def _gc(self, phase: str, info: dict) -> None:
+            if phase == "start":
+                self._gc_t = time.perf_counter()
+            else:
+                self.gc_s += time.perf_counter() - self._gc_t
+                self.gc_runs[info["generation"]] += 1
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if trainer.global_step == args.warmup and self.t0 is None:
                 if gpu:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+                gc.callbacks.append(self._gc)
                 self.t0 = time.perf_counter()
             if self.t0 is not None and self.t1 is None and trainer.global_step not in self.event_steps[-1:]:
                 self.host.append(time.perf_counter())
@@ -135,10 +150,12 @@ def run_case(name: str, args) -> dict:
                     self.events[-1].record()
                     torch.cuda.synchronize()
                 self.t1 = time.perf_counter()
+                gc.callbacks.remove(self._gc)
                 self.host.append(self.t1)
 
         def per_step(self) -> dict:
-            out = {}
+            out: dict[str, Any] = {"gc_ms_per_step": round(1e3 * self.gc_s / args.steps, 3),
+                                   "gc_collections_by_generation": self.gc_runs}
             series = {"host": [1e3 * (b - a) for a, b in zip(self.host, self.host[1:])]}
             if gpu:
                 series["gpu"] = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]
@@ -178,6 +195,48 @@ def run_case(name: str, args) -> dict:
                     "top_kernels": [[e.key[:120], round(e.self_device_time_total / n / 1e3, 3), round(e.count / n, 1)]
                                     for e in ev[:25]]}
 
+    class HostProfile(pl.Callback):
+        """Host time by Python function over optimizer steps [A, B) of the untimed warm-up (cProfile): where two cases
+        that the host paces differ, which functions they spend it in. The profiler slows every call alike, so the
+        totals are inflated; the differences between cases are what it is for."""
+
+        def __init__(self, a: int, b: int) -> None:
+            import cProfile
+
+            self.a, self.b, self.done, self.on = a, b, False, False
+            self.prof = cProfile.Profile()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == self.a and not (self.on or self.done):
+                self.on = True
+                self.prof.enable()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == self.b and self.on:
+                self.prof.disable()
+                self.on, self.done = False, True
+
+        def summary(self) -> dict:
+            import pstats
+
+            if not self.done:
+                return {}
+            n = self.b - self.a
+            stats = pstats.Stats(self.prof).stats  # type: ignore[attr-defined]
+            rows = sorted(stats.items(), key=lambda kv: -kv[1][2])
+
+            def label(key) -> str:
+                file, line, fn = key
+                return f"{Path(file).name}:{line}:{fn}" if file != "~" else fn
+
+            return {
+                "host_profile_ms_per_step": round(1e3 * sum(v[2] for v in stats.values()) / n, 3),
+                "host_calls_per_step": round(sum(v[1] for v in stats.values()) / n, 1),
+                "host_effi_ms_per_step": round(1e3 * sum(v[2] for k, v in stats.items()
+                                                         if "lightning_effi" in k[0]) / n, 3),
+                "host_top": [[label(k)[:120], round(1e3 * v[2] / n, 3), round(v[1] / n, 1)] for k, v in rows[:30]],
+            }
+
     def optimizer(groups):
         if case.optimizer == "lamb":
             return Lamb(groups, lr=3e-4, betas=(0.9, 0.999), eps=1e-6)
@@ -201,10 +260,12 @@ def run_case(name: str, args) -> dict:
 
         callbacks.append(Given(micro * per_step, max_micro_batch_size=micro, on_oom="split"))
     timer = callbacks[0]
-    kernels = None
+    profiles: list = []
     if getattr(args, "kernel_profile", None):
-        kernels = KernelProfile(*args.kernel_profile)
-        callbacks.append(kernels)
+        profiles.append(KernelProfile(*args.kernel_profile))
+    if getattr(args, "host_profile", None):
+        profiles.append(HostProfile(*args.host_profile))
+    callbacks += profiles
     torch.manual_seed(0)
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=1, precision=precision, plugins=plugins, callbacks=callbacks,
@@ -212,23 +273,31 @@ def run_case(name: str, args) -> dict:
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0,
     )
-    model = GPTLightningModule(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer,
-                               n_head=args.n_head, d_model=args.d_model, optimizer=optimizer, warmup_steps=10,
-                               max_steps=args.warmup + args.steps, compile=args.compile)
+    model = None if shared is None else shared.get("model")
+    if model is None:
+        model = GPTLightningModule(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer,
+                                   n_head=args.n_head, d_model=args.d_model, optimizer=optimizer, warmup_steps=10,
+                                   max_steps=args.warmup + args.steps, compile=args.compile)
+        if shared is not None:
+            shared["model"] = model
     model.batch_size = micro  # the attribute AutoMicroBatch sets
-    loader = DataLoader(RandomTokens(), batch_size=micro, num_workers=2 if gpu else 0, pin_memory=gpu, shuffle=False)
+    workers = (2 if gpu else 0) if args.loader_workers is None else args.loader_workers
+    loader = DataLoader(RandomTokens(), batch_size=micro, num_workers=workers, pin_memory=gpu, shuffle=False)
     trainer.fit(model, train_dataloaders=loader)
     seconds = timer.t1 - timer.t0
     tokens = args.steps * micro * per_step * args.block_size
     row = {
         "bench": "stack_overhead", "case": name, **dataclasses.asdict(case), "micro_batch": micro,
-        "micro_batches_per_step": per_step, "steps": args.steps, "warmup": args.warmup,
+        "micro_batches_per_step": per_step, "steps": args.steps, "warmup": args.warmup, "loader_workers": workers,
         "tokens_per_s": round(tokens / seconds, 1),
         "step_ms": round(1e3 * seconds / args.steps, 3),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if gpu else None,
-        **timer.per_step(), **(kernels.summary() if kernels is not None else {}),
+        **timer.per_step(), **{k: v for prof in profiles for k, v in prof.summary().items()},
         "gpu": torch.cuda.get_device_name() if gpu else None, "cpu_threads": torch.get_num_threads(),
-        "compile": args.compile, "torch": torch.__version__, "lightning": pl.__version__,
+        "compile": args.compile, "shared_model": shared is not None,
+        # Graphs compiled so far in this process: on a shared model a later case that adds some recompiled it.
+        "dynamo_unique_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+        "torch": torch.__version__, "lightning": pl.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     del trainer, model, loader
@@ -247,8 +316,11 @@ def run_isolated(name: str, args) -> dict:
             "--n-head", str(args.n_head), "--block-size", str(args.block_size), "--vocab", str(args.vocab),
             "--micro-batch", str(args.micro_batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--accelerator", args.accelerator, "--compile" if args.compile else "--no-compile"]
-    if args.kernel_profile:
-        argv += ["--kernel-profile", "{}:{}".format(*args.kernel_profile)]
+    if args.loader_workers is not None:
+        argv += ["--loader-workers", str(args.loader_workers)]
+    for flag, steps in (("--kernel-profile", args.kernel_profile), ("--host-profile", args.host_profile)):
+        if steps:
+            argv += [flag, "{}:{}".format(*steps)]
     done = subprocess.run(argv, capture_output=True, text=True)
     for line in done.stdout.splitlines():
         if line.startswith('{"bench"'):
@@ -274,22 +346,38 @@ def main() -> None:
                    help="the example model's torch.compile (--no-compile on a CPU: compiling there takes minutes)")
     p.add_argument("--isolate", action="store_true",
                    help="run each case in a fresh process (for host-bound cases, which earlier cases slow down)")
+    p.add_argument("--share-model", action="store_true",
+                   help="one model, compiled once, for every case in one process (cases with the same optimizer); "
+                        "name the pair in turns, A,B,B,A,..., so that slow drift of the host falls on both alike")
+    p.add_argument("--loader-workers", type=int, default=None, metavar="N",
+                   help="DataLoader worker processes (default 2 on a GPU, 0 on a CPU); 0 takes the workers and their "
+                        "queue out of a host-bound step")
     p.add_argument("--kernel-profile", default=None, metavar="A:B",
                    help="also report device time by kernel over optimizer steps A to B of the warm-up (CUDA)")
+    p.add_argument("--host-profile", default=None, metavar="A:B",
+                   help="also report host time by Python function (cProfile) over optimizer steps A to B of the "
+                        "warm-up")
     args = p.parse_args()
-    if args.kernel_profile is not None:
+    for flag in ("kernel_profile", "host_profile"):
+        given = getattr(args, flag)
+        if given is None:
+            continue
+        name = "--" + flag.replace("_", "-")
         try:
-            a, b = (int(x) for x in args.kernel_profile.split(":"))
+            a, b = (int(x) for x in given.split(":"))
         except ValueError:
-            p.error(f"--kernel-profile {args.kernel_profile!r}: give two step numbers A:B, e.g. 30:40")
-        if not 0 <= a < b <= args.warmup or args.accelerator != "gpu":
-            p.error(f"--kernel-profile {args.kernel_profile!r}: needs a GPU and 0 <= A < B <= --warmup "
-                    f"({args.warmup}), so that the profiler stays out of the timed steps")
-        args.kernel_profile = (a, b)
+            p.error(f"{name} {given!r}: give two step numbers A:B, e.g. 30:40")
+        if not 0 <= a < b <= args.warmup or (flag == "kernel_profile" and args.accelerator != "gpu"):
+            p.error(f"{name} {given!r}: needs 0 <= A < B <= --warmup ({args.warmup}), so that the profiler stays "
+                    "out of the timed steps" + (", and a GPU" if flag == "kernel_profile" else ""))
+        setattr(args, flag, (a, b))
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         p.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    if args.share_model and (args.isolate or len({CASES[c].optimizer for c in cases}) > 1):
+        p.error("--share-model runs every case on one model in one process: not with --isolate, and only for cases "
+                f"with the same optimizer (got {sorted({CASES[c].optimizer for c in cases})})")
     import torch
 
     if args.accelerator == "gpu" and not torch.cuda.is_available():
@@ -297,28 +385,42 @@ def main() -> None:
     import torch._dynamo
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    rows = {}
+    rows: list[tuple[str, dict]] = []
+    shared: dict | None = {} if args.share_model else None
     for name in cases:
         try:
-            row = run_isolated(name, args) if args.isolate else run_case(name, args)
+            row = run_isolated(name, args) if args.isolate else run_case(name, args, shared)
         except Exception as e:  # noqa: BLE001 - report and go on: the other cases still measure
             row = {"bench": "stack_overhead", "case": name, "error": f"{type(e).__name__}: {e}"[:500]}
-        rows[name] = row
+        rows.append((name, row))
         print(json.dumps(row), flush=True)
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-    print(f"\n{'case':20s} {'tokens/s':>11s} {'vs baseline':>12s} {'peak GiB':>9s}")
-    for name, row in rows.items():
-        if "error" in row:
-            print(f"{name:20s} {row['error']}")
-            continue
-        base = rows.get(row["baseline"]) if row["baseline"] else None
-        rel = f"{100 * (row['tokens_per_s'] / base['tokens_per_s'] - 1):+.1f}%" if base and "error" not in base else ""
-        peak = "" if row["peak_alloc_gib"] is None else f"{row['peak_alloc_gib']:9.2f}"
-        print(f"{name:20s} {row['tokens_per_s']:11.1f} {rel:>12s} {peak:>9s}")
+    # A case named more than once (A,B,B,A orders against drift) is compared by the mean over its runs: each run
+    # against the mean of the baseline's runs, then the mean of the case's runs on its own line.
+    speed: dict[str, list[float]] = {}
+    for name, row in rows:
+        if "error" not in row:
+            speed.setdefault(name, []).append(row["tokens_per_s"])
 
+    def vs_baseline(row: dict, tokens_per_s: float) -> str:
+        base = speed.get(row["baseline"]) if row["baseline"] else None
+        return f"{100 * (tokens_per_s / statistics.fmean(base) - 1):+.1f}%" if base else ""
+
+    print(f"\n{'case':28s} {'tokens/s':>11s} {'vs baseline':>12s} {'peak GiB':>9s}")
+    for name, row in rows:
+        if "error" in row:
+            print(f"{name:28s} {row['error']}")
+            continue
+        peak = "" if row["peak_alloc_gib"] is None else f"{row['peak_alloc_gib']:9.2f}"
+        print(f"{name:28s} {row['tokens_per_s']:11.1f} {vs_baseline(row, row['tokens_per_s']):>12s} {peak:>9s}")
+    for name, runs in speed.items():
+        if len(runs) > 1:
+            row = next(r for n, r in rows if n == name and "error" not in r)
+            label = f"{name} (mean of {len(runs)})"
+            print(f"{label:28s} {statistics.fmean(runs):11.1f} {vs_baseline(row, statistics.fmean(runs)):>12s}")
 
 if __name__ == "__main__":
     main()
