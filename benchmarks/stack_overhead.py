@@ -305,7 +305,14 @@ def run_case(name: str, args, shared: dict | None = None) -> dict:
     model.batch_size = micro  # the attribute AutoMicroBatch sets
     workers = (2 if gpu else 0) if args.loader_workers is None else args.loader_workers
     loader = DataLoader(RandomTokens(), batch_size=micro, num_workers=workers, pin_memory=gpu, shuffle=False)
-    trainer.fit(model, train_dataloaders=loader)
+    try:
+        trainer.fit(model, train_dataloaders=loader)
+    finally:  # a fit that failed midway leaves no collector hook or profiler running into the next case
+        if timer._gc in gc.callbacks:
+            gc.callbacks.remove(timer._gc)
+        for prof in profiles:
+            if getattr(prof, "on", False):
+                prof.prof.disable()
     seconds = timer.t1 - timer.t0
     tokens = args.steps * micro * per_step * args.block_size
     row = {
@@ -443,6 +450,7 @@ def main() -> None:
             row = next(r for n, r in rows if n == name and "error" not in r)
             label = f"{name} (mean of {len(runs)})"
             print(f"{label:28s} {statistics.fmean(runs):11.1f} {vs_baseline(row, statistics.fmean(runs)):>12s}")
+
 
 if __name__ == "__main__":
     main()
