@@ -16,7 +16,7 @@ with tokens/s and the ratio to stock Lightning with the same optimizer and preci
 ``--isolate`` runs each case in a fresh process (host-bound cases, such as the accumulation pair, run slower the later
 they come in one process; name a case more than once, in the order A,B,B,A, and the table compares the means of
 its runs); ``--share-model`` runs the cases in one process on one model compiled once, in turns;
-``--kernel-profile A:B`` adds device time by kernel over warm-up steps A to B, ``--host-profile A:B`` host time by
+``--kernel-profile A:B`` adds GPU time by kernel over warm-up steps A to B, ``--host-profile A:B`` host time by
 Python function (cProfile); each row also reports the garbage collector's pauses in the timed steps.
 
 ``--accelerator cpu`` runs the same cases on the CPU (at a small shape, see above); there only the ratios mean
@@ -168,7 +168,7 @@ def run_case(name: str, args, shared: dict | None = None) -> dict:
             return out
 
     class KernelProfile(pl.Callback):
-        """Device time by kernel over optimizer steps [A, B) of the untimed warm-up (torch.profiler, CUDA only):
+        """GPU time by kernel over optimizer steps [A, B) of the untimed warm-up (torch.profiler, CUDA only):
         where two cases differ in device work, apart from host time and the GPU clock."""
 
         def __init__(self, a: int, b: int) -> None:
@@ -382,7 +382,7 @@ def main() -> None:
                    help="DataLoader worker processes (default 2 on a GPU, 0 on a CPU); 0 takes the workers and their "
                         "queue out of a host-bound step")
     p.add_argument("--kernel-profile", default=None, metavar="A:B",
-                   help="also report device time by kernel over optimizer steps A to B of the warm-up (CUDA)")
+                   help="also report GPU time by kernel over optimizer steps A to B of the warm-up (CUDA)")
     p.add_argument("--host-profile", default=None, metavar="A:B",
                    help="also report host time by Python function (cProfile) over optimizer steps A to B of the "
                         "warm-up")
