@@ -257,13 +257,18 @@ class AccumulationScheduler(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        strategy = trainer.strategy
-        plan = self.window.start(
-            batch_idx=batch_idx, num_batches=trainer.num_training_batches,
-            is_last_batch=trainer.fit_loop.epoch_loop.batch_progress.is_last_batch, step=trainer.global_step,
-            epoch=trainer.current_epoch, batch_size=extract_batch_size(batch) if self.global_batch_size else 0,
-            engine_accumulates=strategy.handles_gradient_accumulation,
-        )
+        strategy, w = trainer.strategy, self.window
+        is_last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if w.is_open:  # inside a window: no schedule position to read
+            plan = w.advance(batch_idx=batch_idx, is_last_batch=is_last,
+                             engine_accumulates=strategy.handles_gradient_accumulation)
+        else:
+            plan = w.start(
+                batch_idx=batch_idx, num_batches=trainer.num_training_batches, is_last_batch=is_last,
+                step=trainer.global_step, epoch=trainer.current_epoch,
+                batch_size=extract_batch_size(batch) if self.global_batch_size else 0,
+                engine_accumulates=strategy.handles_gradient_accumulation,
+            )
         if plan.engine_factor is not None and isinstance(strategy, AccumulationEngine):
             strategy.effi_set_accumulation(plan.engine_factor)
         trainer.accumulate_grad_batches = plan.accumulate  # after the engine hook, which sets the factor itself
@@ -282,8 +287,10 @@ class AccumulationScheduler(Callback):
             self.window.pos += 1
             return output  # Lightning raises its own error for other types
         loss, num_tokens = unpacked
-        loss = self.window.scale_loss(loss, samples=extract_batch_size(batch), num_tokens=num_tokens)
-        return {**output, "loss": loss} if isinstance(output, Mapping) else loss
+        weighted = self.window.scale_loss(loss, samples=_batch_size(batch), num_tokens=num_tokens)
+        if weighted is loss:
+            return output
+        return {**output, "loss": weighted} if isinstance(output, Mapping) else weighted
 
     def _unpack_output(self, output: Any) -> tuple[torch.Tensor, Any] | None:
         """``(loss, num_tokens or None)`` of a training_step output, the token protocol checked; None for an output
@@ -414,6 +421,17 @@ class AccumulationScheduler(Callback):
             else:
                 g = saved.to(p.device, p.dtype)
                 p.grad = g if first else torch.zeros_like(g)
+
+
+def _batch_size(batch: Any) -> int:
+    """Lightning's ``extract_batch_size`` (the size of the first tensor it finds), without its walk over the whole
+    batch for the common dict-of-tensors batch: that walk is a generator per level on every micro-batch, host time
+    in a step the host may bound. Any other layout, and a dict whose first value is no tensor, take Lightning's."""
+    if type(batch) is dict and batch:
+        first = next(iter(batch.values()))
+        if isinstance(first, torch.Tensor) and first.ndim:
+            return first.shape[0]
+    return extract_batch_size(batch)
 
 
 def _all_reduce_sum(t: torch.Tensor, group: Any = None) -> None:

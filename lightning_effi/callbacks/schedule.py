@@ -276,6 +276,14 @@ class AccumulationWindow:
         self.micro_batch_size = 0
         self.reset()
 
+    @property
+    def counts_every_window(self) -> bool:
+        """Whether each window's counts are summed (and reduced over ranks) when it closes. Otherwise they are only
+        what the logger reads: the token counts are kept as they came and summed the first time ``last_counts`` is
+        read, so a window that no one looks at adds no device work (a host-paced step pays for every launch)."""
+        return self.normalize == "tokens" or self.unit == "token" or (
+            self.reduce_sum is not None and self.data_parallel_size > 1)  # the ranks reduce together, every window
+
     def reset(self) -> None:
         self.is_open = False
         self.closed = False  # the open window's counts were reduced and its gradients fixed
@@ -285,20 +293,53 @@ class AccumulationWindow:
         self.accumulate = 1  # last value given to the loop
         self.multiplier: Any = 1.0  # loss multiplier of the current micro-batch (a device tensor with tokens)
         self.scale: Any = None  # normalize="tokens": the provisional per-token scale s of the open window
-        self.prev_tokens: Any = 0  # valid tokens (all ranks) of the last closed window: int or device tensor
+        self._prev_tokens: Any = 0  # see prev_tokens; None: the lazily summed last_counts hold it
         self.samples_seen = 0  # all ranks, closed windows (host: micro-batch sizes x data-parallel size)
         self.tokens_seen = 0  # all ranks, windows folded into the host count (unit="token": one window behind)
         # closed windows not folded into tokens_seen yet: ("count", n) or ("copy", HostMirror sequence number)
         self.pending_tokens: list[tuple[str, int]] = []
         self.engine_factor = 0  # last size reported through MicroBatchPlan.engine_factor
         self.win_samples = 0  # this rank, open window
-        self.win_tokens: Any = 0  # this rank, open window: int or device tensor
-        self.last_counts: Any = None  # [samples, tokens] of the last closed window, all ranks (device tensor)
+        self._tokens: list[Any] = []  # this rank, open window: each micro-batch's count (int or device tensor)
+        self._last_counts: Any = None  # see last_counts
+        self._closed_parts: tuple[int, list[Any], torch.device] | None = None  # a closed window's, not summed yet
+        self._steady: MicroBatchPlan | None = None  # the plan of every later micro-batch of an aligned window
+        self._opened_at = 0  # batch index of the open window's first micro-batch
         self.last_size = 0
         self.has_closed = False  # a window closed in this run (or before the checkpoint it resumed from)
         self.saw_tokens = False  # training_step returned a token count
         self._mirror = HostMirror(slots=4)
         self._sample_checks: dict[int, int] = {}  # mirror sequence number -> samples the host derived
+
+    @property
+    def win_tokens(self) -> Any:
+        """Valid tokens of the open window on this rank: an int, or a device tensor once a micro-batch gave one."""
+        return _total(self._tokens)
+
+    @win_tokens.setter
+    def win_tokens(self, value: Any) -> None:
+        self._tokens = [value] if isinstance(value, Tensor) or value else []
+
+    @property
+    def last_counts(self) -> Any:
+        """``[samples, tokens]`` of the last closed window, all ranks (a float64 device tensor; None before one)."""
+        if self._closed_parts is not None:
+            samples, parts, device = self._closed_parts
+            self._closed_parts = None
+            self._last_counts = self._sum([samples, _total(parts)], device=device)
+        return self._last_counts
+
+    @property
+    def prev_tokens(self) -> Any:
+        """Valid tokens (all ranks) of the last closed window: an int or a device tensor."""
+        if self._prev_tokens is None:
+            counts = self.last_counts
+            return 0 if counts is None else counts[_TOKENS]
+        return self._prev_tokens
+
+    @prev_tokens.setter
+    def prev_tokens(self, value: Any) -> None:
+        self._prev_tokens = value
 
     # -------------------------------------------------------------------------------------------- position
     def position(self, *, step: int, epoch: int) -> int:
@@ -329,23 +370,44 @@ class AccumulationWindow:
     def start(self, *, batch_idx: int, num_batches: float, is_last_batch: bool, step: int, epoch: int,
               batch_size: int, engine_accumulates: bool = False) -> MicroBatchPlan:
         """Before a micro-batch's ``training_step``: open a window if none is open, pick the loop value."""
+        if self.is_open:
+            return self.advance(batch_idx=batch_idx, is_last_batch=is_last_batch,
+                                engine_accumulates=engine_accumulates)
         engine_factor = None
-        if not self.is_open:
-            if not self.micro_batch_size:
-                self.micro_batch_size = batch_size
-            size = window_size(self.factor(step=step, epoch=epoch), batch_idx=batch_idx, num_batches=num_batches)
-            self.is_open, self.closed, self.pos = True, False, 0
-            self.size = self.opened_size = size
-            self.win_samples, self.win_tokens = 0, 0
-            if self.normalize == "tokens":
-                self.scale = _inverse_or_one(self.prev_tokens) if self.has_closed else None
-            if size != self.engine_factor:
-                engine_factor = self.engine_factor = size
+        if not self.micro_batch_size:
+            self.micro_batch_size = batch_size
+        size = window_size(self.factor(step=step, epoch=epoch), batch_idx=batch_idx, num_batches=num_batches)
+        self.is_open, self.closed, self.pos = True, False, 0
+        self.size = self.opened_size = size
+        self.win_samples, self._tokens, self._opened_at = 0, [], batch_idx
+        # A window that starts at a multiple of its size gives the loop its size at every micro-batch and no
+        # zeroing after the first (see loop_accumulate_value): the later micro-batches reuse one plan.
+        self._steady = MicroBatchPlan(accumulate=size, zero_grad=False, engine_factor=None) \
+            if batch_idx % size == 0 else None
+        if self.normalize == "tokens":
+            self.scale = _inverse_or_one(self.prev_tokens) if self.has_closed else None
+        if size != self.engine_factor:
+            engine_factor = self.engine_factor = size
+        return self._plan(batch_idx=batch_idx, is_last_batch=is_last_batch, engine_accumulates=engine_accumulates,
+                          engine_factor=engine_factor)
+
+    def advance(self, *, batch_idx: int, is_last_batch: bool, engine_accumulates: bool = False) -> MicroBatchPlan:
+        """:meth:`start` for a micro-batch of the open window (which needs no schedule position to be read)."""
+        steady = self._steady
+        if steady is not None and self.pos > 0 and batch_idx == self._opened_at + self.pos and \
+                not (is_last_batch and self.pos < self.size - 1):
+            return steady  # the loop value and the loss multiplier are those of the window's first micro-batch
+        return self._plan(batch_idx=batch_idx, is_last_batch=is_last_batch, engine_accumulates=engine_accumulates,
+                          engine_factor=None)
+
+    def _plan(self, *, batch_idx: int, is_last_batch: bool, engine_accumulates: bool,
+              engine_factor: int | None) -> MicroBatchPlan:
         if self.pos >= self.size:  # pragma: no cover - guarded by finish()
             raise RuntimeError(f"AccumulationScheduler: window overrun at batch {batch_idx} (position {self.pos})")
         if is_last_batch and self.pos < self.size - 1:
             # Unsized loader ended inside the window: close it here; close() rescales what it accumulated.
             self.size = self.pos + 1
+            self._steady = None
         value = loop_accumulate_value(batch_idx=batch_idx, position=self.pos, window_size=self.size)
         self.accumulate = value.accumulate
         zero = self.pos == 0 and not value.loop_zeroes and not engine_accumulates
@@ -371,10 +433,11 @@ class AccumulationWindow:
             self.pos += 1
         self.win_samples += samples
         if num_tokens is not None:
-            n = num_tokens.detach().reshape(()) if isinstance(num_tokens, Tensor) else int(num_tokens)
-            self.win_tokens = self.win_tokens + n
+            # Kept as given and summed when the window's count is read: no device op per micro-batch.
+            self._tokens.append(num_tokens if isinstance(num_tokens, Tensor) else int(num_tokens))
             self.saw_tokens = True
             if self.normalize == "tokens" and self.scale is None:
+                n = num_tokens.detach().reshape(()) if isinstance(num_tokens, Tensor) else int(num_tokens)
                 # First window of the run: no previous total to set the provisional scale from. Estimate it from
                 # this micro-batch (summed over ranks) x window size, so even the first window's loss has the
                 # magnitude of a per-token mean (what fp16 loss scaling expects). One extra reduction, once.
@@ -399,6 +462,14 @@ class AccumulationWindow:
     def close(self, device: torch.device) -> Any:
         """After the window's last backward: reduce its counts over ranks and return the gradient multiplier
         (None: leave the gradients as they are; else a float or a 0-dim device tensor)."""
+        derived = self.win_samples * self.data_parallel_size
+        self.samples_seen += derived
+        self.last_size = self.size
+        self.closed = self.has_closed = True
+        if not self.counts_every_window:
+            self._closed_parts, self._tokens = (self.win_samples, self._tokens, device), []
+            self._last_counts = self._prev_tokens = None
+            return self.opened_size / self.size if self.size != self.opened_size else None
         counts = self._sum([self.win_samples, self.win_tokens], device=device)
         fix: Any = None
         if self.normalize == "tokens":
@@ -406,15 +477,12 @@ class AccumulationWindow:
             fix = (self.scale * counts[_TOKENS].clamp(min=1)).reciprocal()
         elif self.size != self.opened_size:
             fix = self.opened_size / self.size  # each micro-batch was weighted 1/opened_size, not 1/size
-        derived = self.win_samples * self.data_parallel_size
-        self.samples_seen += derived
         self.prev_tokens = counts[_TOKENS]
         if self.unit == "token":
             self.pending_tokens.append(("copy", self._mirror.push(counts)))
         elif self.unit == "sample" and self.data_parallel_size > 1:
             self._check_samples(self._mirror.push(counts), derived)
-        self.last_counts, self.last_size = counts, self.size
-        self.closed = self.has_closed = True
+        self._closed_parts, self._last_counts = None, counts
         return fix
 
     def _check_samples(self, seq: int, derived: int) -> None:
@@ -484,6 +552,16 @@ class AccumulationWindow:
         """This rank's counts of the open window, [samples, tokens] (device)."""
         return torch.stack([torch.full((), float(self.win_samples), dtype=torch.float64, device=device),
                             torch.as_tensor(self.win_tokens, dtype=torch.float64).to(device).reshape(())])
+
+
+def _total(parts: list[Any]) -> Any:
+    """Sum of token counts: an int, or a 0-dim device tensor when any part is one (one stack and one sum)."""
+    tensors = [p.detach().reshape(()) for p in parts if isinstance(p, Tensor)]
+    ints = sum(p for p in parts if not isinstance(p, Tensor))
+    if not tensors:
+        return ints
+    total = tensors[0] if len(tensors) == 1 else torch.stack(tensors).sum()
+    return total + ints if ints else total
 
 
 def _inverse_or_one(v: Any) -> Any:

@@ -180,6 +180,53 @@ def test_window_mean_weights_and_partial_window():
         assert weights == pytest.approx([1.0 / size] * size)
 
 
+def test_mean_window_runs_no_tensor_op_until_its_counts_are_read():
+    """Under "mean" on one rank the counts only feed the logger: the micro-batches and the close issue no tensor op
+    (each would be a launch in a host-paced step), and the counts read afterwards are the exact sums."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w = AccumulationWindow(normalize="mean", schedule=((0, 4),))
+    tokens = [torch.tensor(t) for t in (7, 0, 5, 9)]
+    loss = torch.tensor(2.0, requires_grad=True) * 1
+    with Ops() as seen:
+        for b, n in enumerate(tokens):
+            w.start(batch_idx=b, num_batches=8, is_last_batch=False, step=0, epoch=0, batch_size=3)
+            assert w.scale_loss(loss, samples=3, num_tokens=n) is loss
+        assert w.ready_to_close()
+        assert w.close(torch.device("cpu")) is None
+        assert w.finish()
+    assert seen.ops == []
+    assert w.last_counts.tolist() == [12.0, 21.0]
+    assert w.last_size == 4 and w.samples_seen == 12
+
+
+def test_steady_plans_match_the_loop_rule():
+    """The plan an aligned window reuses after its first micro-batch is the one loop_accumulate_value gives, and
+    the windows that start off their size's multiple (after the change to 2 at batch 3) get theirs computed."""
+    w = AccumulationWindow(schedule=((0, 3), (1, 2)))
+    step = 0
+    for b in range(12):
+        plan = w.start(batch_idx=b, num_batches=12, is_last_batch=b == 11, step=step, epoch=0, batch_size=1)
+        want = loop_accumulate_value(batch_idx=b, position=w.pos, window_size=w.size)
+        assert plan.accumulate == want.accumulate
+        assert plan.zero_grad == (w.pos == 0 and not want.loop_zeroes)
+        w.scale_loss(torch.ones(()), samples=1)
+        if w.ready_to_close():
+            w.close(torch.device("cpu"))
+            step += 1
+        w.finish()
+    assert step == 6  # a window of 3, then of 2 from batch 3 (unaligned), and a last one of 1
+
+
 def test_full_mean_window_leaves_the_loss_as_it_is():
     """Under "mean" with full, aligned windows the loop's own 1/k is the weight: the window multiplies by nothing,
     so a micro-batch adds no kernel or autograd node; a part of a split micro-batch is still weighted."""
