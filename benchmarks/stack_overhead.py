@@ -153,12 +153,16 @@ def run_case(name: str, args, shared: dict | None = None) -> dict:
                 gc.callbacks.remove(self._gc)
                 self.host.append(self.t1)
 
-        def per_step(self) -> dict:
-            out: dict[str, Any] = {"gc_ms_per_step": round(1e3 * self.gc_s / args.steps, 3),
-                                   "gc_collections_by_generation": self.gc_runs}
+        def series(self) -> dict[str, list[float]]:
             series = {"host": [1e3 * (b - a) for a, b in zip(self.host, self.host[1:])]}
             if gpu:
                 series["gpu"] = [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]
+            return series
+
+        def per_step(self) -> dict:
+            out: dict[str, Any] = {"gc_ms_per_step": round(1e3 * self.gc_s / args.steps, 3),
+                                   "gc_collections_by_generation": self.gc_runs}
+            series = self.series()
             for kind, ms in series.items():
                 if ms:
                     order = sorted(range(len(ms)), key=ms.__getitem__, reverse=True)
@@ -258,6 +262,52 @@ def run_case(name: str, args, shared: dict | None = None) -> dict:
                 "host_top": [[label(k)[:120], round(1e3 * v[2] / n, 3), round(v[1] / n, 1)] for k, v in rows[:30]],
             }
 
+    class Interleave(pl.Callback):
+        """The case's own callbacks (and the training_step wrapper they install) taken out of the loop at every other
+        optimizer step: the steps without them are stock Lightning, in the same fit, so the pair of neighbouring steps
+        compares the two under the same host, clocks and allocator state. Lightning re-reads ``trainer.callbacks`` at
+        every hook, so a new list at a step boundary switches them."""
+
+        def __init__(self, toggled: list) -> None:
+            self.toggled, self.on, self.step = toggled, True, 0
+            self.active: dict[int, bool] = {0: True}
+            self.full: list | None = None
+            self.wrapper: Any = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == self.step:
+                return  # inside an accumulation window
+            self.step = trainer.global_step
+            if self.full is None:
+                self.full = list(trainer.callbacks)
+            self.on = not self.on
+            if self.on:
+                trainer.callbacks = list(self.full)
+                if self.wrapper is not None:
+                    pl_module.training_step = self.wrapper
+            else:
+                trainer.callbacks = [c for c in self.full if all(c is not t for t in self.toggled)]
+                self.wrapper = vars(pl_module).pop("training_step", None)
+            self.active[self.step] = self.on
+
+        def summary(self, steps: list[int], ms: list[float]) -> dict:
+            # Each step with the callbacks against the mean of its two neighbours without them.
+            flags = [self.active.get(st, True) for st in steps]
+            ratios = [ms[i] / (0.5 * (ms[i - 1] + ms[i + 1])) - 1 for i in range(1, len(ms) - 1)
+                      if flags[i] and not flags[i - 1] and not flags[i + 1]]
+            if len(ratios) < 3:
+                return {}
+            mean, sd = statistics.fmean(ratios), statistics.stdev(ratios)
+            half = 1.96 * sd / len(ratios) ** 0.5
+            on = [t for t, f in zip(ms, flags) if f]
+            off = [t for t, f in zip(ms, flags) if not f]
+            return {"interleave_pairs": len(ratios),
+                    "interleave_cost_pct_mean": round(100 * mean, 2),
+                    "interleave_cost_pct_ci95": [round(100 * (mean - half), 2), round(100 * (mean + half), 2)],
+                    "interleave_cost_pct_median": round(100 * statistics.median(ratios), 2),
+                    "interleave_step_ms_with": round(statistics.fmean(on), 3),
+                    "interleave_step_ms_without": round(statistics.fmean(off), 3)}
+
     def optimizer(groups):
         if case.optimizer == "lamb":
             return Lamb(groups, lr=3e-4, betas=(0.9, 0.999), eps=1e-6)
@@ -282,12 +332,15 @@ def run_case(name: str, args, shared: dict | None = None) -> dict:
 
         callbacks.append(Given(micro * per_step, max_micro_batch_size=micro, on_oom="split"))
     timer = callbacks[0]
+    interleave = Interleave(callbacks[1:]) if getattr(args, "interleave", False) else None
     profiles: list = []
     if getattr(args, "kernel_profile", None):
         profiles.append(KernelProfile(*args.kernel_profile))
     if getattr(args, "host_profile", None):
         profiles.append(HostProfile(*args.host_profile))
     callbacks += profiles
+    if interleave is not None:
+        callbacks.append(interleave)  # last: the toggled callbacks end their step before it switches them
     torch.manual_seed(0)
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=1, precision=precision, plugins=plugins, callbacks=callbacks,
@@ -322,6 +375,8 @@ def run_case(name: str, args, shared: dict | None = None) -> dict:
         "step_ms": round(1e3 * seconds / args.steps, 3),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if gpu else None,
         **timer.per_step(), **{k: v for prof in profiles for k, v in prof.summary().items()},
+        **({} if interleave is None else
+           {"interleave": True, **interleave.summary(timer.event_steps, timer.series()["gpu" if gpu else "host"])}),
         "gpu": torch.cuda.get_device_name() if gpu else None, "cpu_threads": torch.get_num_threads(),
         "compile": args.compile, "shared_model": shared is not None,
         # Graphs compiled so far in this process: on a shared model a later case that adds some recompiled it.
@@ -347,6 +402,8 @@ def run_isolated(name: str, args) -> dict:
             "--accelerator", args.accelerator, "--compile" if args.compile else "--no-compile"]
     if args.loader_workers is not None:
         argv += ["--loader-workers", str(args.loader_workers)]
+    if args.interleave:
+        argv.append("--interleave")
     for flag, steps in (("--kernel-profile", args.kernel_profile), ("--host-profile", args.host_profile)):
         if steps:
             argv += [flag, "{}:{}".format(*steps)]
@@ -381,6 +438,9 @@ def main() -> None:
     p.add_argument("--loader-workers", type=int, default=None, metavar="N",
                    help="DataLoader worker processes (default 2 on a GPU, 0 on a CPU); 0 takes the workers and their "
                         "queue out of a host-bound step")
+    p.add_argument("--interleave", action="store_true",
+                   help="one fit per case with its callbacks switched off at every other optimizer step: each step "
+                        "with them against its neighbours without them (stock Lightning), in the same fit")
     p.add_argument("--kernel-profile", default=None, metavar="A:B",
                    help="also report GPU time by kernel over optimizer steps A to B of the warm-up (CUDA)")
     p.add_argument("--host-profile", default=None, metavar="A:B",
@@ -404,6 +464,12 @@ def main() -> None:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         p.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    if args.interleave:
+        bad = [c for c in cases if not (CASES[c].baseline and CASES[c].precision == CASES[CASES[c].baseline].precision
+                                        and (CASES[c].health or CASES[c].accumulation.startswith("callback")))]
+        if bad:
+            p.error(f"--interleave switches a case's callbacks off and on within one fit; {bad} differ from their "
+                    "baseline in more than callbacks (choose from the accumulation and health cases)")
     if args.share_model and (args.isolate or len({CASES[c].optimizer for c in cases}) > 1):
         p.error("--share-model runs every case on one model in one process: not with --isolate, and only for cases "
                 f"with the same optimizer (got {sorted({CASES[c].optimizer for c in cases})})")
@@ -445,6 +511,11 @@ def main() -> None:
             continue
         peak = "" if row["peak_alloc_gib"] is None else f"{row['peak_alloc_gib']:9.2f}"
         print(f"{name:28s} {row['tokens_per_s']:11.1f} {vs_baseline(row, row['tokens_per_s']):>12s} {peak:>9s}")
+        if "interleave_cost_pct_mean" in row:
+            lo, hi = row["interleave_cost_pct_ci95"]
+            print(f"{'':28s} steps with its callbacks {row['interleave_cost_pct_mean']:+.2f}% longer than their "
+                  f"neighbours without (95% CI {lo:+.2f}..{hi:+.2f}%, "
+                  f"median {row['interleave_cost_pct_median']:+.2f}%, {row['interleave_pairs']} steps)")
     for name, runs in speed.items():
         if len(runs) > 1:
             row = next(r for n, r in rows if n == name and "error" not in r)
